@@ -1,0 +1,128 @@
+"""The ``iltm`` command line: synth, train, detect, evaluate, report, demo.
+
+Bad input never ends in a traceback: an :class:`~iltm.errors.InputError` becomes one line on stderr
+(``iltm: error: <file>: <problem>``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+EXAMPLES = {
+    "synth": "example:\n  iltm synth --out cohort --dims 3 --n 40 --anomalous-fraction 1.0 --seed 0",
+    "train": ("examples:\n  iltm train --data cohort --out run --preset tiny\n"
+              "  iltm train --data scans.csv --out run --preset small --max-iterations 4 --set detection.samples=30\n"
+              "  iltm train --resume run\n"
+              "  torchrun --nproc_per_node 4 -m iltm train --data cohort --out run --preset paper"),
+    "detect": ("examples:\n  iltm detect --run run --input scan.nii.gz --out results\n"
+               "  iltm detect --run run --input cohort/images --out results --iteration 0 --device cpu"),
+    "evaluate": "example:\n  iltm evaluate --scores results --labels cohort/labels --out results/metrics.json",
+    "report": "example:\n  iltm report run",
+    "demo": "example:\n  iltm demo --out iltm_demo",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iltm", description="Iterative Latent Token Masking: anomaly detection trained on contaminated scans.",
+        epilog="Run 'iltm <command> --help' for a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"iltm {__import__('iltm').__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                        help="progress display: tqdm bars, JSON lines on stdout (for programs), or none")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, parents=[common], epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("synth", "Write a synthetic PET-like cohort (images, lesion labels, manifest).")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3, help="2D slices or 3D volumes (default 3)")
+    p.add_argument("--n", type=int, default=20, help="number of subjects (default 20)")
+    p.add_argument("--anomalous-fraction", type=float, default=1.0, help="fraction of subjects with lesions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs="+", help="image size in voxels (x y [z]); default per --dims")
+
+    p = add("train", "Train a VQ-VAE and the ILTM loop of masked Transformers into a run folder.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="folder of scans (or images/ + labels/), CSV list, or one file")
+    src.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
+    p.add_argument("--out", type=Path, help="run folder to create (required with --data)")
+    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes), small, paper (default tiny)")
+    p.add_argument("--config", type=Path, help="YAML config to start from instead of a preset")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-iterations", type=int, help="ILTM iterations after the unmasked iteration 0")
+    p.add_argument("--constant-threshold", action="store_true", help="keep the resampling threshold constant")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
+    p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable scans with a warning")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set transformer.epochs=10 (repeatable)")
+
+    p = add("detect", "Score scans with a trained run: <id>_score.nii.gz and <id>_mask.nii.gz per input.")
+    p.add_argument("--run", required=True, type=Path, help="trained run folder")
+    p.add_argument("--input", required=True, type=Path, help="an image file, a folder of images or a CSV list")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to use (default: the last)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--resampling-threshold", type=float, help="t: resample tokens with p < t (default from run)")
+    p.add_argument("--samples", type=int, help="S: healed samples (default from run)")
+    p.add_argument("--dropout-passes", type=int, help="D: dropout decodes per sample (default from run)")
+    p.add_argument("--eps", type=float, help="KDE bandwidth regulariser (default 5 %% of intensity range)")
+    p.add_argument("--density-threshold", type=float, help="tau: voxels with density < tau are anomalous")
+    p.add_argument("--seed", type=int, default=0, help="seed of the token resampling")
+    p.add_argument("--no-png", action="store_true", help="no PNG overlay for 2D inputs")
+
+    p = add("evaluate", "Voxel AUROC, AUPRO and best Dice of score maps against lesion labels.")
+    p.add_argument("--scores", required=True, type=Path, help="folder of <id>_score.nii.gz")
+    p.add_argument("--labels", required=True, type=Path, help="folder of <id>.nii.gz label maps (0/1)")
+    p.add_argument("--out", type=Path, help="JSON file to write (default SCORES/metrics.json)")
+
+    p = add("report", "Draw a run's per-iteration history and a montage of its masks.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--out", type=Path, help="folder for the figures (default RUN/report)")
+    p.add_argument("--scans", type=int, default=6, help="training scans shown in the montage")
+
+    p = add("demo", "Synthesise a cohort, train (tiny), detect on held-out scans, evaluate against a baseline.")
+    p.add_argument("--out", type=Path, default=Path("iltm_demo"), help="demo folder (default ./iltm_demo)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--n-train", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--max-iterations", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .progress import Reporter
+    from . import distributed
+
+    reporter = Reporter(args.progress, enabled=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        from . import commands
+
+        status = getattr(commands, f"cmd_{args.command}")(args, reporter)
+    except InputError as exc:
+        print(f"iltm: error: {exc}", file=sys.stderr)
+        reporter.emit("error", message=str(exc))
+        return 2
+    except KeyboardInterrupt:
+        print("iltm: interrupted (finished steps are kept; 'iltm train --resume RUN' continues a run)",
+              file=sys.stderr)
+        return 130
+    finally:
+        distributed.cleanup()
+    return status or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Run configuration: one dataclass per stage, presets, YAML round trip.
+
+A run folder holds the full config it was trained with (``config.yaml``); detection reads it back so that
+preprocessing and model shapes always match the trained weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """How a scan becomes the network's input array.
+
+    Args:
+        spatial_dims: 2 or 3; ``None`` until the training data has been read (it is inferred).
+        target_spacing: resample to this spacing in mm (per axis, x-y(-z) order); ``None`` keeps the native grid.
+        intensity: ``"pet"`` (clip at ``clip_percentile`` of the scan, or at ``clip_value`` when set, then scale to
+            [0, 1]), ``"unit8bit"`` (0..255 -> [0, 1]), ``"8bit"`` (keep 0..255), or ``"none"``.
+        clip_percentile: percentile used by ``"pet"`` when ``clip_value`` is ``None``.
+        clip_value: absolute upper clip (e.g. SUV 15) for ``"pet"``; consistent across scans, so preferred for cohorts.
+        spatial_size: crop/pad every scan to this size (voxels, x-y(-z)); ``None`` pads up to the next multiple of
+            the VQ-VAE's total downsampling factor.
+        augment: paper augmentation (random affine; elastic in 3D) while training the VQ-VAE and Transformer.
+    """
+
+    spatial_dims: int | None = None
+    target_spacing: list[float] | None = None
+    intensity: str = "pet"
+    clip_percentile: float = 99.9
+    clip_value: float | None = None
+    spatial_size: list[int] | None = None
+    augment: bool = True
+    rotate_degrees: float = 5.0
+    scale_range: float = 0.05
+    translate_voxels: float = 2.0
+    elastic_3d: bool = True
+    augment_prob: float = 0.5
+
+
+@dataclass
+class VQVAEConfig:
+    """MONAI ``VQVAE`` shape and its training schedule. ``len(channels)`` is the number of downsamplings (each x2)."""
+
+    channels: list[int] = field(default_factory=lambda: [256, 256, 256])
+    num_res_layers: int = 2
+    num_res_channels: int = 256
+    num_embeddings: int = 256
+    embedding_dim: int = 128
+    commitment_cost: float = 0.25
+    decay: float = 0.5
+    dropout: float = 0.05
+    epochs: int = 500
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.channels)
+
+
+@dataclass
+class TransformerConfig:
+    """Decoder-only Transformer over the token raster (nanoGPT-like)."""
+
+    n_layer: int = 16
+    n_head: int = 8
+    n_embd: int = 256
+    dropout: float = 0.0
+    epochs: int = 300
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+
+
+@dataclass
+class DetectionConfig:
+    """KDE detection of one image (DESIGN.md, step 3).
+
+    Args:
+        resampling_threshold: tokens with p(s_i | s_<i) below this are resampled (t).
+        samples: number of healed token sequences (S).
+        dropout_passes: decoder passes with dropout per healed sequence (D); N = S x D reconstructions.
+        eps: KDE bandwidth regulariser in normalised intensity units; ``None`` = 5 % of the intensity range.
+        density_threshold: voxels with KDE density below this are anomalous in the binary map (tau).
+        kde_chunk_voxels: voxels scored per KDE chunk, bounds memory at about N x chunk x 8 bytes.
+        decode_batch: reconstructions decoded per decoder call.
+    """
+
+    resampling_threshold: float = 0.005
+    samples: int = 60
+    dropout_passes: int = 5
+    eps: float | None = None
+    density_threshold: float = 0.005
+    kde_chunk_voxels: int = 65536
+    decode_batch: int = 32
+
+
+@dataclass
+class ILTMConfig:
+    """The outer loop (DESIGN.md, step 4)."""
+
+    max_iterations: int = 5
+    threshold_decay: float = 0.125
+    constant_threshold: bool = False
+    stop_change: float = 0.01
+
+
+@dataclass
+class Config:
+    preset: str = "paper"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    iltm: ILTMConfig = field(default_factory=ILTMConfig)
+    version: int = CONFIG_VERSION
+
+    def eps(self) -> float:
+        """The KDE regulariser: explicit, or 5 % of the normalised intensity range."""
+        if self.detection.eps is not None:
+            return float(self.detection.eps)
+        return 12.75 if self.data.intensity == "8bit" else 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "vqvae": VQVAEConfig,
+    "transformer": TransformerConfig,
+    "detection": DetectionConfig,
+    "iltm": ILTMConfig,
+}
+
+# Overrides of the paper defaults. "paper" is the dataclass defaults themselves (DESIGN.md numbers).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "small": {
+        "vqvae": dict(channels=[64, 128], num_res_layers=1, num_res_channels=64, num_embeddings=128,
+                      embedding_dim=32, epochs=120, batch_size=8, learning_rate=5e-4),
+        "transformer": dict(n_layer=6, n_head=4, n_embd=128, epochs=100, batch_size=16, learning_rate=1e-3),
+        "detection": dict(samples=40, dropout_passes=4),
+        "iltm": dict(max_iterations=4),
+    },
+    "tiny": {
+        "vqvae": dict(channels=[32, 64], num_res_layers=1, num_res_channels=32, num_embeddings=64,
+                      embedding_dim=16, epochs=60, batch_size=8, learning_rate=2e-3),
+        "transformer": dict(n_layer=3, n_head=4, n_embd=64, epochs=40, batch_size=16, learning_rate=2e-3),
+        "detection": dict(samples=20, dropout_passes=3),
+        "iltm": dict(max_iterations=3),
+    },
+}
+
+
+def _apply(section_obj: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise InputError(where, f"unknown setting '{key}' (known: {', '.join(sorted(known))})")
+        setattr(section_obj, key, copy.deepcopy(value))
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> Config:
+    """Build a Config from a (possibly partial) nested dict, rejecting unknown keys."""
+    cfg = Config()
+    for key, value in values.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise InputError(where, f"section '{key}' must be a mapping")
+            _apply(getattr(cfg, key), value, f"{where}: {key}")
+        elif key in ("preset", "seed", "device", "version"):
+            setattr(cfg, key, value)
+        else:
+            raise InputError(where, f"unknown section '{key}'")
+    return cfg
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise InputError("--preset", f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    cfg = from_dict(PRESETS[name], where=f"preset {name}")
+    cfg.preset = name
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    """Read a run's ``config.yaml``; a missing file or a newer format version is an InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file is missing")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise InputError(path, "config must be a mapping")
+    version = values.get("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise InputError(path, f"written by an incompatible version (config version {version}, "
+                               f"this iltm reads {CONFIG_VERSION})")
+    return from_dict(values, where=str(path))
+
+
+def set_dotted(cfg: Config, dotted: str, value: Any) -> None:
+    """Apply one ``section.key=value`` override (value parsed as YAML, so numbers and lists work)."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for part in parts[:-1]:
+        if not hasattr(obj, part):
+            raise InputError("--set", f"unknown section '{part}' in '{dotted}'")
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        raise InputError("--set", f"unknown setting '{dotted}'")
+    setattr(obj, parts[-1], value)

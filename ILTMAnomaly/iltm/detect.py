@@ -1,0 +1,158 @@
+"""KDE detection of one image (DESIGN.md step 3): likelihoods, healed samples, dropout decodes, per-voxel KDE."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from . import kde
+from .config import Config, DetectionConfig
+from .preprocess import Preprocessor
+from .run import RunFolder
+from .transformer import TokenTransformer
+from .vqvae import decode_tokens, encode_tokens, load_vqvae, set_detection_mode
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a clear error, not a torch traceback."""
+    from .errors import InputError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device", f"'{device}' requested but no CUDA GPU is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError("--device", f"unknown device '{device}' (auto, cpu, cuda or cuda:N)")
+    return torch.device(device)
+
+
+@dataclass
+class DetectionResult:
+    """Maps on the model's (preprocessed) grid.
+
+    Attributes:
+        log_density: (*spatial) float32, log f(x) of the original intensity under the per-voxel KDE.
+        token_probabilities: (L,) p(s_i | s_<i) of the image's own tokens.
+        flagged: (L,) bool, tokens resampled (p < resampling threshold).
+        seconds: wall time of the detection.
+    """
+
+    log_density: torch.Tensor
+    token_probabilities: torch.Tensor
+    flagged: torch.Tensor
+    seconds: float
+
+    @property
+    def score(self) -> torch.Tensor:
+        return -self.log_density
+
+
+class Detector:
+    """A trained VQ-VAE + Transformer pair, ready to score images.
+
+    Args:
+        cfg: the run's config; ``cfg.detection`` holds S, D, t, eps and tau.
+        vqvae: MONAI VQVAE (put in detection mode here: dropout in the decoder only, codebook frozen).
+        transformer: the iteration's TokenTransformer.
+        latent_shape: token grid shape (*latent) for the model's input size.
+        device: where to run.
+    """
+
+    def __init__(self, cfg: Config, vqvae, transformer: TokenTransformer, latent_shape, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.vqvae = vqvae.to(device)
+        set_detection_mode(self.vqvae)
+        self.transformer = transformer.to(device).eval()
+        self.latent_shape = tuple(latent_shape)
+        self.preprocessor = Preprocessor(cfg.data, cfg.vqvae.downsample_factor)
+
+    @classmethod
+    def from_run(cls, run: RunFolder | str | Path, iteration: int | None = None, device: str = "auto",
+                 detection: DetectionConfig | None = None) -> "Detector":
+        run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
+        iteration = run.check_for_detection(iteration)
+        cfg = run.config()
+        if detection is not None:
+            cfg = replace(cfg, detection=detection)
+        dev = resolve_device(device)
+        vqvae, payload = load_vqvae(run.vqvae_path, map_location=dev)
+        transformer = TokenTransformer.load(run.transformer_path(iteration), map_location=dev)
+        detector = cls(cfg, vqvae, transformer, payload["latent_shape"], dev)
+        detector.iteration = iteration
+        return detector
+
+    @torch.no_grad()
+    def detect_array(self, image: torch.Tensor, resampling_threshold: float | None = None,
+                     generator: torch.Generator | None = None) -> DetectionResult:
+        """Score one preprocessed image.
+
+        Args:
+            image: (1, *spatial) normalised intensities, spatial = the model's input size.
+            resampling_threshold: t; defaults to ``cfg.detection.resampling_threshold``.
+            generator: seeds the multinomial resampling (dropout masks use torch's global RNG).
+        """
+        det = self.cfg.detection
+        t = det.resampling_threshold if resampling_threshold is None else resampling_threshold
+        start = time.perf_counter()
+        x = image.to(self.device, torch.float32)[None]                      # (1, 1, *spatial)
+        tokens = encode_tokens(self.vqvae, x).reshape(-1)                    # (L,)
+        probs = self.transformer.token_probabilities(tokens[None])[0]       # (L,)
+        flagged = probs < t
+        healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
+        healed = healed.reshape(det.samples, *self.latent_shape)
+        # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
+        latents = healed.repeat_interleave(det.dropout_passes, dim=0)       # (N, *latent), N = S x D
+        recon = decode_tokens(self.vqvae, latents, batch=det.decode_batch)[:, 0]  # (N, *spatial)
+        log_f = kde.log_density(recon, x[0, 0], self.cfg.eps(), chunk_voxels=det.kde_chunk_voxels)
+        return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
+                               flagged=flagged.cpu(), seconds=time.perf_counter() - start)
+
+    def binary_map(self, log_density: torch.Tensor) -> torch.Tensor:
+        """f < tau on the model grid, (*spatial) bool."""
+        return log_density < math.log(self.cfg.detection.density_threshold)
+
+    def token_mask(self, binary: torch.Tensor) -> torch.Tensor:
+        """(*spatial) bool -> (*latent) bool: a token is masked when any voxel of its footprint is anomalous."""
+        return token_mask_from_map(binary, self.cfg.vqvae.downsample_factor)
+
+    def maps_on_input_grid(self, result: DetectionResult, info) -> tuple[sitk.Image, sitk.Image]:
+        """(score, mask) images with exactly the input's size, spacing, origin and direction.
+
+        The mask is the thresholded *resampled* score, so ``mask == (score > -ln tau)`` holds on the input grid
+        (what the Slicer threshold slider relies on).
+        """
+        score = self.preprocessor.inverse(result.score.numpy().astype(np.float32), info, interpolator="linear")
+        score = sitk.Cast(score, sitk.sitkFloat32)
+        mask = sitk.Cast(score > -math.log(self.cfg.detection.density_threshold), sitk.sitkUInt8)
+        mask.CopyInformation(score)
+        return score, mask
+
+    def detect_image(self, img: sitk.Image, resampling_threshold: float | None = None,
+                     generator: torch.Generator | None = None):
+        """Score a SimpleITK image; returns (score image, mask image, result) on the input's grid."""
+        array, info = self.preprocessor.forward(img)
+        result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold, generator)
+        score, mask = self.maps_on_input_grid(result, info)
+        return score, mask, result
+
+
+def token_mask_from_map(binary: torch.Tensor, factor: int) -> torch.Tensor:
+    """Max-pool a binary map over each token's footprint (factor^dims voxels).
+
+    Args:
+        binary: (*spatial) bool or 0/1, spatial divisible by ``factor``.
+        factor: total downsampling of the VQ-VAE (2 ** levels).
+
+    Returns:
+        (*spatial / factor) bool.
+    """
+    pool = F.max_pool2d if binary.dim() == 2 else F.max_pool3d
+    return pool(binary.float()[None, None], kernel_size=factor, stride=factor)[0, 0] > 0

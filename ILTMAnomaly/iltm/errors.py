@@ -1,0 +1,19 @@
+"""User-facing errors: the CLI prints ``iltm: error: <where>: <problem>`` on one line and exits with code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """A problem with something the user gave us (a file, a folder, a flag), never a bug in iltm.
+
+    Args:
+        where: the file, folder or option at fault.
+        problem: what is wrong with it, in words a user can act on.
+    """
+
+    def __init__(self, where: str | Path, problem: str):
+        self.where = str(where)
+        self.problem = problem
+        super().__init__(f"{self.where}: {problem}")

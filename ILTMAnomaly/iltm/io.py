@@ -1,0 +1,469 @@
+"""Image I/O with SimpleITK: reading with checks that name the file, atomic writing, cohort listing."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import os
+import re
+import struct
+import tempfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+# Suffixes listed as images when a folder is scanned (lower case; compound ones first).
+IMAGE_SUFFIXES = (
+    ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img.gz", ".gipl", ".gipl.gz", ".vtk",
+    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm",
+)
+_STEM_SUFFIXES = IMAGE_SUFFIXES + (".csv",)
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the real suffix on the temporary name so that format-sniffing writers (SimpleITK) still work.
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def image_id(path: str | Path) -> str:
+    """The id of an image: its file name without image extensions (``a/b/ct.nii.gz`` -> ``ct``)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in _STEM_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    # GDCM and some ImageIOs print warnings to stderr; the user gets our one-line message instead.
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _short_reason(exc: Exception) -> str:
+    """SimpleITK's exception text (source file, line, object address, several lines) cut to what a user needs."""
+    text = str(exc)
+    if "Unable to determine ImageIO reader" in text:
+        return "not a format it recognises"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")]
+    cleaned = []
+    for ln in lines:
+        ln = re.sub(r"^(sitk::ERROR|ITK ERROR):\s*", "", ln)
+        ln = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", ln)
+        ln = re.sub(r"^\[\w+\]\s*\w*:?\s*", "", ln)
+        if ln and ln not in cleaned:
+            cleaned.append(ln)
+    reason = "; ".join(cleaned) or exc.__class__.__name__
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
+def _nifti_truncation(path: Path) -> str | None:
+    """ITK reads a truncated NIfTI without complaint (the missing voxels become 0), so check the length here.
+
+    Returns a problem string, or None when the file holds at least as many bytes as its header promises.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    total = 0
+    head = b""
+    try:
+        with opener(path, "rb") as fh:
+            while True:
+                chunk = fh.read(1 << 22)
+                if not chunk:
+                    break
+                if len(head) < 540:
+                    head += chunk[: 540 - len(head)]
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"the gzip stream is damaged or cut short ({exc.__class__.__name__})"
+    if len(head) < 348:
+        return f"file is too short for a NIfTI header ({total} bytes)"
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", head[:4])[0]
+        if sizeof_hdr == 348:
+            ndim_all = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+            break
+        if sizeof_hdr == 540 and len(head) >= 540:
+            ndim_all = struct.unpack(endian + "8q", head[16:80])
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+            break
+    else:
+        return None  # not a header we understand; leave the verdict to ITK
+    ndim = int(ndim_all[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    n_voxels = int(np.prod([max(int(d), 1) for d in ndim_all[1 : ndim + 1]], dtype=np.int64))
+    expected = int(vox_offset) + n_voxels * bitpix // 8
+    if path.name.lower().endswith((".nii", ".nii.gz")) and total < expected:
+        return f"file is truncated: {total} bytes where the header needs {expected}"
+    return None
+
+
+def _read_dicom_folder(path: Path) -> sitk.Image:
+    with _quiet_itk():
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputError(path, "folder holds no DICOM series (give an image file, or a folder of DICOM slices)")
+    if len(series) > 1:
+        raise InputError(path, f"folder holds {len(series)} DICOM series; put each series in its own folder")
+    reader = sitk.ImageSeriesReader()
+    with _quiet_itk():
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+        try:
+            return reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(path, f"SimpleITK cannot read this DICOM series: {_short_reason(exc)}") from None
+
+
+def _to_scalar(img: sitk.Image, path: Path) -> sitk.Image:
+    n = img.GetNumberOfComponentsPerPixel()
+    if n == 1:
+        return img
+    if img.GetDimension() == 2 and n in (2, 3, 4):
+        if n == 2:  # grey + alpha
+            return sitk.VectorIndexSelectionCast(img, 0, sitk.sitkFloat32)
+        # RGB(A) photograph-like input: ITU-R BT.601 luma, as PIL's "L" conversion.
+        channels = [sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32) for c in range(3)]
+        return 0.299 * channels[0] + 0.587 * channels[1] + 0.114 * channels[2]
+    raise InputError(path, f"is a vector image with {n} components per voxel; give a single-channel (scalar) image")
+
+
+def _collapse_dims(img: sitk.Image, path: Path) -> sitk.Image:
+    """Drop singleton trailing axes: 4D with one time point -> 3D, 3D with one slice -> 2D."""
+    while img.GetDimension() > 2 and img.GetSize()[-1] == 1:
+        size = list(img.GetSize()[:-1]) + [0]
+        try:
+            img = sitk.Extract(img, size, [0] * img.GetDimension(),
+                               sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+        except RuntimeError:
+            # The in-plane part of an oblique direction matrix is not a rotation; keep spacing and origin only.
+            img = sitk.Extract(img, size, [0] * img.GetDimension(), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+    if img.GetDimension() > 3:
+        raise InputError(path, f"is {img.GetDimension()}D (size {'x'.join(map(str, img.GetSize()))}); "
+                               "give one 2D or 3D image")
+    if img.GetDimension() < 2:
+        raise InputError(path, "is 1D; give a 2D or 3D image")
+    return img
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read one image as a float32 scalar SimpleITK image, 2D or 3D.
+
+    Any format SimpleITK reads: NIfTI, NRRD, MetaImage, PNG/JPEG/TIFF/BMP (2D; RGB is converted to grey), or a
+    folder holding one DICOM series. A 3D image with a single slice is returned as 2D.
+
+    Raises:
+        InputError: naming ``path`` for a missing, empty, truncated or unreadable file, a vector or 4D image,
+            or NaN/inf voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        img = _read_dicom_folder(path)
+    else:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InputError(path, f"cannot be accessed ({exc.strerror})") from None
+        if size == 0:
+            raise InputError(path, "file is empty (0 bytes)")
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            problem = _nifti_truncation(path)
+            if problem:
+                raise InputError(path, f"SimpleITK cannot read it: {problem}")
+        try:
+            with _quiet_itk():
+                img = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise InputError(path, f"SimpleITK cannot read it: {_short_reason(exc)}") from None
+    if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(path, "has complex-valued voxels; give a real-valued image")
+    img = _to_scalar(img, path)
+    img = _collapse_dims(img, path)
+    if img.GetPixelID() != sitk.sitkFloat32:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(img)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(path, f"contains {bad} NaN/inf voxels")
+    return img
+
+
+def read_label(path: str | Path) -> sitk.Image:
+    """Read a ground-truth mask as uint8 0/1 (any voxel > 0.5 is foreground), with the same checks as read_image."""
+    img = read_image(path)
+    return sitk.Cast(sitk.BinaryThreshold(img, 0.5, float("inf"), 1, 0), sitk.sitkUInt8)
+
+
+def image_dims(img: sitk.Image) -> int:
+    """2 or 3: the number of spatial axes."""
+    return int(img.GetDimension())
+
+
+def image_from_array(array: np.ndarray, like: sitk.Image | None = None) -> sitk.Image:
+    """A SimpleITK image from a numpy array in numpy axis order ((y, x) or (z, y, x)), with ``like``'s geometry."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
+    if like is not None:
+        if img.GetSize() != like.GetSize():
+            raise ValueError(f"array size {img.GetSize()} does not match the reference grid {like.GetSize()}")
+        img.CopyInformation(like)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_image(img: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write an image atomically (temporary file in the same folder, then a rename); the format follows the suffix."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_png(array: np.ndarray, path: str | Path, vmin: float | None = None, vmax: float | None = None,
+              cmap: str = "gray") -> Path:
+    """Write a 2D array (grey, mapped through ``cmap`` between vmin and vmax, default its own range) or an RGB(A)
+    array (H, W, 3|4; floats in [0, 1] or uint8) as a PNG, atomically. Row 0 is the top of the picture."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import image as mpimage
+
+    array = np.asarray(array)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"write_png needs (H, W) or (H, W, 3|4), got shape {array.shape}")
+    if array.ndim == 3 and array.dtype != np.uint8:
+        array = np.clip(array, 0.0, 1.0)
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        if array.ndim == 2:
+            mpimage.imsave(tmp, array, vmin=vmin, vmax=vmax, cmap=cmap, format="png")
+        else:
+            mpimage.imsave(tmp, array, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- cohorts
+
+
+@dataclass
+class ImageRecord:
+    """One input scan: its id (used for output names), image path and optional ground-truth label path."""
+
+    id: str
+    image: Path
+    label: Path | None = None
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    with _quiet_itk():
+        try:
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+        except RuntimeError:
+            return False
+
+
+def _unique_ids(records: list[ImageRecord]) -> list[ImageRecord]:
+    seen: Counter[str] = Counter()
+    taken = {r.id for r in records}
+    for rec in records:
+        seen[rec.id] += 1
+        if seen[rec.id] > 1:
+            k = seen[rec.id]
+            while f"{rec.id}_{k}" in taken:
+                k += 1
+            new = f"{rec.id}_{k}"
+            taken.add(new)
+            rec.id = new
+    return records
+
+
+def _images_in_folder(folder: Path) -> list[Path]:
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    images = [p for p in entries if _is_image_file(p) and not p.name.lower().endswith(".dcm")]
+    images += [p for p in entries if p.is_dir() and _is_dicom_folder(p)]
+    has_dicom_files = any(p.is_file() and p.name.lower().endswith(".dcm") for p in entries)
+    if not images and (has_dicom_files or _is_dicom_folder(folder)):
+        return [folder]  # the folder itself is one DICOM series
+    return sorted(images, key=lambda p: p.name)
+
+
+def _find_label(labels: Path | None, image: Path) -> Path | None:
+    if labels is None:
+        return None
+    same = labels / image.name
+    if same.exists():
+        return same
+    want = image_id(image)
+    for cand in sorted(labels.iterdir(), key=lambda p: p.name):
+        if (_is_image_file(cand) or _is_dicom_folder(cand)) and image_id(cand) == want:
+            return cand
+    return None
+
+
+def _records_from_csv(path: Path) -> list[ImageRecord]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the CSV list ({exc.__class__.__name__})") from None
+    rows = list(csv.reader(text.splitlines()))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise InputError(path, "CSV list is empty")
+    header = [h.strip().lower() for h in rows[0]]
+    if "image" not in header:
+        raise InputError(path, f"CSV list needs a header with an 'image' column (found: {', '.join(header)})")
+    col = {name: header.index(name) for name in ("image", "label", "id") if name in header}
+    records = []
+    for line_no, row in enumerate(rows[1:], start=2):
+        cell = lambda name: row[col[name]].strip() if name in col and col[name] < len(row) else ""  # noqa: E731
+        if not cell("image"):
+            raise InputError(path, f"line {line_no}: the 'image' cell is empty")
+        image = (path.parent / cell("image")).resolve() if not Path(cell("image")).is_absolute() else Path(cell("image"))
+        label = None
+        if cell("label"):
+            label = Path(cell("label"))
+            label = label if label.is_absolute() else (path.parent / label).resolve()
+        records.append(ImageRecord(id=cell("id") or image_id(image), image=image, label=label))
+    if not records:
+        raise InputError(path, "CSV list has a header but no images")
+    return records
+
+
+def list_images(source: str | Path) -> list[ImageRecord]:
+    """The scans named by ``source``, in a stable order, with unique ids.
+
+    ``source`` is one of: a folder with ``images/`` (and optionally ``labels/`` holding files of the same names);
+    a folder of image files and/or DICOM series sub-folders; a DICOM series folder; a CSV file with a header
+    naming an ``image`` column (optional ``label`` and ``id``; relative paths are taken from the CSV's folder);
+    or a single image file. Files are only listed here, not read: see :func:`check_images`.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(source, "not found")
+    if source.is_file():
+        if source.name.lower().endswith(".csv"):
+            return _unique_ids(_records_from_csv(source))
+        return [ImageRecord(id=image_id(source), image=source, label=None)]
+    image_dir, label_dir = source, None
+    if (source / "images").is_dir():
+        image_dir = source / "images"
+        label_dir = source / "labels" if (source / "labels").is_dir() else None
+    images = _images_in_folder(image_dir)
+    if not images:
+        raise InputError(image_dir, "folder holds no images (looked for "
+                                    f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} files and DICOM series)")
+    records = [ImageRecord(id=image_id(p), image=p, label=_find_label(label_dir, p)) for p in images]
+    return _unique_ids(records)
+
+
+class InputProblems(InputError):
+    """Several inputs cannot be used; ``problems`` holds one InputError per file (print one line each)."""
+
+    def __init__(self, problems: Sequence[InputError], total: int):
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p.where}: {p.problem}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} of {total} inputs",
+                         f"cannot be used (--skip-unreadable leaves them out):\n{lines}")
+
+
+def check_images(records: Iterable[ImageRecord], skip_unreadable: bool = False, spatial_dims: int | None = None,
+                 check_labels: bool = True) -> tuple[list[ImageRecord], list[InputError]]:
+    """Read every image (and label) once and collect every problem before anything long starts.
+
+    Args:
+        records: from :func:`list_images`.
+        skip_unreadable: False: any problem raises :class:`InputProblems` listing all of them at once.
+            True: return the usable records and the problems (the caller warns about each).
+        spatial_dims: 2 or 3 when the model fixes it; otherwise the dimensionality most inputs have, and the
+            odd ones out are problems.
+        check_labels: also read each label and compare its size with its image's.
+
+    Returns:
+        (good_records, problems) with one InputError per unusable record.
+    """
+    records = list(records)
+    problems: list[InputError] = []
+    readable: list[tuple[ImageRecord, int]] = []
+    for rec in records:
+        try:
+            img = read_image(rec.image)
+            if check_labels and rec.label is not None:
+                lab = read_image(rec.label)
+                if lab.GetSize() != img.GetSize():
+                    raise InputError(rec.label, f"label size {'x'.join(map(str, lab.GetSize()))} differs from its "
+                                                f"image's {'x'.join(map(str, img.GetSize()))} ({rec.image})")
+            readable.append((rec, image_dims(img)))
+            del img
+        except InputError as exc:
+            problems.append(exc)
+    good = [rec for rec, _ in readable]
+    if readable:
+        if spatial_dims is not None:
+            expected, why = int(spatial_dims), "the model is"
+        else:
+            counts = Counter(d for _, d in readable)
+            # The majority wins; a tie goes to the first image's dimensionality.
+            expected = max(counts, key=lambda d: (counts[d], d == readable[0][1]))
+            why = "the other inputs are"
+        good = []
+        for rec, dims in readable:
+            if dims == expected:
+                good.append(rec)
+            else:
+                problems.append(InputError(rec.image, f"is {dims}D but {why} {expected}D"))
+    if problems and not skip_unreadable:
+        raise InputProblems(problems, len(records))
+    return good, problems

@@ -1,0 +1,371 @@
+"""Training: the VQ-VAE once, then the ILTM loop of masked Transformers (DESIGN.md step 4).
+
+Every finished step leaves its result in the run folder (see :mod:`iltm.run`), so ``train(resume=True)`` picks up
+after the last finished step: a finished VQ-VAE, Transformer or per-scan mask is never recomputed, and an
+interrupted training stage restarts from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config
+from .detect import Detector, resolve_device
+from .errors import InputError
+from .io import ImageRecord, check_images, list_images, read_image, write_image
+from .preprocess import Preprocessor, augmentation
+from .progress import Reporter
+from .run import RUN_VERSION, RunFolder
+from .transformer import TokenTransformer
+from .vqvae import build_vqvae, encode_tokens, load_vqvae, save_vqvae
+
+FIT_FORMAT = "iltm-fit-checkpoint"
+SAVE_EVERY_SECONDS = 30.0
+
+
+def iteration_threshold(cfg: Config, k: int) -> float:
+    """Resampling threshold of iteration k: t0 (1 - decay)^k, or t0 throughout with a constant threshold."""
+    t0 = cfg.detection.resampling_threshold
+    return t0 if cfg.iltm.constant_threshold else t0 * (1.0 - cfg.iltm.threshold_decay) ** k
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- one generic, resumable optimisation loop ------------------------------------------------------------------
+
+def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of: Callable[[Any], torch.Tensor],
+        epochs: int, learning_rate: float, checkpoint: Path, reporter: Reporter, stage: str, units: float,
+        weight_decay: float = 0.0) -> list[float]:
+    """AdamW with a cosine schedule over ``epochs``, checkpointed at least every 30 s to ``checkpoint``.
+
+    Args:
+        model: the module to optimise (possibly DDP-wrapped; its ``module`` is what gets saved).
+        batches: epoch -> iterable of batches (this rank's share).
+        loss_of: batch -> scalar loss.
+        checkpoint: where the epoch state goes; when it exists the loop resumes from it.
+
+    Returns:
+        mean loss per epoch (all epochs, including those before a resume).
+    """
+    inner = getattr(model, "module", model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                            weight_decay=weight_decay)
+    # Cosine decay to 10 % of the initial rate: small cohorts need the late, gentle steps to settle.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1))))
+    start, losses = 0, []
+    if checkpoint.is_file():
+        state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model))
+        inner.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses = state["epoch"], state["losses"]
+        reporter.log(f"{stage}: resuming at epoch {start}/{epochs}")
+    last_save = time.monotonic()
+    device = dist.model_device(model)
+    model.train()
+    for epoch in reporter.track(range(start, epochs), stage, total=epochs - start, units=units):
+        total, count = 0.0, 0
+        for batch in batches(epoch):
+            loss = loss_of(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            count += 1
+        sched.step()
+        losses.append(dist.mean_across_ranks(total / max(count, 1), device))
+        if dist.is_main() and (time.monotonic() - last_save > SAVE_EVERY_SECONDS or epoch == epochs - 1):
+            save_checkpoint(checkpoint, FIT_FORMAT, 1, {"model": inner.state_dict(), "optimizer": opt.state_dict(),
+                                                       "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                                                       "losses": losses})
+            last_save = time.monotonic()
+    model.eval()
+    return losses
+
+
+def shuffled_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """This rank's batches of indices for one epoch (same permutation on every rank, then sharded)."""
+    order = np.random.default_rng(seed * 1000003 + epoch).permutation(n).tolist()
+    mine = dist.shard(order)
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+class TrainingSet:
+    """The training scans, preprocessed once to the model grid (arrays (1, *spatial)) with their geometry info."""
+
+    def __init__(self, records: list[ImageRecord], preprocessor: Preprocessor, reporter: Reporter):
+        self.records = records
+        self.arrays: list[np.ndarray] = []
+        self.infos: list[Any] = []
+        for rec in reporter.track(records, "preprocess"):
+            array, info = preprocessor.forward(read_image(rec.image))
+            self.arrays.append(array.astype(np.float32))
+            self.infos.append(info)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def gather_inputs(data: str | Path, cfg: Config, skip_unreadable: bool, reporter: Reporter) -> list[ImageRecord]:
+    """List and check every training scan; all unreadable files are reported at once."""
+    records = list_images(data)
+    good, problems = check_images(records, skip_unreadable=skip_unreadable)
+    if problems and not skip_unreadable:
+        listing = "; ".join(f"{path}: {why}" for path, why in problems)
+        raise InputError(data, f"{len(problems)} unreadable input(s) — {listing} (use --skip-unreadable to skip them)")
+    for path, why in problems:
+        reporter.log(f"warning: skipping {path}: {why}")
+    if not good:
+        raise InputError(data, "no readable training images")
+    return good
+
+
+def model_grid_size(records: list[ImageRecord], cfg: Config) -> list[int]:
+    """Common input size (x-y(-z) order) for all scans: the largest preprocessed extent, rounded up to the
+    downsampling factor, so that every scan fits without cropping."""
+    factor = cfg.vqvae.downsample_factor
+    pre = Preprocessor(cfg.data, factor)
+    shape = None
+    for rec in records:
+        array, _ = pre.forward(read_image(rec.image))
+        shape = array.shape[1:] if shape is None else np.maximum(shape, array.shape[1:])
+    return [int(math.ceil(s / factor) * factor) for s in reversed(list(shape))]
+
+
+# -- the stages --------------------------------------------------------------------------------------------------
+
+def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
+                      units: float) -> dict[str, Any]:
+    vq_cfg = cfg.vqvae
+    model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
+    ddp = dist.wrap(model)
+    augment = augmentation(cfg.data, cfg.data.spatial_dims, seed=cfg.seed + dist.rank()) if cfg.data.augment else None
+
+    def batches(epoch: int):
+        for idx in shuffled_batches(len(data), vq_cfg.batch_size, epoch, cfg.seed):
+            items = [torch.from_numpy(data.arrays[i]) for i in idx]
+            if augment is not None:
+                items = [torch.as_tensor(augment(x)) for x in items]
+            yield torch.stack(items).float().to(device)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        recon, quantization_loss = ddp(x)
+        return F.l1_loss(recon, x) + quantization_loss
+
+    start = time.perf_counter()
+    losses = fit(ddp, batches, loss_of, vq_cfg.epochs, vq_cfg.learning_rate, run.root / "vqvae_checkpoint.pt",
+                 reporter, "train VQ-VAE", units)
+    latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
+    summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "epochs": vq_cfg.epochs, "seconds": time.perf_counter() - start}
+    if dist.is_main():
+        save_vqvae(model, vq_cfg, cfg.data.spatial_dims, run.vqvae_path,
+                   extra={"latent_shape": list(latent), "losses": losses})
+    dist.barrier()
+    return summary
+
+
+@torch.no_grad()
+def tokenize_stage(run: RunFolder, data: TrainingSet, vqvae, device: torch.device, reporter: Reporter) -> torch.Tensor:
+    """Token rasters of every training scan, (M, L) long, cached in ``tokens.pt``."""
+    if run.tokens_path.is_file():
+        return load_checkpoint(run.tokens_path, "iltm-tokens", 1)["tokens"]
+    rows = [encode_tokens(vqvae, torch.from_numpy(a)[None].to(device)).reshape(-1).cpu()
+            for a in reporter.track(data.arrays, "tokenize")]
+    tokens = torch.stack(rows)
+    if dist.is_main():
+        save_checkpoint(run.tokens_path, "iltm-tokens", 1, {"tokens": tokens, "ids": [r.id for r in data.records]})
+    dist.barrier()
+    return tokens
+
+
+def masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over unmasked targets. logits (B, L, V), tokens (B, L), token_mask (B, L) True = masked."""
+    targets = tokens if token_mask is None else tokens.masked_fill(token_mask, -100)
+    if token_mask is not None and bool(token_mask.all()):
+        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) alive on an all-masked batch
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.Tensor,
+                            token_masks: torch.Tensor | None, num_codes: int, device: torch.device,
+                            reporter: Reporter, units: float) -> dict[str, Any]:
+    t_cfg = cfg.transformer
+    seed_everything(cfg.seed + 7919 * (k + 1))
+    model = TokenTransformer(t_cfg, num_codes=num_codes, seq_len=tokens.shape[1]).to(device)
+    ddp = dist.wrap(model)
+    tokens = tokens.to(device)
+    masks = token_masks.to(device) if token_masks is not None else None
+
+    def batches(epoch: int):
+        for idx in shuffled_batches(tokens.shape[0], t_cfg.batch_size, epoch, cfg.seed + k):
+            yield idx
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        m = masks[idx] if masks is not None else None
+        return masked_cross_entropy(ddp(tokens[idx], m), tokens[idx], m)
+
+    start = time.perf_counter()
+    run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
+    losses = fit(ddp, batches, loss_of, t_cfg.epochs, t_cfg.learning_rate, run.iteration_dir(k) / "fit_checkpoint.pt",
+                 reporter, f"iteration {k}: train Transformer", units, weight_decay=t_cfg.weight_decay)
+    if dist.is_main():
+        model.save(run.transformer_path(k), extra={"iteration": k, "losses": losses})
+        (run.iteration_dir(k) / "fit_checkpoint.pt").unlink(missing_ok=True)
+    dist.barrier()
+    return {"transformer_loss": losses[-1] if losses else None, "transformer_loss_first": losses[0] if losses else None,
+            "train_seconds": time.perf_counter() - start}
+
+
+def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detector: Detector, threshold: float,
+                 reporter: Reporter, units: float) -> tuple[torch.Tensor, float]:
+    """Binary maps of every training scan with iteration k's detector; returns token masks (M, L) and seconds.
+
+    Each scan's maps are written as soon as they exist, so an interrupted detection resumes scan by scan.
+    """
+    start = time.perf_counter()
+    mine = dist.shard(list(range(len(data))))
+    for i in reporter.track(mine, f"iteration {k}: detect on training scans", units=units, iteration=k):
+        rec = data.records[i]
+        token_path, mask_path = run.token_mask_path(k, rec.id), run.mask_path(k, rec.id)
+        if token_path.is_file() and mask_path.is_file():
+            continue
+        generator = torch.Generator(device=detector.device).manual_seed(cfg.seed + 100003 * k + i)
+        result = detector.detect_array(torch.from_numpy(data.arrays[i]), threshold, generator)
+        binary = detector.binary_map(result.log_density)
+        _, mask_img = detector.maps_on_input_grid(result, data.infos[i])
+        write_image(mask_img, mask_path)
+        token_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = token_path.with_suffix(".tmp.npy")
+        np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
+        tmp.replace(token_path)
+    dist.barrier()
+    masks = torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, r.id))) for r in data.records])
+    return masks, time.perf_counter() - start
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = None, resume: bool = False,
+          skip_unreadable: bool = False, reporter: Reporter | None = None) -> RunFolder:
+    """Train a run folder from scratch (``data`` + ``cfg``) or continue one (``resume=True``).
+
+    Returns the run folder; its ``history.json`` says why the loop stopped.
+    """
+    reporter = reporter or Reporter("bar")
+    run = RunFolder(Path(out))
+    if resume:
+        if not run.manifest_path.is_file() or not run.config_path.is_file():
+            raise InputError(run.root, "cannot resume: not a run folder (config.yaml or manifest.json missing)")
+        cfg = run.config()
+        manifest = run.manifest()
+        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in manifest["images"]]
+        missing = [str(r.image) for r in records if not r.image.is_file()]
+        if missing:
+            raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
+    else:
+        if cfg is None or data is None:
+            raise ValueError("train() needs data and cfg unless resuming")
+        if run.root.exists() and any(run.root.iterdir()):
+            raise InputError(run.root, "output folder is not empty (use --resume to continue a run there)")
+        records = gather_inputs(data, cfg, skip_unreadable, reporter)
+        dims = {len(read_image(r.image).GetSize()) for r in records[:1]}.pop()
+        if cfg.data.spatial_dims not in (None, dims):
+            raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
+        cfg.data.spatial_dims = dims
+        if cfg.data.spatial_size is None:
+            cfg.data.spatial_size = model_grid_size(records, cfg)
+        if dist.is_main():
+            run.root.mkdir(parents=True, exist_ok=True)
+            cfg.save(run.config_path)
+            run.write_json(run.manifest_path, {"version": RUN_VERSION, "spatial_dims": dims,
+                                               "spatial_size": cfg.data.spatial_size,
+                                               "images": [{"id": r.id, "image": str(Path(r.image).resolve())}
+                                                          for r in records]})
+        dist.barrier()
+
+    device = dist.init_from_env(resolve_device(cfg.device))
+    seed_everything(cfg.seed)
+    history = run.history()
+    max_k = cfg.iltm.max_iterations
+    # Work units for the overall progress fraction: VQ-VAE, then a Transformer fit and a detection per iteration.
+    reporter.units_total = 3.0 + 2.0 * (max_k + 1)
+    reporter.emit("start", command="train", run=str(run.root), iterations=max_k + 1)
+
+    data_set = TrainingSet(records, Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
+    if not run.vqvae_path.is_file():
+        history["vqvae"] = train_vqvae_stage(run, cfg, data_set, device, reporter, units=3.0)
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+            (run.root / "vqvae_checkpoint.pt").unlink(missing_ok=True)
+    else:
+        reporter.units_done += 3.0
+    vqvae, payload = load_vqvae(run.vqvae_path, map_location=device)
+    tokens = tokenize_stage(run, data_set, vqvae, device, reporter)
+
+    done = {rec["iteration"]: rec for rec in history["iterations"]}
+    previous_masks: torch.Tensor | None = None
+    for k in range(max_k + 1):
+        if k in done:
+            previous_masks = torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, r.id)))
+                                          for r in records])
+            reporter.units_done += 2.0
+            continue
+        if history.get("finished"):
+            break
+        record: dict[str, Any] = {"iteration": k}
+        if run.transformer_path(k).is_file():
+            stored = TokenTransformer.load(run.transformer_path(k))
+            record.update({"transformer_loss": (stored.extra or {}).get("losses", [None])[-1], "train_seconds": None})
+            reporter.units_done += 1.0
+        else:
+            record.update(train_transformer_stage(run, cfg, k, tokens, previous_masks, cfg.vqvae.num_embeddings,
+                                                  device, reporter, units=1.0))
+        threshold = iteration_threshold(cfg, k)
+        detector = Detector(cfg, vqvae, TokenTransformer.load(run.transformer_path(k), map_location=device),
+                            payload["latent_shape"], device)
+        masks, seconds = detect_stage(run, cfg, k, data_set, detector, threshold, reporter, units=1.0)
+        count = int(masks.sum())
+        prev_count = int(previous_masks.sum()) if previous_masks is not None else None
+        change = None if prev_count is None else abs(count - prev_count) / max(prev_count, 1)
+        record.update({"resampling_threshold": threshold, "masked_tokens": count,
+                       "masked_fraction": count / masks.numel(), "masked_change": change, "detect_seconds": seconds})
+        history["iterations"].append(record)
+        reporter.emit("iteration", **record)
+        reporter.log(f"iteration {k}: t={threshold:.5f}, masked tokens {count} "
+                     f"({100 * count / masks.numel():.2f} %)" + ("" if change is None else f", change {100 * change:.2f} %"))
+        if change is not None and change < cfg.iltm.stop_change:
+            history.update(finished=True, stop_reason=f"masked-token count changed {100 * change:.2f} % "
+                                                      f"(< {100 * cfg.iltm.stop_change:g} %) at iteration {k}")
+        elif k == max_k:
+            history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+        previous_masks = masks
+        if history.get("finished"):
+            break
+    if not history.get("finished"):
+        history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+    reporter.log(f"training finished: {history['stop_reason']}")
+    reporter.emit("done", run=str(run.root))
+    return run

@@ -1,0 +1,288 @@
+"""Decoder-only Transformer over VQ-VAE token rasters: p(s_i | s_<i) with latent token masking (DESIGN.md, 2-4).
+
+Read top to bottom: attention, MLP, block, then the model (embeddings, mask, forward, loss, likelihoods, healing,
+saving). Shapes in comments use B batch, L sequence length, T tokens processed in this call, K keys attended
+(cached ones included), C = n_embd, H = n_head, V = num_codes.
+
+The sequence fed to the network is [BOS, s_0, ..., s_{L-2}] and position i predicts s_i, so input position j >= 1
+carries the token s_{j-1}. Masking a token therefore hides the *key* at position j = i + 1 from every query and
+drops the *target* i from the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TransformerConfig
+from .errors import InputError
+
+CHECKPOINT_FORMAT = "iltm-transformer"
+CHECKPOINT_VERSION = 1
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask, kv=None, start=0):
+        # x (B, T, C); attn_mask (B or 1, 1, T, K) bool, True = may attend; kv: this layer's cache buffers
+        # (B, H, L, C/H) each, into which positions [start, start + T) are written.
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, K, C/H), K = start + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: the residual stream itself is never normalised, which keeps deep stacks trainable."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask, kv=None, start=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TokenTransformer(nn.Module):
+    """Autoregressive model of a token raster: ``forward`` scores every token given BOS and its prefix.
+
+    Args:
+        cfg: layer count, heads, width, dropout.
+        num_codes: VQ-VAE codebook size V; the vocabulary adds one BOS id (= ``num_codes``).
+        seq_len: tokens per image L (product of the latent grid's shape).
+    """
+
+    def __init__(self, cfg: TransformerConfig, num_codes: int, seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_codes = int(num_codes)
+        self.seq_len = int(seq_len)
+        self.extra: dict = {}  # what ``save`` stored alongside the weights (filled by ``load``)
+        self.wte = nn.Embedding(self.num_codes + 1, cfg.n_embd)
+        self.wpe = nn.Embedding(self.seq_len, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        # Untied: the head never predicts BOS, so it has V outputs while the embedding has V + 1 rows. Its bias
+        # carries the codes' marginal frequencies.
+        self.head = nn.Linear(cfg.n_embd, self.num_codes)
+
+        self.apply(self._init_weights)
+        # GPT-2: every block adds two projections to the residual stream, so scale them to keep its variance
+        # independent of depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def bos(self) -> int:
+        return self.num_codes
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- the network ------------------------------------------------------------------------------------------
+
+    def _decode(self, inputs, start=0, cache=None, key_masked=None):
+        """Run input ids at positions [start, start + T); with a cache, earlier positions come from it.
+
+        Args:
+            inputs: (B, T) long, ids in [0, num_codes] (BOS included).
+            start: position of ``inputs[:, 0]``; positions before it must already be in ``cache``.
+            cache: from ``_new_cache``; filled in place at [start, start + T).
+            key_masked: (B, start + T) bool, True = no query may attend to that key.
+        Returns:
+            logits (B, T, V).
+        """
+        B, T = inputs.shape
+        if start + T > self.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's {self.seq_len}")
+        device = inputs.device
+        q_pos = torch.arange(start, start + T, device=device)
+        k_pos = torch.arange(start + T, device=device)
+        attn_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
+        if key_masked is not None:
+            # One mask for every layer and head. The BOS key (position 0) is never masked by construction, so no
+            # row is all -inf and softmax stays finite.
+            attn_mask = attn_mask & ~key_masked[:, None, None, :]  # (B, 1, T, K)
+
+        x = self.drop(self.wte(inputs) + self.wpe(q_pos))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, attn_mask, None if cache is None else cache[layer], start)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+    def _new_cache(self, batch: int, length: int):
+        """Per layer, key and value buffers (B, H, length, C/H), preallocated so a step writes in place rather
+        than concatenating (which would copy the whole cache at every position)."""
+        p = self.head.weight
+        shape = (batch, self.cfg.n_head, length, self.cfg.n_embd // self.cfg.n_head)
+        return [(p.new_empty(shape), p.new_empty(shape)) for _ in self.blocks]
+
+    def _inputs(self, tokens):
+        # tokens (B, L) -> (B, L) [BOS, s_0, ..., s_{L-2}]: the shift that makes position i predict s_i.
+        bos = torch.full_like(tokens[:, :1], self.bos)
+        return torch.cat([bos, tokens[:, :-1]], dim=1)
+
+    def forward(self, tokens, token_mask=None):
+        """Scores of every token given BOS and its prefix.
+
+        Args:
+            tokens: (B, L) long codes in [0, num_codes).
+            token_mask: (B, L) bool, True = token s_i is anomalous: no position may attend to it.
+        Returns:
+            logits (B, L, num_codes); ``logits[:, i]`` scores s_i.
+        """
+        key_masked = None
+        if token_mask is not None:
+            # Input position j carries s_{j-1}; position 0 is BOS and stays visible.
+            key_masked = F.pad(token_mask.bool()[:, :-1], (1, 0), value=False)  # (B, L)
+        return self._decode(self._inputs(tokens), key_masked=key_masked)
+
+    def loss(self, tokens, token_mask=None):
+        """Mean cross-entropy over the targets that are not masked; 0 (with a graph) when all are masked."""
+        logits = self(tokens, token_mask)  # (B, L, V)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B * L,)
+        if token_mask is None:
+            return nll.mean()
+        keep = (~token_mask.bool()).flatten().to(nll.dtype)
+        # Sum / count rather than ignore_index: the latter gives NaN when every target of the batch is masked.
+        return (nll * keep).sum() / keep.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def token_probabilities(self, tokens, token_mask=None):
+        """p(s_i | s_<i) for every token, (B, L) float. Call ``eval()`` first: dropout follows ``training``."""
+        probs = F.softmax(self(tokens, token_mask).float(), dim=-1)  # (B, L, V)
+        return probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+    @torch.no_grad()
+    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0):
+        """Draw ``samples`` healed versions of one image's tokens, all in one batch.
+
+        Walking the raster in order, each flagged token is resampled from p(. | healed prefix); the others are kept.
+        Between two flagged positions every token is known, so each such run is teacher-forced into the KV cache in
+        one parallel call (the first run, up to the first flagged token, is the prefill). That is one model call per
+        flagged token, every position processed at most once, and nothing after the last flagged token.
+
+        Args:
+            tokens: (L,) long codes.
+            flagged: (L,) bool, True = resample this token.
+            samples: number of healed sequences S.
+            generator: ``torch.Generator`` on the model's device, for reproducible draws.
+            temperature: divides the logits before the softmax.
+        Returns:
+            (S, L) long.
+        """
+        healed = tokens.reshape(1, -1).repeat(samples, 1)  # (S, L)
+        positions = torch.nonzero(flagged.reshape(-1)).flatten().tolist()
+        if not positions:
+            return healed
+        inputs = self._inputs(healed)  # (S, L); column i + 1 is updated once s_i has been drawn
+        cache = self._new_cache(samples, positions[-1] + 1)
+        done = 0  # positions [0, done) are in the cache
+        for i in positions:
+            logits = self._decode(inputs[:, done:i + 1], start=done, cache=cache)[:, -1]  # (S, V) for s_i
+            probs = F.softmax(logits.float() / temperature, dim=-1)
+            healed[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if i + 1 < inputs.shape[1]:
+                inputs[:, i + 1] = healed[:, i]
+            done = i + 1
+        return healed
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def save(self, path, extra: dict | None = None) -> None:
+        """Write config, shapes, weights and ``extra`` (plain Python values only) atomically to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": dataclasses.asdict(self.cfg),
+            "num_codes": self.num_codes,
+            "seq_len": self.seq_len,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "extra": dict(extra or {}),
+        }
+        # A temporary name in the same folder, then a rename: a crash never leaves half a checkpoint behind.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "TokenTransformer":
+        """Rebuild a saved model; what was saved as ``extra`` is on ``model.extra``. Bad files raise InputError."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "Transformer checkpoint is missing")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises many types for a truncated or foreign file
+            raise InputError(path, f"not a readable Transformer checkpoint ({exc.__class__.__name__})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(path, "not an iltm Transformer checkpoint")
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise InputError(path, f"written by an incompatible version (checkpoint format {ckpt.get('version')}, "
+                                   f"this iltm reads {CHECKPOINT_VERSION})")
+        try:
+            model = cls(TransformerConfig(**ckpt["config"]), ckpt["num_codes"], ckpt["seq_len"])
+            model.load_state_dict(ckpt["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
+            raise InputError(path, f"Transformer checkpoint is damaged ({exc.__class__.__name__}: "
+                                   f"{str(exc).splitlines()[0][:200]})") from None
+        model.extra = dict(ckpt.get("extra") or {})
+        # load_state_dict copies into the freshly built (CPU) parameters, so move the model where it was asked.
+        if isinstance(map_location, (str, torch.device)):
+            model.to(map_location)
+        return model

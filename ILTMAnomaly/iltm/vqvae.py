@@ -1,0 +1,98 @@
+"""The VQ-VAE stage: MONAI's ``VQVAE`` built from the config, tokenisation and dropout decoding.
+
+Tokens are the codebook indices of the latent grid, flattened in raster (C) order so the Transformer sees a
+1D sequence; ``latent_shape`` brings them back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from monai.networks.nets import VQVAE
+
+from .config import VQVAEConfig
+from .errors import InputError
+from .checkpoint import load_checkpoint, save_checkpoint
+
+FORMAT = "iltm-vqvae"
+FORMAT_VERSION = 1
+
+
+def build_vqvae(cfg: VQVAEConfig, spatial_dims: int) -> VQVAE:
+    """A MONAI VQVAE with ``len(cfg.channels)`` stride-2 downsamplings, one input and one output channel."""
+    levels = len(cfg.channels)
+    return VQVAE(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(cfg.channels),
+        num_res_layers=cfg.num_res_layers,
+        num_res_channels=tuple([cfg.num_res_channels] * levels),
+        downsample_parameters=tuple([(2, 4, 1, 1)] * levels),
+        upsample_parameters=tuple([(2, 4, 1, 1, 0)] * levels),
+        num_embeddings=cfg.num_embeddings,
+        embedding_dim=cfg.embedding_dim,
+        commitment_cost=cfg.commitment_cost,
+        decay=cfg.decay,
+        dropout=cfg.dropout,
+    )
+
+
+@torch.no_grad()
+def encode_tokens(model: VQVAE, images: torch.Tensor) -> torch.Tensor:
+    """Codebook indices of images.
+
+    Args:
+        images: (B, 1, *spatial) normalised intensities.
+
+    Returns:
+        (B, *latent) long, latent = spatial / 2**levels.
+    """
+    was_training = model.training
+    model.eval()  # eval: no EMA codebook update, no dropout in the encoder
+    tokens = model.index_quantize(images)
+    model.train(was_training)
+    return tokens
+
+
+def set_detection_mode(model: VQVAE) -> None:
+    """Dropout active in the decoder only; encoder and codebook frozen (eval => no EMA updates)."""
+    model.eval()
+    model.decoder.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_tokens(model: VQVAE, tokens: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Decode (B, *latent) token grids to (B, 1, *spatial) images in chunks of ``batch``.
+
+    Dropout is whatever mode the decoder is in: call :func:`set_detection_mode` first for stochastic decodes.
+    """
+    out = [model.decode_samples(tokens[i:i + batch]) for i in range(0, tokens.shape[0], batch)]
+    return torch.cat(out, dim=0)
+
+
+def save_vqvae(model: VQVAE, cfg: VQVAEConfig, spatial_dims: int, path: str | Path, extra: dict | None = None) -> None:
+    import dataclasses
+
+    save_checkpoint(path, FORMAT, FORMAT_VERSION, {
+        "config": dataclasses.asdict(cfg),
+        "spatial_dims": spatial_dims,
+        "state_dict": model.state_dict(),
+        **(extra or {}),
+    })
+
+
+def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VQVAE, dict]:
+    """Load a saved VQ-VAE; returns (model in eval mode, the stored payload)."""
+    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location)
+    cfg = VQVAEConfig(**payload["config"])
+    model = build_vqvae(cfg, payload["spatial_dims"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not match the stored VQ-VAE config ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return model.to(map_location), payload

@@ -1,0 +1,307 @@
+"""TokenTransformer: latent token masking, loss, KV cache, healing, causality, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iltm.config import TransformerConfig
+from iltm.errors import InputError
+from iltm.transformer import CHECKPOINT_VERSION, TokenTransformer
+
+torch.set_num_threads(1)
+
+V, L = 11, 24
+
+
+def make_model(seed=0, dropout=0.0, n_layer=2):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(n_layer=n_layer, n_head=2, n_embd=16, dropout=dropout)
+    model = TokenTransformer(cfg, num_codes=V, seq_len=L)
+    # Init weights are small enough that logits barely depend on context; enlarge them so every test that
+    # expects a change really sees one.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model.eval()
+
+
+def random_tokens(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (batch, L), generator=g)
+
+
+def random_masks(batch, seed):
+    """Random scattered masks, plus rows with the first token masked and long masked runs."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, L, generator=g) < 0.3
+    mask[0, 0] = True
+    mask[1, :] = False
+    mask[1, 0:10] = True  # long run from the first token
+    mask[2, 5:L - 1] = True  # long run to the penultimate token
+    mask[3, :] = False  # nothing masked
+    return mask
+
+
+def visible_positions(mask):
+    # Position i reads s_{i-1} as its own input; it is unaffected by masked tokens iff that input is not masked.
+    return F.pad(~mask[:, :-1], (1, 0), value=True)
+
+
+def test_shapes_bos_and_params():
+    model = make_model()
+    assert model.bos == V
+    assert model(random_tokens(3, 0)).shape == (3, L, V)
+    assert model.n_params() == sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_tokens_do_not_reach_unmasked_positions(seed):
+    model = make_model(seed)
+    tokens, mask = random_tokens(6, seed), random_masks(6, seed + 10)
+    altered = tokens.clone()
+    altered[mask] = (tokens[mask] + torch.randint(1, V, (int(mask.sum()),))) % V  # every masked token differs
+    with torch.no_grad():
+        before, after = model(tokens, mask), model(altered, mask)
+    visible = visible_positions(mask)
+    assert torch.allclose(before[visible], after[visible], atol=1e-6, rtol=0)
+    # Sanity: the positions that read a masked token themselves do change, and without the mask so would the rest.
+    assert not torch.allclose(before[~visible], after[~visible], atol=1e-3)
+    with torch.no_grad():
+        unmasked_before, unmasked_after = model(tokens), model(altered)
+    later = visible & (torch.cumsum(mask.int(), 1) > 0) & (torch.arange(L) > 0)  # after some masked token
+    assert not torch.allclose(unmasked_before[later], unmasked_after[later], atol=1e-3)
+
+
+def test_changing_unmasked_tokens_changes_logits():
+    model = make_model()
+    tokens, mask = random_tokens(6, 3), random_masks(6, 4)
+    k = 12
+    mask[:, k] = False
+    altered = tokens.clone()
+    altered[:, k] = (tokens[:, k] + 1) % V
+    with torch.no_grad():
+        before, after = model(tokens, mask), model(altered, mask)
+    assert not torch.allclose(before[:, k + 1], after[:, k + 1], atol=1e-3)
+
+
+def test_bos_key_is_never_masked():
+    model = make_model()
+    tokens = random_tokens(2, 5)
+    mask = torch.ones(2, L, dtype=torch.bool)
+    with torch.no_grad():
+        logits = model(tokens, mask)
+    assert torch.isfinite(logits).all()
+    loss = model.loss(tokens, mask)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()  # nothing to learn, but it must not fail
+
+
+def test_loss_is_cross_entropy_over_unmasked_targets():
+    model = make_model()
+    tokens, mask = random_tokens(6, 6), random_masks(6, 7)
+    with torch.no_grad():
+        logp = F.log_softmax(model(tokens, mask), dim=-1)
+    nll = -logp.gather(-1, tokens[..., None]).squeeze(-1)
+    expected = nll[~mask].mean()
+    assert torch.allclose(model.loss(tokens, mask), expected, atol=1e-6)
+    assert not torch.allclose(nll.mean(), expected, atol=1e-4)  # the mask really changes the value
+    with torch.no_grad():
+        unmasked_logits = model(tokens)
+    assert torch.allclose(model.loss(tokens), F.cross_entropy(unmasked_logits.flatten(0, 1), tokens.flatten()),
+                          atol=1e-6)
+
+    # A masked token is still the query input of the next position (only its key is hidden), so alter the masked
+    # targets whose value reaches no unmasked target: the last one and those followed by another masked token.
+    ignored = mask & F.pad(mask[:, 1:], (0, 1), value=True)
+    assert ignored.sum() >= 5
+    altered = tokens.clone()
+    altered[ignored] = (tokens[ignored] + 3) % V
+    assert torch.allclose(model.loss(altered, mask), expected, atol=1e-6)
+    assert not torch.allclose(model.loss(altered), model.loss(tokens), atol=1e-4)  # the targets really changed
+
+    model.zero_grad()
+    model.loss(tokens, mask).backward()
+    for name in ("wte.weight", "head.weight", "blocks.0.attn.c_attn.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_token_probabilities():
+    model = make_model()
+    tokens, mask = random_tokens(4, 8), random_masks(4, 9)
+    probs = model.token_probabilities(tokens, mask)
+    assert probs.shape == (4, L) and ((probs > 0) & (probs < 1)).all()
+    with torch.no_grad():
+        expected = F.softmax(model(tokens, mask), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefill", [0, 1, 9])
+def test_kv_cache_matches_full_forward(prefill):
+    model = make_model(n_layer=3)
+    tokens = random_tokens(3, 10)
+    inputs = model._inputs(tokens)
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model._new_cache(3, L)
+        pieces = [model._decode(inputs[:, :prefill], 0, cache)] if prefill else []
+        pieces += [model._decode(inputs[:, t:t + 1], t, cache) for t in range(prefill, L)]
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_matches_full_forward_in_uneven_chunks():
+    model = make_model()
+    tokens = random_tokens(2, 11)
+    inputs = model._inputs(tokens)
+    with torch.no_grad():
+        cache, pieces = model._new_cache(2, L), []
+        for a, b in [(0, 3), (3, 4), (4, 11), (11, 12), (12, L)]:
+            pieces.append(model._decode(inputs[:, a:b], a, cache))
+        assert torch.allclose(torch.cat(pieces, 1), model(tokens), atol=1e-5, rtol=0)
+
+
+def test_causality():
+    model = make_model()
+    tokens = random_tokens(2, 12)
+    for k in (0, 7, L - 2):
+        altered = tokens.clone()
+        altered[:, k] = (tokens[:, k] + 1) % V
+        with torch.no_grad():
+            before, after = model(tokens), model(altered)
+        assert torch.equal(before[:, :k + 1], after[:, :k + 1])
+        assert not torch.allclose(before[:, k + 1:], after[:, k + 1:], atol=1e-3)
+
+
+def flagged_example():
+    tokens = random_tokens(1, 13)[0]
+    flagged = torch.zeros(L, dtype=torch.bool)
+    flagged[[5, 6, 7, 13, 19]] = True
+    return tokens, flagged
+
+
+def test_heal_keeps_unflagged_and_varies_flagged():
+    model = make_model()
+    tokens, flagged = flagged_example()
+    healed = model.heal(tokens, flagged, samples=40, generator=torch.Generator().manual_seed(0))
+    assert healed.shape == (40, L) and healed.dtype == torch.long
+    assert (healed[:, ~flagged] == tokens[~flagged]).all()
+    assert ((healed >= 0) & (healed < V)).all()
+    for i in torch.nonzero(flagged).flatten():
+        assert healed[:, i].unique().numel() > 1
+
+
+def test_heal_without_flags_returns_copies():
+    model = make_model()
+    tokens = random_tokens(1, 14)[0]
+    healed = model.heal(tokens, torch.zeros(L, dtype=torch.bool), samples=3)
+    assert torch.equal(healed, tokens.repeat(3, 1))
+
+
+def test_heal_follows_a_dominant_code():
+    model = make_model()
+    with torch.no_grad():
+        model.head.bias[7] = 1e3
+    tokens, flagged = flagged_example()
+    healed = model.heal(tokens, flagged, samples=10)
+    assert (healed[:, flagged] == 7).all()
+    assert (healed[:, ~flagged] == tokens[~flagged]).all()
+
+
+def test_heal_is_reproducible_and_conditions_on_the_healed_prefix():
+    model = make_model()
+    tokens, flagged = flagged_example()
+    a = model.heal(tokens, flagged, 16, generator=torch.Generator().manual_seed(3))
+    b = model.heal(tokens, flagged, 16, generator=torch.Generator().manual_seed(3))
+    c = model.heal(tokens, flagged, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    # Reference without cache: a full forward pass per flagged token on the sequence healed so far, drawing
+    # from the same generator stream, must make the same draws.
+    g = torch.Generator().manual_seed(3)
+    ref = tokens.repeat(16, 1)
+    with torch.no_grad():
+        for i in torch.nonzero(flagged).flatten().tolist():
+            probs = F.softmax(model(ref)[:, i], dim=-1)
+            ref[:, i] = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    assert torch.equal(a, ref)
+
+
+def test_heal_uses_a_bounded_number_of_model_calls(monkeypatch):
+    model = make_model()
+    tokens, flagged = flagged_example()
+    first, last = 5, 19
+    calls = []
+    decode = model._decode
+
+    def counting(inputs, start=0, cache=None, key_masked=None):
+        calls.append((start, inputs.shape[1]))
+        return decode(inputs, start, cache, key_masked)
+
+    monkeypatch.setattr(model, "_decode", counting)
+    model.heal(tokens, flagged, samples=8)
+    assert 1 <= len(calls) <= L - first + 1
+    # Every position up to the last flagged one is processed exactly once, in order; nothing after it.
+    assert calls[0][0] == 0
+    assert all(s + n == s_next for (s, n), (s_next, _) in zip(calls, calls[1:]))
+    assert calls[-1][0] + calls[-1][1] == last + 1
+
+
+def test_dropout_only_in_training():
+    model = make_model(dropout=0.5)
+    tokens = random_tokens(2, 15)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), model(tokens))
+        model.train()
+        assert not torch.equal(model(tokens), model(tokens))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model()
+    path = tmp_path / "run" / "transformer.pt"
+    model.save(path, extra={"iteration": 2, "threshold": 0.004})
+    assert [p.name for p in path.parent.iterdir()] == ["transformer.pt"]  # no temporary file left behind
+    loaded = TokenTransformer.load(path, map_location="cpu").eval()
+    assert loaded.cfg == model.cfg and loaded.num_codes == V and loaded.seq_len == L
+    assert loaded.extra == {"iteration": 2, "threshold": 0.004}
+    tokens = random_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(InputError, match="missing"):
+        TokenTransformer.load(tmp_path / "nope.pt")
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(InputError, match="not a readable"):
+        TokenTransformer.load(garbage)
+
+    good = tmp_path / "good.pt"
+    make_model().save(good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="not a readable"):
+        TokenTransformer.load(truncated)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(InputError, match="not an iltm Transformer"):
+        TokenTransformer.load(foreign)
+
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["version"] = CHECKPOINT_VERSION + 1
+    newer = tmp_path / "newer.pt"
+    torch.save(ckpt, newer)
+    with pytest.raises(InputError, match="incompatible version") as info:
+        TokenTransformer.load(newer)
+    assert info.value.where == str(newer)
+
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["seq_len"] = L + 1
+    damaged = tmp_path / "damaged.pt"
+    torch.save(ckpt, damaged)
+    with pytest.raises(InputError, match="damaged"):
+        TokenTransformer.load(damaged)
