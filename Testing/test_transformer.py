@@ -288,7 +288,7 @@ def test_load_rejects_bad_files(tmp_path):
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(InputError, match="not an iltm Transformer"):
+    with pytest.raises(InputError, match="not an iltm-transformer Transformer"):
         TokenTransformer.load(foreign)
 
     ckpt = torch.load(good, weights_only=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +13,40 @@ from .io import _atomic_target
 
 
 def save_checkpoint(path: str | Path, fmt: str, version: int, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (plus format tag and version) to ``path`` through a temporary file and a rename."""
+    """Write ``payload`` (plus format tag and version) to ``path`` through a temporary file and a rename.
+
+    Payloads hold tensors and plain Python values only, so they load with ``weights_only=True``.
+    """
     path = Path(path)
     tmp = _atomic_target(path)
     try:
-        torch.save({"format": fmt, "format_version": version, **payload}, tmp)
+        torch.save({"format": fmt, "version": version, **payload}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any = "cpu",
+                    what: str = "checkpoint") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; every failure is an InputError naming ``path``.
+
+    Args:
+        fmt: expected format tag (e.g. ``"iltm-transformer"``).
+        version: the format version this code reads.
+        what: how to call the file in messages ("Transformer checkpoint").
+    """
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "file is missing")
+        raise InputError(path, f"{what} is missing")
     if path.stat().st_size == 0:
-        raise InputError(path, "file is empty")
+        raise InputError(path, f"{what} is empty")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise InputError(path, f"not a readable checkpoint ({exc.__class__.__name__})") from None
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise InputError(path, f"not a readable {what} ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
-        raise InputError(path, f"not an {fmt} checkpoint")
-    if payload.get("format_version") != version:
-        raise InputError(path, f"written by an incompatible version (format {payload.get('format_version')}, "
+        raise InputError(path, f"not an {fmt} {what}")
+    if payload.get("version") != version:
+        raise InputError(path, f"written by an incompatible version (format {payload.get('version')}, "
                                f"this iltm reads {version})")
     return payload

@@ -100,7 +100,7 @@ def detect_files(detector, records, out: Path, reporter: Reporter, seed: int = 0
         try:
             img = read_image(rec.image)
             generator = torch.Generator(device=detector.device).manual_seed(seed)
-            score, mask, result = detector.detect_image(img, generator=generator)
+            score, mask, result = detector.detect_image(img, generator=generator, where=str(rec.image))
         except InputError as exc:
             problems.append(str(exc))
             continue

@@ -136,9 +136,12 @@ class Detector:
         return score, mask
 
     def detect_image(self, img: sitk.Image, resampling_threshold: float | None = None,
-                     generator: torch.Generator | None = None):
-        """Score a SimpleITK image; returns (score image, mask image, result) on the input's grid."""
-        array, info = self.preprocessor.forward(img)
+                     generator: torch.Generator | None = None, where: str = "image"):
+        """Score a SimpleITK image; returns (score image, mask image, result) on the input's grid.
+
+        ``where`` names the image in errors (its file path).
+        """
+        array, info = self.preprocessor.forward(img, where=where)
         result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold, generator)
         score, mask = self.maps_on_input_grid(result, info)
         return score, mask, result

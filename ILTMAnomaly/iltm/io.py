@@ -13,7 +13,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -90,49 +90,56 @@ def _short_reason(exc: Exception) -> str:
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-def _nifti_truncation(path: Path) -> str | None:
-    """ITK reads a truncated NIfTI without complaint (the missing voxels become 0), so check the length here.
-
-    Returns a problem string, or None when the file holds at least as many bytes as its header promises.
-    """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    total = 0
-    head = b""
-    try:
-        with opener(path, "rb") as fh:
-            while True:
-                chunk = fh.read(1 << 22)
-                if not chunk:
-                    break
-                if len(head) < 540:
-                    head += chunk[: 540 - len(head)]
-                total += len(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
-        return f"the gzip stream is damaged or cut short ({exc.__class__.__name__})"
-    if len(head) < 348:
-        return f"file is too short for a NIfTI header ({total} bytes)"
+def _nifti_header(head: bytes):
+    """(ndim_all, datatype, bitpix, vox_offset, endian) from a NIfTI-1 or NIfTI-2 header, or None."""
     for endian in "<>":
         sizeof_hdr = struct.unpack(endian + "i", head[:4])[0]
         if sizeof_hdr == 348:
-            ndim_all = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
-            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
-            break
+            return (struct.unpack(endian + "8h", head[40:56]), struct.unpack(endian + "h", head[70:72])[0],
+                    struct.unpack(endian + "h", head[72:74])[0], int(struct.unpack(endian + "f", head[108:112])[0]),
+                    endian)
         if sizeof_hdr == 540 and len(head) >= 540:
-            ndim_all = struct.unpack(endian + "8q", head[16:80])
-            bitpix = struct.unpack(endian + "h", head[14:16])[0]
-            vox_offset = struct.unpack(endian + "q", head[168:176])[0]
-            break
-    else:
-        return None  # not a header we understand; leave the verdict to ITK
-    ndim = int(ndim_all[0])
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    n_voxels = int(np.prod([max(int(d), 1) for d in ndim_all[1 : ndim + 1]], dtype=np.int64))
-    expected = int(vox_offset) + n_voxels * bitpix // 8
-    if path.name.lower().endswith((".nii", ".nii.gz")) and total < expected:
-        return f"file is truncated: {total} bytes where the header needs {expected}"
+            return (struct.unpack(endian + "8q", head[16:80]), struct.unpack(endian + "h", head[12:14])[0],
+                    struct.unpack(endian + "h", head[14:16])[0], int(struct.unpack(endian + "q", head[168:176])[0]),
+                    endian)
     return None
+
+
+def _nifti_check(path: Path) -> tuple[str | None, int]:
+    """What ITK's NIfTI reader hides: a truncated file reads as zeros, and NaN/inf voxels are read as 0.
+
+    Streams the voxel data once. Returns (problem or None, number of non-finite voxels).
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+            if len(head) < 348:
+                return f"file is too short for a NIfTI header ({len(head)} bytes)", 0
+            parsed = _nifti_header(head)
+            if parsed is None:
+                return None, 0  # not a header we understand; leave the verdict to ITK
+            ndim_all, datatype, bitpix, vox_offset, endian = parsed
+            ndim = int(ndim_all[0])
+            if not 1 <= ndim <= 7 or bitpix <= 0 or vox_offset < 348:
+                return None, 0
+            n_voxels = int(np.prod([max(int(d), 1) for d in ndim_all[1: ndim + 1]], dtype=np.int64))
+            expected = n_voxels * bitpix // 8
+            dtype = {16: np.dtype(endian + "f4"), 64: np.dtype(endian + "f8")}.get(datatype)
+            fh.seek(vox_offset)  # gzip emulates the forward seek by decompressing
+            got, nonfinite, pending = 0, 0, b""
+            while got < expected:
+                chunk = pending + fh.read(min(1 << 22, expected - got - len(pending)))
+                if len(chunk) == len(pending):
+                    return f"file is truncated: {got} of {expected} bytes of voxel data", 0
+                usable = len(chunk) - len(chunk) % dtype.itemsize if dtype is not None else len(chunk)
+                if dtype is not None:
+                    nonfinite += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk[:usable], dtype))))
+                pending = chunk[usable:]
+                got += usable
+            return None, nonfinite
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"the gzip stream is damaged or cut short ({exc.__class__.__name__})", 0
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
@@ -172,8 +179,14 @@ def _collapse_dims(img: sitk.Image, path: Path) -> sitk.Image:
             img = sitk.Extract(img, size, [0] * img.GetDimension(),
                                sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
         except RuntimeError:
-            # The in-plane part of an oblique direction matrix is not a rotation; keep spacing and origin only.
+            # The in-plane part of an oblique direction matrix is singular; keep spacing and origin only.
             img = sitk.Extract(img, size, [0] * img.GetDimension(), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+        d = img.GetDimension()
+        direction = np.array(img.GetDirection()).reshape(d, d)
+        if not np.allclose(direction.T @ direction, np.eye(d), atol=1e-6):
+            # An oblique slice's in-plane part is not a rotation: use the nearest one (polar decomposition).
+            u, _, vt = np.linalg.svd(direction)
+            img.SetDirection((u @ vt).ravel().tolist())
     if img.GetDimension() > 3:
         raise InputError(path, f"is {img.GetDimension()}D (size {'x'.join(map(str, img.GetSize()))}); "
                                "give one 2D or 3D image")
@@ -193,6 +206,7 @@ def read_image(path: str | Path) -> sitk.Image:
             or NaN/inf voxels.
     """
     path = Path(path)
+    nonfinite = 0
     if not path.exists():
         raise InputError(path, "file not found")
     if path.is_dir():
@@ -205,7 +219,7 @@ def read_image(path: str | Path) -> sitk.Image:
         if size == 0:
             raise InputError(path, "file is empty (0 bytes)")
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            problem = _nifti_truncation(path)
+            problem, nonfinite = _nifti_check(path)
             if problem:
                 raise InputError(path, f"SimpleITK cannot read it: {problem}")
         try:
@@ -220,7 +234,7 @@ def read_image(path: str | Path) -> sitk.Image:
     if img.GetPixelID() != sitk.sitkFloat32:
         img = sitk.Cast(img, sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(img)
-    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    bad = max(int(values.size - np.count_nonzero(np.isfinite(values))), nonfinite)
     if bad:
         raise InputError(path, f"contains {bad} NaN/inf voxels")
     return img
@@ -239,6 +253,9 @@ def image_dims(img: sitk.Image) -> int:
 
 def image_from_array(array: np.ndarray, like: sitk.Image | None = None) -> sitk.Image:
     """A SimpleITK image from a numpy array in numpy axis order ((y, x) or (z, y, x)), with ``like``'s geometry."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
     img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
     if like is not None:
         if img.GetSize() != like.GetSize():
@@ -409,35 +426,35 @@ def list_images(source: str | Path) -> list[ImageRecord]:
     return _unique_ids(records)
 
 
-class InputProblems(InputError):
-    """Several inputs cannot be used; ``problems`` holds one InputError per file (print one line each)."""
+class Problem(NamedTuple):
+    """Why one input cannot be used; unpacks as ``path, message``."""
 
-    def __init__(self, problems: Sequence[InputError], total: int):
-        self.problems = list(problems)
-        lines = "\n".join(f"  {p.where}: {p.problem}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} of {total} inputs",
-                         f"cannot be used (--skip-unreadable leaves them out):\n{lines}")
+    path: str
+    message: str
 
 
 def check_images(records: Iterable[ImageRecord], skip_unreadable: bool = False, spatial_dims: int | None = None,
-                 check_labels: bool = True) -> tuple[list[ImageRecord], list[InputError]]:
+                 check_labels: bool = True) -> tuple[list[ImageRecord], list[Problem]]:
     """Read every image (and label) once and collect every problem before anything long starts.
+
+    Nothing is raised for a bad file: the caller prints all problems at once and stops, or, with
+    ``--skip-unreadable``, warns about each and carries on with the good records.
 
     Args:
         records: from :func:`list_images`.
-        skip_unreadable: False: any problem raises :class:`InputProblems` listing all of them at once.
-            True: return the usable records and the problems (the caller warns about each).
-        spatial_dims: 2 or 3 when the model fixes it; otherwise the dimensionality most inputs have, and the
-            odd ones out are problems.
+        skip_unreadable: the caller's choice, accepted here for symmetry; the result is the same either way.
+        spatial_dims: 2 or 3 when the model fixes it; otherwise the dimensionality most inputs have (a tie goes to
+            the first readable image), and the odd ones out are problems.
         check_labels: also read each label and compare its size with its image's.
 
     Returns:
-        (good_records, problems) with one InputError per unusable record.
+        (good_records, problems), one ``Problem(path, message)`` per unusable record, in input order.
     """
+    del skip_unreadable
     records = list(records)
-    problems: list[InputError] = []
-    readable: list[tuple[ImageRecord, int]] = []
-    for rec in records:
+    problems: dict[int, Problem] = {}
+    readable: list[tuple[int, ImageRecord, int]] = []
+    for k, rec in enumerate(records):
         try:
             img = read_image(rec.image)
             if check_labels and rec.label is not None:
@@ -445,25 +462,21 @@ def check_images(records: Iterable[ImageRecord], skip_unreadable: bool = False, 
                 if lab.GetSize() != img.GetSize():
                     raise InputError(rec.label, f"label size {'x'.join(map(str, lab.GetSize()))} differs from its "
                                                 f"image's {'x'.join(map(str, img.GetSize()))} ({rec.image})")
-            readable.append((rec, image_dims(img)))
+            readable.append((k, rec, image_dims(img)))
             del img
         except InputError as exc:
-            problems.append(exc)
-    good = [rec for rec, _ in readable]
+            problems[k] = Problem(exc.where, exc.problem)
+    good: list[ImageRecord] = []
     if readable:
         if spatial_dims is not None:
             expected, why = int(spatial_dims), "the model is"
         else:
-            counts = Counter(d for _, d in readable)
-            # The majority wins; a tie goes to the first image's dimensionality.
-            expected = max(counts, key=lambda d: (counts[d], d == readable[0][1]))
-            why = "the other inputs are"
-        good = []
-        for rec, dims in readable:
+            counts = Counter(d for _, _, d in readable)
+            expected = max(counts, key=lambda d: (counts[d], d == readable[0][2]))
+            why = "most inputs are"
+        for k, rec, dims in readable:
             if dims == expected:
                 good.append(rec)
             else:
-                problems.append(InputError(rec.image, f"is {dims}D but {why} {expected}D"))
-    if problems and not skip_unreadable:
-        raise InputProblems(problems, len(records))
-    return good, problems
+                problems[k] = Problem(str(rec.image), f"is {dims}D but {why} {expected}D")
+    return good, [problems[k] for k in sorted(problems)]

@@ -116,7 +116,7 @@ class TrainingSet:
         self.arrays: list[np.ndarray] = []
         self.infos: list[Any] = []
         for rec in reporter.track(records, "preprocess"):
-            array, info = preprocessor.forward(read_image(rec.image))
+            array, info = preprocessor.forward(read_image(rec.image), where=str(rec.image))
             self.arrays.append(array.astype(np.float32))
             self.infos.append(info)
 
@@ -145,7 +145,7 @@ def model_grid_size(records: list[ImageRecord], cfg: Config) -> list[int]:
     pre = Preprocessor(cfg.data, factor)
     shape = None
     for rec in records:
-        array, _ = pre.forward(read_image(rec.image))
+        array, _ = pre.forward(read_image(rec.image), where=str(rec.image))
         shape = array.shape[1:] if shape is None else np.maximum(shape, array.shape[1:])
     return [int(math.ceil(s / factor) * factor) for s in reversed(list(shape))]
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TransformerConfig
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 
 CHECKPOINT_FORMAT = "iltm-transformer"
@@ -240,41 +238,18 @@ class TokenTransformer(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> None:
         """Write config, shapes, weights and ``extra`` (plain Python values only) atomically to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
+        save_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, {
             "config": dataclasses.asdict(self.cfg),
             "num_codes": self.num_codes,
             "seq_len": self.seq_len,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "extra": dict(extra or {}),
-        }
-        # A temporary name in the same folder, then a rename: a crash never leaves half a checkpoint behind.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        })
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "TokenTransformer":
         """Rebuild a saved model; what was saved as ``extra`` is on ``model.extra``. Bad files raise InputError."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "Transformer checkpoint is missing")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # torch raises many types for a truncated or foreign file
-            raise InputError(path, f"not a readable Transformer checkpoint ({exc.__class__.__name__})") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(path, "not an iltm Transformer checkpoint")
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise InputError(path, f"written by an incompatible version (checkpoint format {ckpt.get('version')}, "
-                                   f"this iltm reads {CHECKPOINT_VERSION})")
+        ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, map_location, what="Transformer checkpoint")
         try:
             model = cls(TransformerConfig(**ckpt["config"]), ckpt["num_codes"], ckpt["seq_len"])
             model.load_state_dict(ckpt["state_dict"])

@@ -87,7 +87,7 @@ def save_vqvae(model: VQVAE, cfg: VQVAEConfig, spatial_dims: int, path: str | Pa
 
 def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VQVAE, dict]:
     """Load a saved VQ-VAE; returns (model in eval mode, the stored payload)."""
-    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location)
+    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location, what="VQ-VAE checkpoint")
     cfg = VQVAEConfig(**payload["config"])
     model = build_vqvae(cfg, payload["spatial_dims"])
     try:

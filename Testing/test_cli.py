@@ -1,0 +1,188 @@
+"""End to end through the real ``iltm`` CLI on CPU: synth -> train -> detect -> evaluate -> report, resume, bad input.
+
+Models are the tiny preset cut down further with ``--set`` so that the whole file runs in a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from iltm.cli import main
+
+FAST = ["--set", "vqvae.epochs=4", "--set", "transformer.epochs=4", "--set", "detection.samples=4",
+        "--set", "detection.dropout_passes=2", "--set", "data.augment=false"]
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args] + ["--progress", "none"])
+
+
+def cli_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "iltm", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cohort2d(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cohort2d")
+    assert run_cli("synth", "--out", out, "--dims", "2", "--n", "8", "--anomalous-fraction", "1", "--seed", "3") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run2d(cohort2d, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run2d"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
+                   "--seed", "0", *FAST) == 0
+    return run
+
+
+def test_train_writes_a_complete_run_folder(run2d, cohort2d):
+    history = json.loads((run2d / "history.json").read_text())
+    assert history["finished"] and history["stop_reason"]
+    iterations = [r["iteration"] for r in history["iterations"]]
+    assert iterations[0] == 0 and iterations == list(range(len(iterations)))
+    first = history["iterations"][0]
+    assert first["masked_change"] is None and math.isclose(first["resampling_threshold"], 0.005)
+    if len(iterations) > 1:
+        assert math.isclose(history["iterations"][1]["resampling_threshold"], 0.005 * 0.875)
+    for rec in history["iterations"]:
+        for key in ("masked_tokens", "transformer_loss", "train_seconds", "detect_seconds"):
+            assert key in rec
+    images = sorted((cohort2d / "images").glob("*.nii.gz"))
+    for k in iterations:
+        assert (run2d / f"iteration_{k:03d}" / "transformer.pt").is_file()
+        masks = sorted((run2d / f"iteration_{k:03d}" / "masks").glob("*_mask.nii.gz"))
+        assert len(masks) == len(images)
+        # Image-space masks keep each training scan's geometry.
+        scan = sitk.ReadImage(str(images[0]))
+        mask = sitk.ReadImage(str(run2d / f"iteration_{k:03d}" / "masks" / f"{images[0].name[:-7]}_mask.nii.gz"))
+        assert mask.GetSize() == scan.GetSize() and mask.GetSpacing() == scan.GetSpacing()
+        assert mask.GetPixelID() == sitk.sitkUInt8
+    cfg = (run2d / "config.yaml").read_text()
+    assert "spatial_dims: 2" in cfg and "preset: tiny" in cfg
+    assert not list(run2d.rglob("*.tmp*")), "temporary files left behind"
+
+
+def test_detect_outputs_match_input_geometry_and_threshold(run2d, cohort2d, tmp_path):
+    image = sorted((cohort2d / "images").glob("*.nii.gz"))[0]
+    out = tmp_path / "det"
+    assert run_cli("detect", "--run", run2d, "--input", image, "--out", out, "--density-threshold", "0.01") == 0
+    stem = image.name[:-7]
+    score = sitk.ReadImage(str(out / f"{stem}_score.nii.gz"))
+    mask = sitk.ReadImage(str(out / f"{stem}_mask.nii.gz"))
+    src = sitk.ReadImage(str(image))
+    for img in (score, mask):
+        assert img.GetSize() == src.GetSize()
+        assert np.allclose(img.GetSpacing(), src.GetSpacing()) and np.allclose(img.GetOrigin(), src.GetOrigin())
+        assert np.allclose(img.GetDirection(), src.GetDirection())
+    assert score.GetPixelID() == sitk.sitkFloat32 and mask.GetPixelID() == sitk.sitkUInt8
+    s, m = sitk.GetArrayFromImage(score), sitk.GetArrayFromImage(mask)
+    assert np.isfinite(s).all()
+    assert np.array_equal(m, (s > -math.log(0.01)).astype(np.uint8))
+    assert (out / f"{stem}_overlay.png").is_file()
+
+
+def test_detect_iteration_choice_and_folder_input(run2d, cohort2d, tmp_path):
+    out = tmp_path / "det0"
+    assert run_cli("detect", "--run", run2d, "--input", cohort2d / "images", "--out", out, "--iteration", "0",
+                   "--no-png") == 0
+    assert len(list(out.glob("*_score.nii.gz"))) == len(list((cohort2d / "images").glob("*.nii.gz")))
+    assert not list(out.glob("*.png"))
+
+
+def test_detect_progress_jsonl_protocol(run2d, cohort2d, tmp_path):
+    image = sorted((cohort2d / "images").glob("*.nii.gz"))[0]
+    proc = cli_subprocess("detect", "--run", run2d, "--input", image, "--out", tmp_path, "--progress", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "progress" in kinds
+    outputs = {e["kind"]: e["path"] for e in events if e["event"] == "output"}
+    assert Path(outputs["score"]).is_file() and Path(outputs["mask"]).is_file()
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions[-1] == pytest.approx(1.0)
+
+
+def test_evaluate_and_report(run2d, cohort2d, tmp_path, capsys):
+    out = tmp_path / "scores"
+    assert run_cli("detect", "--run", run2d, "--input", cohort2d / "images", "--out", out, "--no-png") == 0
+    assert run_cli("evaluate", "--scores", out, "--labels", cohort2d / "labels") == 0
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "AUPRO" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 <= metrics["best_dice"] <= 1.0
+    assert len(metrics["per_image"]) == len(metrics["ids"]) == 8
+    assert run_cli("report", run2d, "--out", tmp_path / "report") == 0
+    for name in ("history.png", "masks.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_end_to_end_small_3d(tmp_path):
+    cohort, run = tmp_path / "c3", tmp_path / "r3"
+    assert run_cli("synth", "--out", cohort, "--dims", "3", "--n", "4", "--anomalous-fraction", "1", "--seed", "1",
+                   "--size", "32", "32", "32") == 0
+    assert run_cli("train", "--data", cohort, "--out", run, "--preset", "tiny", "--max-iterations", "1",
+                   *FAST) == 0
+    assert "spatial_dims: 3" in (run / "config.yaml").read_text()
+    out = tmp_path / "d3"
+    assert run_cli("detect", "--run", run, "--input", cohort / "images", "--out", out) == 0
+    src = sitk.ReadImage(str(sorted((cohort / "images").glob("*.nii.gz"))[0]))
+    score = sitk.ReadImage(str(sorted(out.glob("*_score.nii.gz"))[0]))
+    assert score.GetDimension() == 3 and score.GetSize() == src.GetSize()
+    assert run_cli("evaluate", "--scores", out, "--labels", cohort / "labels") == 0
+
+
+def test_resume_after_an_interrupted_iteration(cohort2d, tmp_path):
+    """Kill training while iteration 1 detects on the training scans, then resume: nothing finished is redone."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "iltm", "train", "--data", str(cohort2d), "--out", str(run), "--preset", "tiny",
+           "--max-iterations", "2", "--set", "iltm.stop_change=0", "--progress", "jsonl", *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    killed = False
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if time.monotonic() > deadline:
+            break
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event["event"] == "progress" and event.get("iteration") == 1 and "detect" in event["stage"] \
+                    and event["done"] >= 2:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                break
+    proc.wait(timeout=60)
+    assert killed, "training finished before it could be interrupted"
+    history = json.loads((run / "history.json").read_text())
+    assert [r["iteration"] for r in history["iterations"]] == [0] and not history["finished"]
+    kept = {p: p.stat().st_mtime_ns for p in [run / "vqvae.pt", run / "iteration_000" / "transformer.pt",
+                                              run / "iteration_001" / "transformer.pt",
+                                              *sorted((run / "iteration_001" / "masks").glob("*.nii.gz"))]}
+    assert len(kept) >= 5
+    assert run_cli("train", "--resume", run) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert history["finished"] and [r["iteration"] for r in history["iterations"]] == [0, 1, 2]
+    for path, mtime in kept.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+    assert len(list((run / "iteration_001" / "masks").glob("*.nii.gz"))) == 8
+
+
+def test_help_has_examples():
+    for command in ("synth", "train", "detect", "evaluate", "report", "demo"):
+        proc = cli_subprocess(command, "--help")
+        assert proc.returncode == 0 and "example" in proc.stdout, command
