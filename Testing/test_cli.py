@@ -19,35 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from iltm.cli import main
-
-FAST = ["--set", "vqvae.epochs=4", "--set", "transformer.epochs=4", "--set", "detection.samples=4",
-        "--set", "detection.dropout_passes=2", "--set", "data.augment=false"]
-
-
-def run_cli(*args: str) -> int:
-    return main([str(a) for a in args] + ["--progress", "none"])
-
-
-def cli_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "iltm", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def cohort2d(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cohort2d")
-    assert run_cli("synth", "--out", out, "--dims", "2", "--n", "8", "--anomalous-fraction", "1", "--seed", "3") == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def run2d(cohort2d, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run2d"
-    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
-                   "--seed", "0", *FAST) == 0
-    return run
+from cli_helpers import FAST, cli_subprocess, run_cli
 
 
 def test_train_writes_a_complete_run_folder(run2d, cohort2d):

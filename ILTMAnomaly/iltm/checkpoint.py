@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError
-from .io import _atomic_target
+from .io import atomic_path
 
 
 def save_checkpoint(path: str | Path, fmt: str, version: int, payload: dict[str, Any]) -> None:
@@ -17,13 +16,8 @@ def save_checkpoint(path: str | Path, fmt: str, version: int, payload: dict[str,
 
     Payloads hold tensors and plain Python values only, so they load with ``weights_only=True``.
     """
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": fmt, "version": version, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any = "cpu",

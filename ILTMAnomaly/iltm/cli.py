@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-iterations", type=int)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    from .benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub, common)
     return parser
 
 
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import commands
 
-        status = getattr(commands, f"cmd_{args.command}")(args, reporter)
+        handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command}")
+        status = handler(args, reporter)
     except InputError as exc:
         print(f"iltm: error: {exc}", file=sys.stderr)
         reporter.emit("error", message=str(exc))

@@ -28,24 +28,35 @@ IMAGE_SUFFIXES = (
 _STEM_SUFFIXES = IMAGE_SUFFIXES + (".csv",)
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real suffix on the temporary name so that format-sniffing writers (SimpleITK) still work.
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed.
+
+    A reader never sees half a file, and an interrupted write leaves nothing behind. The temporary name keeps the
+    real suffix so that format-sniffing writers (SimpleITK, matplotlib) still work.
+    """
     path = Path(path)
-    tmp = _atomic_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be as readable as any other
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -270,12 +281,8 @@ def image_from_array(array: np.ndarray, like: sitk.Image | None = None) -> sitk.
 def write_image(img: sitk.Image, path: str | Path, compress: bool = True) -> Path:
     """Write an image atomically (temporary file in the same folder, then a rename); the format follows the suffix."""
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=compress)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -294,15 +301,11 @@ def write_png(array: np.ndarray, path: str | Path, vmin: float | None = None, vm
     if array.ndim == 3 and array.dtype != np.uint8:
         array = np.clip(array, 0.0, 1.0)
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if array.ndim == 2:
             mpimage.imsave(tmp, array, vmin=vmin, vmax=vmax, cmap=cmap, format="png")
         else:
             mpimage.imsave(tmp, array, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -47,6 +47,11 @@ class Reporter:
         elif self.mode == "bar":
             tqdm.write(message, file=sys.stderr)
 
+    def warn(self, message: str) -> None:
+        """Warnings reach a person whatever the progress mode (stderr), and programs too in jsonl mode."""
+        print(f"iltm: warning: {message}", file=sys.stderr, flush=True)
+        self.emit("log", message=f"warning: {message}", level="warning")
+
     def overall(self, stage_fraction: float, stage_units: float) -> float | None:
         if not self.units_total:
             return None

@@ -23,7 +23,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .detect import Detector, resolve_device
 from .errors import InputError
-from .io import ImageRecord, check_images, list_images, read_image, write_image
+from .io import ImageRecord, atomic_path, check_images, list_images, read_image, write_image
 from .preprocess import Preprocessor, augmentation
 from .progress import Reporter
 from .run import RUN_VERSION, RunFolder
@@ -102,7 +102,8 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
 def shuffled_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """This rank's batches of indices for one epoch (same permutation on every rank, then sharded)."""
     order = np.random.default_rng(seed * 1000003 + epoch).permutation(n).tolist()
-    mine = dist.shard(order)
+    # Equal shares on every rank: DDP waits for every rank at each step, so an extra batch on one rank would hang.
+    mine = dist.shard(order[: len(order) - len(order) % dist.world_size()])
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
@@ -132,7 +133,7 @@ def gather_inputs(data: str | Path, cfg: Config, skip_unreadable: bool, reporter
         listing = "; ".join(f"{path}: {why}" for path, why in problems)
         raise InputError(data, f"{len(problems)} unreadable input(s) — {listing} (use --skip-unreadable to skip them)")
     for path, why in problems:
-        reporter.log(f"warning: skipping {path}: {why}")
+        reporter.warn(f"skipping {path}: {why}")
     if not good:
         raise InputError(data, "no readable training images")
     return good
@@ -253,10 +254,8 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
         binary = detector.binary_map(result.log_density)
         _, mask_img = detector.maps_on_input_grid(result, data.infos[i])
         write_image(mask_img, mask_path)
-        token_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = token_path.with_suffix(".tmp.npy")
-        np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
-        tmp.replace(token_path)
+        with atomic_path(token_path) as tmp:
+            np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
     dist.barrier()
     masks = torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, r.id))) for r in data.records])
     return masks, time.perf_counter() - start
@@ -276,18 +275,21 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if not run.manifest_path.is_file() or not run.config_path.is_file():
             raise InputError(run.root, "cannot resume: not a run folder (config.yaml or manifest.json missing)")
         cfg = run.config()
-        manifest = run.manifest()
-        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in manifest["images"]]
+    elif cfg is None or data is None:
+        raise ValueError("train() needs data and cfg unless resuming")
+    # Join the process group first: under torchrun every rank runs this function, and only rank 0 writes.
+    device = dist.init_from_env(resolve_device(cfg.device))
+    if resume:
+        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in run.manifest()["images"]]
         missing = [str(r.image) for r in records if not r.image.is_file()]
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
     else:
-        if cfg is None or data is None:
-            raise ValueError("train() needs data and cfg unless resuming")
         if run.root.exists() and any(run.root.iterdir()):
             raise InputError(run.root, "output folder is not empty (use --resume to continue a run there)")
+        dist.barrier()  # every rank has checked the folder before rank 0 fills it
         records = gather_inputs(data, cfg, skip_unreadable, reporter)
-        dims = {len(read_image(r.image).GetSize()) for r in records[:1]}.pop()
+        dims = read_image(records[0].image).GetDimension()
         if cfg.data.spatial_dims not in (None, dims):
             raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
         cfg.data.spatial_dims = dims
@@ -302,7 +304,6 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                           for r in records]})
         dist.barrier()
 
-    device = dist.init_from_env(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     history = run.history()
     max_k = cfg.iltm.max_iterations

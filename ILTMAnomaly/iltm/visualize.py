@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import _atomic_target  # noqa: E402
+from .io import atomic_path  # noqa: E402
 
 
 def to_view(array: np.ndarray, reduce: str = "max") -> np.ndarray:
@@ -29,13 +29,11 @@ def to_view(array: np.ndarray, reduce: str = "max") -> np.ndarray:
 def save_figure(fig, path: Path) -> None:
     """Save atomically (temporary name, then rename)."""
     path = Path(path)
-    tmp = _atomic_target(path)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def overlay_axes(ax, image: np.ndarray, score: np.ndarray | None = None, mask: np.ndarray | None = None,

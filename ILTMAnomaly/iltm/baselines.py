@@ -1,0 +1,347 @@
+"""Reconstruction baselines: the Dense AE and Dense VAE of Baur et al. (2021), "Autoencoders for unsupervised
+anomaly segmentation in brain MR images: a comparative study".
+
+A convolutional encoder (stride-2 convolutions) ends in a *dense* bottleneck: flatten -> linear -> latent vector
+(the VAE: a mean and a log-variance, then the reparameterisation) -> linear -> unflatten, and a mirrored decoder
+of transposed convolutions. Both train on the same preprocessed scans as the VQ-VAE (``iltm.preprocess``, same
+augmentation) with an L1 reconstruction loss, plus beta x KL for the VAE.
+
+The anomaly score is the residual between the input and its reconstruction. PET lesions are hot (brighter than
+what a model of normal uptake reconstructs), so by default only the positive residual max(x - recon, 0) counts,
+followed by Baur et al.'s median-filter post-processing; ``residual="absolute"`` gives their plain |x - recon|.
+Scores are written as ``<id>_score.nii.gz`` on each input's own grid, like ``iltm detect``'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, DataConfig
+from .errors import InputError
+from .progress import Reporter
+
+FORMAT = "iltm-dense-autoencoder"
+FORMAT_VERSION = 1
+METHODS = ("ae", "vae")
+RESIDUALS = ("positive", "absolute")
+SCORE_SUFFIX = "_score.nii.gz"
+
+
+@dataclass
+class BaselineConfig:
+    """Shape and training schedule of the Dense AE / VAE. ``len(channels)`` stride-2 convolutions (each x2).
+
+    Args:
+        channels: feature channels of the encoder's convolutions (the decoder mirrors them).
+        kernel_size: convolution kernel (Baur et al.: 5).
+        latent_size: length of the dense latent vector z (Baur et al.: 512).
+        beta: weight of the VAE's KL term; L1 and KL are both summed over one image (ELBO weighting) and the sum is
+            divided by the voxel count, so beta = 1 is the plain ELBO with a unit-scale Laplace likelihood.
+        residual: ``"positive"`` = max(x - recon, 0) (hot lesions) or ``"absolute"`` = |x - recon|.
+        median_size: median filter (voxels per axis) applied to the residual; 0 or 1 = none.
+    """
+
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    kernel_size: int = 5
+    latent_size: int = 512
+    beta: float = 1.0
+    epochs: int = 300
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    residual: str = "positive"
+    median_size: int = 3
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.channels)
+
+
+# Overrides of the paper-sized defaults, matching the sizes (and CPU budgets) of iltm.config's presets.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "small": dict(channels=[32, 64, 128], latent_size=256, epochs=150, batch_size=8, learning_rate=5e-4),
+    "tiny": dict(channels=[16, 32, 64], kernel_size=3, latent_size=64, epochs=60, batch_size=8,
+                 learning_rate=2e-3),
+}
+
+
+def preset(name: str) -> BaselineConfig:
+    if name not in PRESETS:
+        raise InputError("--preset", f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    return from_dict(PRESETS[name], where=f"baseline preset {name}")
+
+
+def from_dict(values: dict[str, Any], where: str = "baseline config") -> BaselineConfig:
+    cfg = BaselineConfig()
+    for key, value in values.items():
+        set_value(cfg, key, value, where)
+    return cfg
+
+
+def set_value(cfg: BaselineConfig, key: str, value: Any, where: str = "--set") -> None:
+    """Set one field (``value`` as a string is parsed as YAML, so numbers and lists work); checks name and range."""
+    import yaml
+
+    known = {f.name for f in dataclasses.fields(cfg)}
+    if key not in known:
+        raise InputError(where, f"unknown baseline setting '{key}' (known: {', '.join(sorted(known))})")
+    if isinstance(value, str) and key != "residual":
+        value = yaml.safe_load(value)
+    setattr(cfg, key, copy.deepcopy(value))
+    check(cfg, where)
+
+
+def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
+    if cfg.residual not in RESIDUALS:
+        raise InputError(where, f"residual must be one of {', '.join(RESIDUALS)}, not '{cfg.residual}'")
+    if not cfg.channels or any(int(c) < 1 for c in cfg.channels):
+        raise InputError(where, f"channels {cfg.channels} must be a non-empty list of positive numbers")
+    for name in ("latent_size", "epochs", "batch_size", "kernel_size"):
+        if int(getattr(cfg, name)) < (0 if name == "epochs" else 1):
+            raise InputError(where, f"{name} must be positive (got {getattr(cfg, name)})")
+    if cfg.beta < 0:
+        raise InputError(where, f"beta must be >= 0 (got {cfg.beta})")
+
+
+# -- the network -------------------------------------------------------------------------------------------------
+
+class DenseAutoencoder(nn.Module):
+    """Convolutional encoder -> dense latent vector -> convolutional decoder, 2D or 3D.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_shape: spatial size of the input (numpy order), every axis a multiple of 2 ** len(channels).
+        channels: encoder feature channels, one stride-2 convolution each.
+        latent_size: length of z.
+        variational: a VAE (mean and log-variance heads, reparameterisation in training) instead of an AE.
+        kernel_size: convolution kernel size.
+    """
+
+    def __init__(self, spatial_dims: int, in_shape: tuple[int, ...], channels: list[int], latent_size: int,
+                 variational: bool = False, kernel_size: int = 5):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+
+        if spatial_dims not in (2, 3) or len(in_shape) != spatial_dims:
+            raise ValueError(f"in_shape {in_shape} does not fit spatial_dims={spatial_dims}")
+        factor = 2 ** len(channels)
+        if any(s % factor for s in in_shape):
+            raise ValueError(f"in_shape {in_shape} must be a multiple of {factor} on every axis")
+        self.spatial_dims, self.in_shape, self.variational = spatial_dims, tuple(in_shape), variational
+        act, norm = ("leakyrelu", {"negative_slope": 0.2}), "batch"
+        layers, c_in = [], 1
+        for c in channels:                                                     # (B, c, *in_shape / 2^level)
+            layers.append(Convolution(spatial_dims, c_in, c, strides=2, kernel_size=kernel_size, act=act, norm=norm))
+            c_in = c
+        self.encoder = nn.Sequential(*layers)
+        self.bottleneck_shape = (channels[-1], *[s // factor for s in in_shape])
+        flat = int(np.prod(self.bottleneck_shape))
+        self.to_latent = nn.Linear(flat, latent_size)
+        self.to_logvar = nn.Linear(flat, latent_size) if variational else None
+        self.from_latent = nn.Linear(latent_size, flat)
+        layers = []
+        for c_out in list(reversed(channels[:-1])) + [channels[0]]:
+            layers.append(Convolution(spatial_dims, c_in, c_out, strides=2, kernel_size=kernel_size, act=act,
+                                      norm=norm, is_transposed=True))
+            c_in = c_out
+        # A linear 1x1 output: intensities are not squashed, so "8bit" (0..255) inputs work as well as [0, 1].
+        layers.append(Convolution(spatial_dims, c_in, 1, kernel_size=1, conv_only=True))
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, 1, *in_shape) -> mean (B, latent) and log-variance (B, latent) (``None`` for the AE)."""
+        h = self.encoder(x).flatten(1)
+        return self.to_latent(h), (self.to_logvar(h) if self.variational else None)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
+        """z = mu + sigma * N(0, 1) while training; the mean itself in eval mode (a deterministic score)."""
+        if logvar is None or not self.training:
+            return mu
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent) -> reconstruction (B, 1, *in_shape)."""
+        h = self.from_latent(z).reshape(z.shape[0], *self.bottleneck_shape)
+        return self.decoder(h)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (reconstruction (B, 1, *in_shape), mu (B, latent), logvar (B, latent) or ``None``)."""
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over the latent, one value per image: (B, latent) -> (B,)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def loss_terms(model: DenseAutoencoder, x: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Per-voxel L1 (+ beta x KL per voxel for the VAE); ``total`` is what training minimises."""
+    recon, mu, logvar = model(x)
+    l1 = F.l1_loss(recon, x)
+    terms = {"l1": l1, "total": l1}
+    if logvar is not None:
+        kl = kl_divergence(mu, logvar).mean() / float(np.prod(x.shape[1:]))
+        terms.update(kl=kl, total=l1 + beta * kl)
+    return terms
+
+
+# -- a trained baseline ------------------------------------------------------------------------------------------
+
+class Baseline:
+    """A trained Dense AE / VAE with the preprocessing it was trained with; scores images on their own grid."""
+
+    def __init__(self, method: str, model: DenseAutoencoder, cfg: BaselineConfig, data_cfg: DataConfig,
+                 device: torch.device, extra: dict | None = None):
+        from .preprocess import Preprocessor
+
+        self.method, self.cfg, self.data_cfg, self.device = method, cfg, data_cfg, device
+        self.model = model.to(device).eval()
+        self.preprocessor = Preprocessor(data_cfg, cfg.downsample_factor)
+        self.extra = extra or {}
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        save_checkpoint(path, FORMAT, FORMAT_VERSION, {
+            "method": self.method, "config": dataclasses.asdict(self.cfg), "data": dataclasses.asdict(self.data_cfg),
+            "spatial_dims": self.model.spatial_dims, "in_shape": list(self.model.in_shape),
+            "state_dict": self.model.state_dict(), **self.extra, **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Baseline":
+        payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location="cpu", what="baseline checkpoint")
+        cfg = from_dict(payload["config"], where=str(path))
+        data_cfg = DataConfig(**payload["data"])
+        model = DenseAutoencoder(payload["spatial_dims"], tuple(payload["in_shape"]), cfg.channels, cfg.latent_size,
+                                 variational=payload["method"] == "vae", kernel_size=cfg.kernel_size)
+        try:
+            model.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:
+            raise InputError(path, f"weights do not match the stored config ({str(exc).splitlines()[0]})") from None
+        known = {"format", "version", "method", "config", "data", "spatial_dims", "in_shape", "state_dict"}
+        return cls(payload["method"], model, cfg, data_cfg, torch.device(device),
+                   extra={k: v for k, v in payload.items() if k not in known})
+
+    @torch.no_grad()
+    def residual_array(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(1, *spatial) preprocessed image -> (residual score, reconstruction), both (*spatial) float32."""
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(self.device)
+        recon = self.model(x)[0][0, 0].cpu().numpy()
+        diff = array[0] - recon
+        score = np.maximum(diff, 0.0) if self.cfg.residual == "positive" else np.abs(diff)
+        if self.cfg.median_size > 1:
+            from scipy import ndimage
+
+            score = ndimage.median_filter(score, size=int(self.cfg.median_size), mode="nearest")
+        return score.astype(np.float32), recon.astype(np.float32)
+
+    def score_image(self, img: sitk.Image, where: str = "image") -> sitk.Image:
+        """The residual score of a scan, float32, on exactly the scan's size, spacing, origin and direction."""
+        array, info = self.preprocessor.forward(img, where=where)
+        score, _ = self.residual_array(array)
+        return sitk.Cast(self.preprocessor.inverse(score, info, interpolator="linear"), sitk.sitkFloat32)
+
+
+def build(method: str, spatial_dims: int, in_shape: tuple[int, ...], cfg: BaselineConfig) -> DenseAutoencoder:
+    if method not in METHODS:
+        raise InputError("--methods", f"unknown baseline '{method}' (choose from {', '.join(METHODS)})")
+    return DenseAutoencoder(spatial_dims, in_shape, list(cfg.channels), cfg.latent_size,
+                            variational=method == "vae", kernel_size=cfg.kernel_size)
+
+
+def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: BaselineConfig, data: str | Path,
+                   reporter: Reporter | None = None) -> Baseline:
+    """Train a Dense AE (``"ae"``) or VAE (``"vae"``) on the scans in ``data``, saved as ``out`` (a .pt file).
+
+    Args:
+        cfg: the run's config: its ``data`` section (intensity, spacing, augmentation), ``seed`` and ``device``
+            are used exactly as for the ILTM run; the network's input size is the largest preprocessed scan
+            rounded up to the baseline's downsampling factor.
+        baseline_cfg: network shape and schedule.
+        data: folder of scans (or images/ + labels/), CSV list, or one file.
+
+    An interrupted training resumes from ``<out>.fit.pt``; a finished ``out`` is loaded, not retrained.
+    """
+    from .detect import resolve_device
+    from .io import read_image
+    from .preprocess import Preprocessor, augmentation
+    from .train import TrainingSet, fit, gather_inputs, seed_everything, shuffled_batches
+
+    reporter = reporter or Reporter("none")
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    if out.is_file():
+        return Baseline.load(out, device)
+    check(baseline_cfg)
+    records = gather_inputs(data, cfg, skip_unreadable=False, reporter=reporter)
+    data_cfg = copy.deepcopy(cfg.data)
+    data_cfg.spatial_dims = len(read_image(records[0].image).GetSize())
+    factor = baseline_cfg.downsample_factor
+    if data_cfg.spatial_size is None:
+        free = Preprocessor(data_cfg, factor)
+        shape = np.max([free.forward(read_image(r.image), where=str(r.image))[0].shape[1:] for r in records], axis=0)
+        data_cfg.spatial_size = [int(math.ceil(s / factor) * factor) for s in reversed(shape.tolist())]
+    else:
+        data_cfg.spatial_size = [int(math.ceil(s / factor) * factor) for s in data_cfg.spatial_size]
+    data_set = TrainingSet(records, Preprocessor(data_cfg, factor), reporter)
+    seed_everything(cfg.seed)
+    model = build(method, data_cfg.spatial_dims, tuple(reversed(data_cfg.spatial_size)), baseline_cfg).to(device)
+    augment = augmentation(data_cfg, data_cfg.spatial_dims, seed=cfg.seed) if data_cfg.augment else None
+
+    def batches(epoch: int):
+        for idx in shuffled_batches(len(data_set), baseline_cfg.batch_size, epoch, cfg.seed):
+            items = [torch.from_numpy(data_set.arrays[i]) for i in idx]
+            if augment is not None:
+                items = [torch.as_tensor(augment(x)) for x in items]
+            yield torch.stack(items).float().to(device)
+
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = out.with_name(out.name + ".fit.pt")
+    losses = fit(model, batches, lambda x: loss_terms(model, x, baseline_cfg.beta)["total"], baseline_cfg.epochs,
+                 baseline_cfg.learning_rate, checkpoint, reporter, f"train Dense {method.upper()}", units=0.0)
+    baseline = Baseline(method, model, baseline_cfg, data_cfg, device)
+    baseline.save(out, extra={"losses": losses, "train_seconds": time.perf_counter() - start,
+                              "training_ids": [r.id for r in records]})
+    checkpoint.unlink(missing_ok=True)
+    return Baseline.load(out, device)
+
+
+def score_files(baseline: Baseline, records, out: str | Path, reporter: Reporter | None = None) -> list[Path]:
+    """Write ``<id>_score.nii.gz`` (residual score on the input's grid) for every record into ``out``.
+
+    Args:
+        records: ``iltm.io.ImageRecord`` list (from ``iltm.io.list_images``).
+    """
+    from .io import read_image, write_image
+
+    reporter = reporter or Reporter("none")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for rec in reporter.track(records, f"score with Dense {baseline.method.upper()}"):
+        path = out / f"{rec.id}{SCORE_SUFFIX}"
+        write_image(baseline.score_image(read_image(rec.image), where=str(rec.image)), path)
+        written.append(path)
+    return written
+
+
+def score_folder(model_path: str | Path, data: str | Path, out: str | Path, device: str = "auto",
+                 reporter: Reporter | None = None) -> list[Path]:
+    """Score every scan in ``data`` (folder, CSV list or file) with the baseline saved at ``model_path``."""
+    from .detect import resolve_device
+    from .io import list_images
+
+    return score_files(Baseline.load(model_path, resolve_device(device)), list_images(data), out, reporter)

@@ -1,0 +1,197 @@
+"""``iltm benchmark``: a tiny 2D contamination sweep of two fractions (every method, both threshold schedules), its
+CSV files, figures and table, resuming without redoing rows, redoing exactly a removed row, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+from pathlib import Path
+
+import matplotlib.image as mpimage
+import pytest
+import torch
+
+from iltm.benchmark import (FIGURE3, FIGURE4, FIGURE5, ITERATION_COLUMNS, ITERATIONS_CSV, METHOD_NAMES,
+                            SWEEP_COLUMNS, SWEEP_CSV, TABLE1, add_benchmark_parser, cmd_benchmark, make_figures)
+from iltm.errors import InputError
+from iltm.progress import Reporter
+
+torch.set_num_threads(1)
+
+FAST = ["--set", "vqvae.epochs=3", "--set", "transformer.epochs=3", "--set", "detection.samples=4",
+        "--set", "detection.dropout_passes=2", "--set", "data.augment=false", "--set", "baselines.epochs=3",
+        "--device", "cpu"]
+ALL_METHODS = ["ae", "vae", "vqvae_transformer", "iltm", "iltm_constant"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="iltm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--progress", default="none")
+    add_benchmark_parser(sub, common)
+    return parser.parse_args(["benchmark", *map(str, argv)])
+
+
+def sweep_args(out: Path, *extra: str) -> argparse.Namespace:
+    return parse("--out", out, "--dims", "2", "--preset", "tiny", "--fractions", "0", "1", "--n-train", "6",
+                 "--n-test", "4", "--size", "32", "32", "--seed", "0", "--max-iterations", "1",
+                 "--constant-threshold-too", *FAST, *extra)
+
+
+def run_sweep(out: Path, *extra: str) -> int:
+    args = sweep_args(out, *extra)
+    return args.handler(args, Reporter("none"))
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def stamps(folder: Path) -> dict[str, int]:
+    """Modification times of every model file and score map under ``folder``."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and p.suffix in (".pt", ".gz", ".npy")}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "sweep"
+    assert run_sweep(out) == 0
+    return out
+
+
+def test_sweep_csv_has_the_columns_and_one_row_per_method_and_fraction(sweep):
+    columns, rows = read_csv(sweep / SWEEP_CSV)
+    assert columns == SWEEP_COLUMNS
+    assert sorted((r["method"], r["anomalous_fraction"]) for r in rows) == \
+        sorted((m, f) for m in ALL_METHODS for f in ("0", "1"))
+    for r in rows:
+        for key in ("auroc", "aupro", "best_dice"):
+            assert 0.0 <= float(r[key]) <= 1.0, r
+            assert float(r[key + "_std"]) >= 0.0
+        assert float(r["seconds"]) > 0
+        if r["method"] in ("ae", "vae"):
+            assert r["iteration"] == ""
+        elif r["method"] == "vqvae_transformer":
+            assert r["iteration"] == "0"
+        else:
+            assert int(r["iteration"]) >= 0
+
+
+def test_iteration_csv_matches_the_runs_and_the_sweep_rows(sweep):
+    columns, rows = read_csv(sweep / ITERATIONS_CSV)
+    assert columns[:6] == ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice"]
+    assert columns == ITERATION_COLUMNS
+    _, sweep_rows = read_csv(sweep / SWEEP_CSV)
+    by_method = {(r["method"], r["anomalous_fraction"]): r for r in sweep_rows}
+    for schedule, method in (("decreasing", "iltm"), ("constant", "iltm_constant")):
+        for fraction in ("0", "1"):
+            mine = sorted((r for r in rows if r["threshold_schedule"] == schedule and
+                           r["anomalous_fraction"] == fraction), key=lambda r: int(r["iteration"]))
+            last = int(by_method[(method, fraction)]["iteration"])
+            assert [int(r["iteration"]) for r in mine] == list(range(last + 1))
+            assert mine[-1]["auroc"] == by_method[(method, fraction)]["auroc"]
+            if schedule == "decreasing":
+                assert mine[0]["auroc"] == by_method[("vqvae_transformer", fraction)]["auroc"]
+            if last >= 1:
+                t1 = float(mine[1]["resampling_threshold"])
+                assert t1 == pytest.approx(0.005 if schedule == "constant" else 0.005 * 0.875)
+
+
+def test_constant_threshold_run_starts_from_the_decreasing_runs_iteration_0(sweep):
+    runs = sweep / "fraction_1" / "runs"
+    for name in ("vqvae.pt", "iteration_000/transformer.pt"):
+        assert (runs / "iltm" / name).read_bytes() == (runs / "iltm_constant" / name).read_bytes()
+    assert "constant_threshold: true" in (runs / "iltm_constant" / "config.yaml").read_text()
+
+
+def test_figures_and_table_are_written(sweep):
+    for name in (FIGURE3, FIGURE4, FIGURE5):
+        picture = mpimage.imread(sweep / name)
+        assert picture.ndim == 3 and picture.shape[0] > 200 and picture.shape[1] > 200, name
+    table = (sweep / TABLE1).read_text()
+    assert "training data 100 % anomalous" in table
+    for method in ALL_METHODS:
+        assert f"| {METHOD_NAMES[method]}" in table
+    assert " ± " in table and "iltm benchmark --out" in table
+
+
+def test_rerun_redoes_nothing(sweep):
+    before_csv = {name: (sweep / name).read_text() for name in (SWEEP_CSV, ITERATIONS_CSV)}
+    before_files = stamps(sweep)
+    assert run_sweep(sweep) == 0
+    assert {name: (sweep / name).read_text() for name in (SWEEP_CSV, ITERATIONS_CSV)} == before_csv
+    assert stamps(sweep) == before_files
+
+
+def test_a_removed_row_is_redone_and_nothing_else(sweep):
+    path = sweep / SWEEP_CSV
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("vae,1,")]
+    assert len(kept) == len(lines) - 1
+    path.write_text("".join(kept))
+    shutil.rmtree(sweep / "fraction_1" / "scores" / "vae")
+    before_files = stamps(sweep)
+    assert run_sweep(sweep) == 0
+    _, rows = read_csv(path)
+    assert len(rows) == len(lines) - 1
+    assert path.read_text().startswith("".join(kept))          # old rows untouched, the missing one appended
+    assert rows[-1]["method"] == "vae" and rows[-1]["anomalous_fraction"] == "1"
+    after = stamps(sweep)
+    assert {k: v for k, v in after.items() if k in before_files} == before_files  # models reused, not retrained
+    assert sorted(set(after) - set(before_files)) == sorted(
+        f"fraction_1/scores/vae/{case}_score.nii.gz" for case in ("case000", "case001", "case002", "case003"))
+
+
+def test_figures_only_redraws_from_the_csvs(sweep):
+    for name in (FIGURE3, FIGURE4, FIGURE5, TABLE1):
+        (sweep / name).unlink()
+    args = parse("--out", sweep, "--figures-only")
+    assert cmd_benchmark(args, Reporter("none")) == 0
+    for name in (FIGURE3, FIGURE4, FIGURE5, TABLE1):
+        assert (sweep / name).is_file() and (sweep / name).stat().st_size > 0
+
+
+def test_other_settings_in_the_same_folder_are_refused(sweep):
+    with pytest.raises(InputError, match="n_train"):
+        args = parse("--out", sweep, "--dims", "2", "--fractions", "0", "1", "--n-train", "7", "--n-test", "4",
+                     "--size", "32", "32", *FAST)
+        cmd_benchmark(args, Reporter("none"))
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["--fractions", "0", "1.5"], "--fractions"),
+    (["--n-train", "1"], "--n-train"),
+    (["--n-test", "1"], "--n-test"),
+    (["--set", "vqvae.epochs"], "--set"),
+    (["--set", "baselines.no_such=1"], "--set"),
+])
+def test_bad_arguments_are_input_errors(tmp_path, argv, where):
+    args = parse("--out", tmp_path / "x", *argv)
+    with pytest.raises(InputError, match=where):
+        cmd_benchmark(args, Reporter("none"))
+
+
+def test_figures_only_without_results_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no contamination_sweep.csv"):
+        make_figures(tmp_path)
+
+
+def test_constant_threshold_fractions_and_the_recorded_command_round_trip(tmp_path):
+    from iltm.benchmark import command_line, settings_from_args
+
+    args = parse("--out", tmp_path / "x", "--fractions", "0", "0.5", "1", "--constant-threshold-too", "1",
+                 "--set", "vqvae.epochs=2", "--size", "32", "32")
+    settings = settings_from_args(args)
+    assert settings.constant_threshold_too and settings.constant_fractions == [1.0]
+    again = settings_from_args(parse(*command_line(settings).split()[2:]))
+    assert again == settings
+    everywhere = settings_from_args(parse("--out", tmp_path / "x", "--constant-threshold-too"))
+    assert everywhere.constant_threshold_too and everywhere.constant_fractions is None
+    assert not settings_from_args(parse("--out", tmp_path / "x")).constant_threshold_too
+    with pytest.raises(InputError, match="not among"):
+        settings_from_args(parse("--out", tmp_path / "x", "--fractions", "0", "1", "--constant-threshold-too", "0.5"))
