@@ -1,0 +1,243 @@
+"""Binary anomaly map -> segmentation node, per-component statistics, and ``.seg.nrrd`` export.
+
+A segmentation made here has the PET as its reference geometry, so Segment Editor edits it on the PET's grid,
+and either one segment per connected component ("Anomaly 1", "Anomaly 2", ... largest first) or a single
+"Anomaly" segment. All segments share one labelmap layer (they never overlap), which keeps the file small.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+from . import PanelError, volumes
+
+# Distinct, saturated colours that stay visible over the PET-Heat map (no reds/yellows of the heat ramp first).
+SEGMENT_COLORS = (
+    (0.10, 0.85, 0.95), (0.30, 0.95, 0.30), (0.95, 0.40, 0.95), (0.35, 0.55, 1.00), (1.00, 1.00, 1.00),
+    (0.60, 1.00, 0.80), (0.75, 0.60, 1.00), (0.20, 0.70, 0.60), (0.95, 0.75, 0.90), (0.50, 0.85, 1.00),
+)
+SINGLE_SEGMENT_NAME = "Anomaly"
+
+
+def label_components(mask: np.ndarray, full_connectivity: bool = True) -> tuple[np.ndarray, int]:
+    """Connected components of a binary ``mask``.
+
+    Args:
+        mask: boolean or 0/1 array, 2D or 3D.
+        full_connectivity: diagonal neighbours connect (26-connectivity in 3D, 8 in 2D) when True;
+            only face neighbours (6 / 4) when False.
+
+    Returns:
+        (labels, count): int32 array with 0 = background and 1..count = components.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask) > 0
+    structure = np.ones((3,) * mask.ndim, dtype=bool) if full_connectivity else None
+    labels, count = ndimage.label(mask, structure=structure)
+    return labels.astype(np.int32, copy=False), int(count)
+
+
+def components_by_size(labels: np.ndarray, count: int, voxel_ml: float, min_volume_ml: float = 0.0) -> np.ndarray:
+    """Relabel components 1..n from largest to smallest, dropping those under ``min_volume_ml``."""
+    if count == 0:
+        return np.zeros_like(labels, dtype=np.int32)
+    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")
+    new_label = np.zeros(count + 1, dtype=np.int32)
+    next_label = 1
+    for old_index in order:
+        if sizes[old_index] * voxel_ml >= min_volume_ml:
+            new_label[old_index + 1] = next_label
+            next_label += 1
+    return new_label[labels]
+
+
+def labelmap_node_from_array(labels: np.ndarray, reference_volume, name: str = "labels"):
+    """A label map node (not in any scene) holding ``labels`` on the reference volume's grid."""
+    if labels.ndim == 2:
+        labels = labels[np.newaxis]
+    dims = reference_volume.GetImageData().GetDimensions()
+    if labels.shape != (dims[2], dims[1], dims[0]):
+        raise PanelError(f"The map has {labels.shape[::-1]} voxels (i, j, k) but '{reference_volume.GetName()}' "
+                         f"has {tuple(dims)}.")
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    node.SetName(name)
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16 if labels.max() < 65536 else np.int32
+    volumes.update_volume_from_array(node, labels.astype(dtype), volumes.get_ijk_to_ras(reference_volume))
+    return node
+
+
+def segmentation_from_labelmap(scene, labelmap_node, reference_volume, name: str, per_component: bool = True,
+                               min_volume_ml: float = 0.0, full_connectivity: bool = True,
+                               allow_empty: bool = True):
+    """A new segmentation node from a binary (or label) map on the reference volume's grid.
+
+    Args:
+        scene: where the node goes.
+        labelmap_node: the map; any voxel > 0 is anomalous.
+        reference_volume: the PET; becomes the segmentation's reference geometry.
+        name: node name.
+        per_component: one segment per connected component (largest first), else one "Anomaly" segment.
+        min_volume_ml: components smaller than this are left out (per_component only).
+        full_connectivity: see :func:`label_components`.
+        allow_empty: an empty map gives a segmentation with one empty "Anomaly" segment; when False it raises.
+
+    Returns:
+        the segmentation node (in ``scene``, with display nodes). On failure nothing is left in the scene.
+    """
+    mask = volumes.array_from_volume(labelmap_node) > 0
+    if mask.ndim == 4:
+        raise PanelError("The anomaly map must have one value per voxel.")
+    voxel_ml = volumes.voxel_volume_ml(reference_volume)
+    if per_component:
+        labels, count = label_components(mask, full_connectivity)
+        labels = components_by_size(labels, count, voxel_ml, min_volume_ml)
+        names = [f"{SINGLE_SEGMENT_NAME} {index}" for index in range(1, int(labels.max(initial=0)) + 1)]
+    else:
+        labels = mask.astype(np.uint8)
+        names = [SINGLE_SEGMENT_NAME] if labels.any() else []
+    if not names and not allow_empty:
+        smallest = f" of at least {min_volume_ml:g} mL" if per_component and min_volume_ml > 0 else ""
+        raise PanelError(f"The anomaly map has no region{smallest} at this threshold: nothing to export. "
+                         "Lower the threshold in the Review section.")
+    source = labelmap_node_from_array(labels, reference_volume, f"{name} labels")
+
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    try:
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        if names:
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation, ""):
+                raise PanelError(f"Slicer could not turn the anomaly map into segments of '{name}'.")
+        else:
+            segmentation.GetSegmentation().AddEmptySegment("", SINGLE_SEGMENT_NAME, SEGMENT_COLORS[0])
+        _name_segments(segmentation, names)
+        display = segmentation.GetDisplayNode()
+        display.SetOpacity2DFill(0.25)
+        display.SetOpacity2DOutline(1.0)
+    except Exception:
+        volumes.remove_node(scene, segmentation)
+        raise
+    return segmentation
+
+
+def segmentation_from_mask(scene, mask: np.ndarray, reference_volume, name: str, **options):
+    """:func:`segmentation_from_labelmap` for a numpy mask shaped like the reference volume (``(k, j, i)``)."""
+    return segmentation_from_labelmap(scene, labelmap_node_from_array(np.asarray(mask), reference_volume),
+                                      reference_volume, name, **options)
+
+
+def _name_segments(segmentation_node, names: list[str]) -> None:
+    segmentation = segmentation_node.GetSegmentation()
+    by_label = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        by_label[segment.GetLabelValue()] = segment
+    for label, segment in sorted(by_label.items()):
+        if 1 <= label <= len(names):
+            segment.SetName(names[label - 1])
+            segment.SetColor(*SEGMENT_COLORS[(label - 1) % len(SEGMENT_COLORS)])
+
+
+def segment_ids(segmentation_node) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
+
+
+def segment_labels_on(segmentation_node, reference_volume) -> tuple[np.ndarray, list[str]]:
+    """Every segment as label ``index + 1`` on the reference volume's grid (what the user sees, edits included).
+
+    Returns:
+        (labels shaped ``(k, j, i)``, segment ids in label order).
+    """
+    ids = segment_ids(segmentation_node)
+    dims = reference_volume.GetImageData().GetDimensions()
+    if not ids:
+        return np.zeros((dims[2], dims[1], dims[0]), dtype=np.int32), ids
+    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(reference_volume)
+    id_array, label_array = vtk.vtkStringArray(), vtk.vtkIntArray()
+    for label, segment_id in enumerate(ids, start=1):
+        id_array.InsertNextValue(segment_id)
+        label_array.InsertNextValue(label)
+    merged = slicer.vtkOrientedImageData()
+    # Needs no scene (unlike ExportSegmentsToLabelmapNode), so nothing is added even for a moment.
+    ok = segmentation_node.GenerateMergedLabelmapForAllSegments(
+        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, geometry, id_array, label_array)
+    extent = merged.GetExtent() if ok else (0, -1, 0, -1, 0, -1)
+    if tuple(extent) != (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1):
+        raise PanelError(f"Cannot resample the segments of '{segmentation_node.GetName()}' onto "
+                         f"'{reference_volume.GetName()}'.")
+    labels = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    return labels.astype(np.int32), ids
+
+
+def segment_statistics(segmentation_node, pet_volume) -> list[dict]:
+    """Per segment: voxel count, volume in mL, and max/mean PET value inside it (NaN for an empty segment)."""
+    labels, ids = segment_labels_on(segmentation_node, pet_volume)
+    pet = volumes.array_from_volume(pet_volume).astype(np.float64)
+    voxel_ml = volumes.voxel_volume_ml(pet_volume)
+    segmentation = segmentation_node.GetSegmentation()
+    rows = []
+    for label, segment_id in enumerate(ids, start=1):
+        inside = labels == label
+        count = int(inside.sum())
+        values = pet[inside]
+        rows.append({
+            "segment": segmentation.GetSegment(segment_id).GetName(),
+            "segment_id": segment_id,
+            "voxels": count,
+            "volume_ml": count * voxel_ml,
+            "pet_max": float(values.max()) if count else float("nan"),
+            "pet_mean": float(values.mean()) if count else float("nan"),
+        })
+    return rows
+
+
+STATISTICS_COLUMNS = (("segment", "Segment", "string"), ("volume_ml", "Volume [mL]", "double"),
+                      ("pet_max", "PET max", "double"), ("pet_mean", "PET mean", "double"),
+                      ("voxels", "Voxels", "int"))
+
+
+def statistics_table(scene, rows: list[dict], name: str, table_node=None):
+    """Write ``rows`` (from :func:`segment_statistics`) into a table node, new unless ``table_node`` is given."""
+    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = table_node.GetTable()
+    was_modifying = table_node.StartModify()
+    table.Initialize()
+    for key, title, kind in STATISTICS_COLUMNS:
+        column = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
+        column.SetName(title)
+        column.SetNumberOfValues(len(rows))
+        for index, row in enumerate(rows):
+            value = row[key]
+            column.SetValue(index, str(value) if kind == "string" else value)
+        table.AddColumn(column)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.Modified()
+    table_node.EndModify(was_modifying)
+    return table_node
+
+
+def save_segmentation(segmentation_node, path) -> Path:
+    """Write a segmentation as ``.seg.nrrd`` (the suffix is added when missing)."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise PanelError("Choose a file name for the segmentation first.")
+    if not path.name.lower().endswith(".seg.nrrd"):
+        path = path.with_name(path.name[:-5] if path.name.lower().endswith(".nrrd") else path.name)
+        path = path.with_name(path.name + ".seg.nrrd")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(os.fspath(path))
+    storage.SetUseCompression(True)
+    if not storage.WriteData(segmentation_node):
+        raise PanelError(f"{path}: cannot write segmentation '{segmentation_node.GetName()}'.")
+    return path
