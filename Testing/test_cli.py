@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 
 from cli_helpers import FAST, cli_subprocess, run_cli
 
@@ -27,10 +28,11 @@ def test_train_writes_a_complete_run_folder(run2d, cohort2d):
     assert history["finished"] and history["stop_reason"]
     iterations = [r["iteration"] for r in history["iterations"]]
     assert iterations[0] == 0 and iterations == list(range(len(iterations)))
+    t0 = yaml.safe_load((run2d / "config.yaml").read_text())["detection"]["resampling_threshold"]
     first = history["iterations"][0]
-    assert first["masked_change"] is None and math.isclose(first["resampling_threshold"], 0.005)
+    assert first["masked_change"] is None and math.isclose(first["resampling_threshold"], t0)
     if len(iterations) > 1:
-        assert math.isclose(history["iterations"][1]["resampling_threshold"], 0.005 * 0.875)
+        assert math.isclose(history["iterations"][1]["resampling_threshold"], t0 * 0.875)
     for rec in history["iterations"]:
         for key in ("masked_tokens", "transformer_loss", "train_seconds", "detect_seconds"):
             assert key in rec
@@ -158,3 +160,19 @@ def test_help_has_examples():
     for command in ("synth", "train", "detect", "evaluate", "report", "demo"):
         proc = cli_subprocess(command, "--help")
         assert proc.returncode == 0 and "example" in proc.stdout, command
+
+
+def test_demo_runs_to_the_end_and_reports_all_methods(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--out", out, "--n-train", "6", "--n-test", "4", "--max-iterations", "1", *FAST) == 0
+    printed = capsys.readouterr().out
+    for name in ("ILTM (iteration", "VQ-VAE+Transformer (it. 0)", "intensity threshold", "results (JSON)"):
+        assert name in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"ILTM (iteration 1)", "VQ-VAE+Transformer (it. 0)", "intensity threshold"}
+    for metrics in results["metrics"].values():
+        assert 0.0 <= metrics["auroc"] <= 1.0
+    assert "clip_value: 15.0" in (out / "run" / "config.yaml").read_text()
+    for figure in results["figures"]:
+        assert Path(figure).stat().st_size > 1000
+    assert run_cli("demo", "--out", out) == 2  # refuses to overwrite a finished demo

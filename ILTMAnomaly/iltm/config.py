@@ -159,14 +159,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "vqvae": dict(channels=[64, 128], num_res_layers=1, num_res_channels=64, num_embeddings=128,
                       embedding_dim=32, epochs=120, batch_size=8, learning_rate=5e-4),
         "transformer": dict(n_layer=6, n_head=4, n_embd=128, epochs=100, batch_size=16, learning_rate=1e-3),
-        "detection": dict(samples=40, dropout_passes=4),
+        # Between the paper's 0.005 and tiny's validated 0.02, for the same reason as tiny (not yet validated).
+        "detection": dict(samples=40, dropout_passes=4, resampling_threshold=0.01),
         "iltm": dict(max_iterations=4),
     },
     "tiny": {
-        "vqvae": dict(channels=[32, 64], num_res_layers=1, num_res_channels=32, num_embeddings=64,
-                      embedding_dim=16, epochs=60, batch_size=8, learning_rate=2e-3),
-        "transformer": dict(n_layer=3, n_head=4, n_embd=64, epochs=40, batch_size=16, learning_rate=2e-3),
-        "detection": dict(samples=20, dropout_passes=3),
+        "vqvae": dict(channels=[32, 64], num_res_layers=1, num_res_channels=32, num_embeddings=128,
+                      embedding_dim=32, epochs=200, batch_size=8, learning_rate=2e-3),
+        "transformer": dict(n_layer=3, n_head=4, n_embd=64, epochs=80, batch_size=16, learning_rate=2e-3),
+        # A small model trained on a small cohort spreads its probability over more codes than the paper's, so
+        # the paper's t = 0.005 flags too few lesion tokens; 0.02 was chosen on a validation cohort (seed 99), not
+        # on the demo's test scans (see README, "Results").
+        "detection": dict(samples=20, dropout_passes=3, resampling_threshold=0.02),
         "iltm": dict(max_iterations=3),
     },
 }

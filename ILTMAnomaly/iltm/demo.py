@@ -17,7 +17,8 @@ from .commands import build_config, detect_files, format_table, load_pairs, make
 from .errors import InputError
 from .io import atomic_write_text, list_images, read_image
 from .progress import Reporter
-from .run import RunFolder
+
+SYNTHETIC_SUV_CLIP = 15.0
 
 
 def run_demo(args, reporter: Reporter) -> dict:
@@ -41,6 +42,10 @@ def run_demo(args, reporter: Reporter) -> dict:
     t = time.perf_counter()
     cfg = build_config(args)
     cfg.seed = args.seed
+    if not any(item.startswith("data.clip_value") for item in args.set):
+        # The synthetic cohort is in SUV-like units: one fixed clip keeps organ brightness comparable across scans
+        # (a per-scan percentile would rescale every scan by its bladder).
+        cfg.data.clip_value = SYNTHETIC_SUV_CLIP
     run = train(out / "run", cfg=cfg, data=out / "train", reporter=reporter)
     timings["train"] = time.perf_counter() - t
 
