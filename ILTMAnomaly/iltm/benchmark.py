@@ -147,8 +147,11 @@ def configs(settings: SweepSettings):
     from . import baselines
     from . import config as config_mod
 
+    from .synth import SUV_CLIP
+
     cfg = config_mod.preset(settings.preset)
     cfg.seed, cfg.device = settings.seed, settings.device
+    cfg.data.clip_value = SUV_CLIP  # the cohorts are synthetic SUV; a --set data.clip_value=... still wins
     if settings.max_iterations is not None:
         cfg.iltm.max_iterations = settings.max_iterations
     baseline_cfg = baselines.preset(settings.preset)

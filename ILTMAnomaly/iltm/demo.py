@@ -17,8 +17,7 @@ from .commands import build_config, detect_files, format_table, load_pairs, make
 from .errors import InputError
 from .io import atomic_write_text, list_images, read_image
 from .progress import Reporter
-
-SYNTHETIC_SUV_CLIP = 15.0
+from .synth import SUV_CLIP
 
 
 def run_demo(args, reporter: Reporter) -> dict:
@@ -43,9 +42,7 @@ def run_demo(args, reporter: Reporter) -> dict:
     cfg = build_config(args)
     cfg.seed = args.seed
     if not any(item.startswith("data.clip_value") for item in args.set):
-        # The synthetic cohort is in SUV-like units: one fixed clip keeps organ brightness comparable across scans
-        # (a per-scan percentile would rescale every scan by its bladder).
-        cfg.data.clip_value = SYNTHETIC_SUV_CLIP
+        cfg.data.clip_value = SUV_CLIP
     run = train(out / "run", cfg=cfg, data=out / "train", reporter=reporter)
     timings["train"] = time.perf_counter() - t
 

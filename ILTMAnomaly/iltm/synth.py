@@ -29,6 +29,9 @@ from .io import atomic_write_text, image_from_array, write_image
 SYNTH_VERSION = 1
 DEFAULT_SIZE = {2: (64, 64), 3: (40, 32, 56)}  # voxels, x-y(-z); every axis a multiple of 8
 DEFAULT_SPACING = {2: 2.0, 3: 4.0}  # mm, isotropic
+# Synthetic intensities are SUV-like (bladder up to 20): models trained on these cohorts clip at this fixed SUV, so
+# organ brightness stays comparable between scans (a per-scan percentile would rescale each scan by its bladder).
+SUV_CLIP = 15.0
 
 # The view: half the body's width (arms included) and the vertical span shown, in body units.
 _HALF_WIDTH = 0.9
