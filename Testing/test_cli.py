@@ -176,3 +176,26 @@ def test_demo_runs_to_the_end_and_reports_all_methods(tmp_path, capsys):
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 1000
     assert run_cli("demo", "--out", out) == 2  # refuses to overwrite a finished demo
+
+
+def test_detect_on_a_rotated_anisotropic_input_keeps_its_geometry(run2d, tmp_path):
+    """The model grid is 64 x 64 isotropic; a rotated, anisotropic, odd-sized scan must come back on its own grid."""
+    rng = np.random.default_rng(0)
+    img = sitk.GetImageFromArray((rng.random((71, 53)) * 4).astype(np.float32))  # (y, x) = 71 x 53 voxels
+    img.SetSpacing((1.5, 2.75))
+    img.SetOrigin((-40.0, 12.5))
+    angle = np.deg2rad(20)
+    img.SetDirection((np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)))
+    path = tmp_path / "rotated.nrrd"
+    sitk.WriteImage(img, str(path))
+    out = tmp_path / "out"
+    assert run_cli("detect", "--run", run2d, "--input", path, "--out", out, "--no-png") == 0
+    for name in ("rotated_score.nii.gz", "rotated_mask.nii.gz"):
+        result = sitk.ReadImage(str(out / name))
+        assert result.GetSize() == img.GetSize()
+        assert np.allclose(result.GetSpacing(), img.GetSpacing(), atol=1e-5)
+        assert np.allclose(result.GetOrigin(), img.GetOrigin(), atol=1e-4)
+        assert np.allclose(result.GetDirection(), img.GetDirection(), atol=1e-5)
+    # Scored everywhere the scan has voxels: no constant band left by the crop/pad to the model grid.
+    score = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "rotated_score.nii.gz")))
+    assert np.isfinite(score).all() and (np.ptp(score, axis=0) > 0).all() and (np.ptp(score, axis=1) > 0).all()

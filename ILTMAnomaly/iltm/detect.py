@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -139,12 +140,45 @@ class Detector:
                      generator: torch.Generator | None = None, where: str = "image"):
         """Score a SimpleITK image; returns (score image, mask image, result) on the input's grid.
 
+        A scan larger than the model's input grid (after resampling) is scored in model-sized tiles that together
+        cover it, so no part of it is left unscored; overlapping tiles average their log densities.
         ``where`` names the image in errors (its file path).
         """
-        array, info = self.preprocessor.forward(img, where=where)
-        result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold, generator)
+        full = Preprocessor(replace(self.cfg.data, spatial_size=None), self.cfg.vqvae.downsample_factor)
+        array, info = full.forward(img, where=where)
+        model_shape = tuple(self.cfg.data.spatial_size[::-1]) if self.cfg.data.spatial_size else array.shape[1:]
+        if all(a <= m for a, m in zip(array.shape[1:], model_shape)):
+            array, info = self.preprocessor.forward(img, where=where)
+            result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold,
+                                       generator)
+        else:
+            result = self._detect_tiles(array, model_shape, resampling_threshold, generator)
         score, mask = self.maps_on_input_grid(result, info)
         return score, mask, result
+
+    def _detect_tiles(self, array: np.ndarray, model_shape: tuple[int, ...], resampling_threshold: float | None,
+                      generator: torch.Generator | None) -> DetectionResult:
+        """Detection over model-sized windows of a (1, *spatial) array larger than the model grid on some axis."""
+        padded_shape = tuple(max(a, m) for a, m in zip(array.shape[1:], model_shape))
+        padded = np.zeros((1, *padded_shape), np.float32)
+        padded[(slice(None), *[slice(0, a) for a in array.shape[1:]])] = array
+        # Window starts per axis: every model-size step, the last one flush with the end.
+        starts = [sorted({*range(0, n - m, m), n - m}) for n, m in zip(padded_shape, model_shape)]
+        total = torch.zeros(padded_shape, dtype=torch.float64)
+        count = torch.zeros(padded_shape, dtype=torch.float64)
+        flagged, probs, seconds = [], [], 0.0
+        for corner in itertools.product(*starts):
+            window = tuple(slice(c, c + m) for c, m in zip(corner, model_shape))
+            part = self.detect_array(torch.from_numpy(np.ascontiguousarray(padded[(slice(None), *window)])),
+                                     resampling_threshold, generator)
+            total[window] += part.log_density.double()
+            count[window] += 1
+            flagged.append(part.flagged)
+            probs.append(part.token_probabilities)
+            seconds += part.seconds
+        log_f = (total / count)[tuple(slice(0, a) for a in array.shape[1:])].float()
+        return DetectionResult(log_density=log_f, token_probabilities=torch.cat(probs), flagged=torch.cat(flagged),
+                               seconds=seconds)
 
 
 def token_mask_from_map(binary: torch.Tensor, factor: int) -> torch.Tensor:
