@@ -99,7 +99,8 @@ def test_iteration_csv_matches_the_runs_and_the_sweep_rows(sweep):
                 assert mine[0]["auroc"] == by_method[("vqvae_transformer", fraction)]["auroc"]
             if last >= 1:
                 t1 = float(mine[1]["resampling_threshold"])
-                assert t1 == pytest.approx(0.005 if schedule == "constant" else 0.005 * 0.875)
+                t0 = float(mine[0]["resampling_threshold"])
+                assert t1 == pytest.approx(t0 if schedule == "constant" else t0 * 0.875)
 
 
 def test_constant_threshold_run_starts_from_the_decreasing_runs_iteration_0(sweep):
