@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 import yaml
 
 from cli_helpers import FAST, cli_subprocess, run_cli

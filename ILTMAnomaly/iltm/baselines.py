@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,8 +276,8 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
     """
     from .detect import resolve_device
     from .io import read_image
-    from .preprocess import Preprocessor, augmentation
-    from .train import TrainingSet, fit, gather_inputs, seed_everything, shuffled_batches
+    from .preprocess import Preprocessor
+    from .train import TrainingSet, fit, gather_inputs, image_batches, seed_everything
 
     reporter = reporter or Reporter("none")
     out = Path(out)
@@ -298,14 +298,7 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
     data_set = TrainingSet(records, Preprocessor(data_cfg, factor), reporter)
     seed_everything(cfg.seed)
     model = build(method, data_cfg.spatial_dims, tuple(reversed(data_cfg.spatial_size)), baseline_cfg).to(device)
-    augment = augmentation(data_cfg, data_cfg.spatial_dims, seed=cfg.seed) if data_cfg.augment else None
-
-    def batches(epoch: int):
-        for idx in shuffled_batches(len(data_set), baseline_cfg.batch_size, epoch, cfg.seed):
-            items = [torch.from_numpy(data_set.arrays[i]) for i in idx]
-            if augment is not None:
-                items = [torch.as_tensor(augment(x)) for x in items]
-            yield torch.stack(items).float().to(device)
+    batches = image_batches(data_set, replace(cfg, data=data_cfg), baseline_cfg.batch_size, device)
 
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ Bad input never ends in a traceback: an :class:`~iltm.errors.InputError` becomes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

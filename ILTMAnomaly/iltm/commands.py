@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +90,7 @@ def detection_overrides(cfg: config_mod.Config, args) -> config_mod.DetectionCon
 
 def detect_files(detector, records, out: Path, reporter: Reporter, seed: int = 0, png: bool = True) -> list[str]:
     """Detect every record into ``out``; returns the problems (one line each) of the inputs that failed."""
-    from .io import read_image, write_image, write_png  # noqa: F401  (write_png used by overlay helper)
+    from .io import read_image, write_image
     from .visualize import save_overlay_png
 
     problems = []

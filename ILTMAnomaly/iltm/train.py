@@ -151,6 +151,20 @@ def model_grid_size(records: list[ImageRecord], cfg: Config) -> list[int]:
     return [int(math.ceil(s / factor) * factor) for s in reversed(list(shape))]
 
 
+def image_batches(data: TrainingSet, cfg: Config, batch_size: int, device: torch.device) -> Callable[[int], Iterable]:
+    """epoch -> this rank's shuffled, augmented (B, 1, *spatial) image batches (augmentation as ``cfg.data``)."""
+    augment = augmentation(cfg.data, cfg.data.spatial_dims, seed=cfg.seed + dist.rank()) if cfg.data.augment else None
+
+    def batches(epoch: int):
+        for idx in shuffled_batches(len(data), batch_size, epoch, cfg.seed):
+            items = [torch.from_numpy(data.arrays[i]) for i in idx]
+            if augment is not None:
+                items = [torch.as_tensor(augment(x)) for x in items]
+            yield torch.stack(items).float().to(device)
+
+    return batches
+
+
 # -- the stages --------------------------------------------------------------------------------------------------
 
 def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
@@ -158,14 +172,7 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     vq_cfg = cfg.vqvae
     model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
     ddp = dist.wrap(model)
-    augment = augmentation(cfg.data, cfg.data.spatial_dims, seed=cfg.seed + dist.rank()) if cfg.data.augment else None
-
-    def batches(epoch: int):
-        for idx in shuffled_batches(len(data), vq_cfg.batch_size, epoch, cfg.seed):
-            items = [torch.from_numpy(data.arrays[i]) for i in idx]
-            if augment is not None:
-                items = [torch.as_tensor(augment(x)) for x in items]
-            yield torch.stack(items).float().to(device)
+    batches = image_batches(data, cfg, vq_cfg.batch_size, device)
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
         recon, quantization_loss = ddp(x)
