@@ -144,15 +144,15 @@ class Detector:
         cover it, so no part of it is left unscored; overlapping tiles average their log densities.
         ``where`` names the image in errors (its file path).
         """
-        full = Preprocessor(replace(self.cfg.data, spatial_size=None), self.cfg.vqvae.downsample_factor)
-        array, info = full.forward(img, where=where)
-        model_shape = tuple(self.cfg.data.spatial_size[::-1]) if self.cfg.data.spatial_size else array.shape[1:]
-        if all(a <= m for a, m in zip(array.shape[1:], model_shape)):
-            array, info = self.preprocessor.forward(img, where=where)
+        array, info = self.preprocessor.forward(img, where=where)
+        if all(g <= s for g, s in zip(info.grid_size, info.spatial_size)):
             result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold,
                                        generator)
-        else:
-            result = self._detect_tiles(array, model_shape, resampling_threshold, generator)
+        else:  # the model grid would crop the scan: preprocess it uncropped and score it in tiles
+            full = Preprocessor(replace(self.cfg.data, spatial_size=None), self.cfg.vqvae.downsample_factor)
+            array, info = full.forward(img, where=where)
+            result = self._detect_tiles(array, tuple(self.cfg.data.spatial_size[::-1]), resampling_threshold,
+                                        generator)
         score, mask = self.maps_on_input_grid(result, info)
         return score, mask, result
 
