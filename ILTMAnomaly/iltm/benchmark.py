@@ -504,8 +504,8 @@ class Sweep:
             if k > up_to:
                 break
             total += float(rec.get("train_seconds") or 0.0)
-            if k < up_to or with_last_detection:
-                total += float(rec.get("detect_seconds") or 0.0)
+            if k < up_to or with_last_detection:  # fold fits only serve the training-scan detection
+                total += float(rec.get("detect_seconds") or 0.0) + float(rec.get("fold_train_seconds") or 0.0)
         return total
 
     def iltm_task(self, fraction: float, train_dir: Path) -> None:

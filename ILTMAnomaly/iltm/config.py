@@ -109,12 +109,36 @@ class DetectionConfig:
 
 @dataclass
 class ILTMConfig:
-    """The outer loop (DESIGN.md, step 4)."""
+    """The outer loop (DESIGN.md, step 4).
+
+    Attributes:
+        cross_fit_folds: 0 = each iteration's Transformer flags its own training scans (the paper). K >= 2 = the
+            training scans are split into K folds (scan i in fold i mod K) and K more Transformers are fitted per
+            iteration, each without one fold, which it then scores: a Transformer that has seen a lesion
+            predicts it, so self-scoring misses most training lesions (README, "Results").
+        mask_density_threshold: tau of the training-scan masks; ``None`` = ``detection.density_threshold``.
+            Masking a normal token costs one training target, leaving a lesion unmasked teaches it as normal,
+            so this may be looser than the tau of the output maps.
+    """
 
     max_iterations: int = 5
     threshold_decay: float = 0.125
     constant_threshold: bool = False
     stop_change: float = 0.01
+    cross_fit_folds: int = 0
+    mask_density_threshold: float | None = None
+
+    def check(self, n_scans: int, where: str = "config") -> None:
+        """InputError for settings the loop cannot run with."""
+        k = self.cross_fit_folds
+        if not isinstance(k, int) or k < 0 or k == 1:
+            raise InputError(where, f"iltm.cross_fit_folds must be 0 (off) or an integer >= 2, not {k!r}")
+        if k > n_scans:
+            raise InputError(where, f"iltm.cross_fit_folds={k} needs at least {k} training scans, "
+                                    f"there are {n_scans}")
+        tau = self.mask_density_threshold
+        if tau is not None and not (isinstance(tau, (int, float)) and tau > 0):
+            raise InputError(where, f"iltm.mask_density_threshold must be a positive number or null, not {tau!r}")
 
 
 @dataclass
@@ -229,6 +253,11 @@ def set_dotted(cfg: Config, dotted: str, value: Any) -> None:
     """Apply one ``section.key=value`` override (value parsed as YAML, so numbers and lists work)."""
     if isinstance(value, str):
         value = yaml.safe_load(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as text; a user means the number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     parts = dotted.split(".")
     obj: Any = cfg
     for part in parts[:-1]:

@@ -116,23 +116,25 @@ class Detector:
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
 
-    def binary_map(self, log_density: torch.Tensor) -> torch.Tensor:
-        """f < tau on the model grid, (*spatial) bool."""
-        return log_density < math.log(self.cfg.detection.density_threshold)
+    def binary_map(self, log_density: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        """f < tau on the model grid, (*spatial) bool; tau defaults to ``detection.density_threshold``."""
+        return log_density < math.log(self.cfg.detection.density_threshold if tau is None else tau)
 
     def token_mask(self, binary: torch.Tensor) -> torch.Tensor:
         """(*spatial) bool -> (*latent) bool: a token is masked when any voxel of its footprint is anomalous."""
         return token_mask_from_map(binary, self.cfg.vqvae.downsample_factor)
 
-    def maps_on_input_grid(self, result: DetectionResult, info) -> tuple[sitk.Image, sitk.Image]:
+    def maps_on_input_grid(self, result: DetectionResult, info,
+                           tau: float | None = None) -> tuple[sitk.Image, sitk.Image]:
         """(score, mask) images with exactly the input's size, spacing, origin and direction.
 
         The mask is the thresholded *resampled* score, so ``mask == (score > -ln tau)`` holds on the input grid
-        (what the Slicer threshold slider relies on).
+        (what the Slicer threshold slider relies on); tau defaults to ``detection.density_threshold``.
         """
+        tau = self.cfg.detection.density_threshold if tau is None else tau
         score = self.preprocessor.inverse(result.score.numpy().astype(np.float32), info, interpolator="linear")
         score = sitk.Cast(score, sitk.sitkFloat32)
-        mask = sitk.Cast(score > -math.log(self.cfg.detection.density_threshold), sitk.sitkUInt8)
+        mask = sitk.Cast(score > -math.log(tau), sitk.sitkUInt8)
         mask.CopyInformation(score)
         return score, mask
 

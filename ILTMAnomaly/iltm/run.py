@@ -7,7 +7,9 @@
     RUN/vqvae.pt                          the trained VQ-VAE (vqvae_checkpoint.pt while it trains)
     RUN/tokens.pt                         token rasters of every training scan (computed once)
     RUN/history.json                      one record per finished ILTM iteration (+ VQ-VAE summary)
-    RUN/iteration_000/transformer.pt      that iteration's Transformer
+    RUN/iteration_000/transformer.pt      that iteration's Transformer (the one ``detect`` uses)
+    RUN/iteration_000/folds/transformer_fold<j>.pt  with iltm.cross_fit_folds = K: fitted without fold j,
+                                                    it masks fold j's training scans
     RUN/iteration_000/masks/<id>_mask.nii.gz        its binary map of each training scan (scan geometry)
     RUN/iteration_000/token_masks/<id>.npy          the same map on the latent grid (masks iteration 1)
 """
@@ -59,6 +61,9 @@ class RunFolder:
 
     def transformer_path(self, k: int) -> Path:
         return self.iteration_dir(k) / "transformer.pt"
+
+    def fold_transformer_path(self, k: int, fold: int) -> Path:
+        return self.iteration_dir(k) / "folds" / f"transformer_fold{fold}.pt"
 
     def mask_path(self, k: int, scan_id: str) -> Path:
         return self.iteration_dir(k) / "masks" / f"{scan_id}_mask.nii.gz"

@@ -215,9 +215,13 @@ def masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, token_mask:
 
 def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.Tensor,
                             token_masks: torch.Tensor | None, num_codes: int, device: torch.device,
-                            reporter: Reporter, units: float) -> dict[str, Any]:
+                            reporter: Reporter, units: float, fold: int | None = None) -> dict[str, Any]:
+    """Fit iteration k's Transformer on ``tokens`` (M, L) with ``token_masks`` (M, L) True = masked.
+
+    ``fold`` j fits the cross-fitting Transformer of fold j instead (the caller passes the other folds' rows).
+    """
     t_cfg = cfg.transformer
-    seed_everything(cfg.seed + 7919 * (k + 1))
+    seed_everything(cfg.seed + 7919 * (k + 1) + (0 if fold is None else 104729 * (fold + 1)))
     model = TokenTransformer(t_cfg, num_codes=num_codes, seq_len=tokens.shape[1]).to(device)
     ddp = dist.wrap(model)
     tokens = tokens.to(device)
@@ -232,34 +236,61 @@ def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.T
         return masked_cross_entropy(ddp(tokens[idx], m), tokens[idx], m)
 
     start = time.perf_counter()
-    run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
-    losses = fit(ddp, batches, loss_of, t_cfg.epochs, t_cfg.learning_rate, run.iteration_dir(k) / "fit_checkpoint.pt",
-                 reporter, f"iteration {k}: train Transformer", units, weight_decay=t_cfg.weight_decay)
+    path = run.transformer_path(k) if fold is None else run.fold_transformer_path(k, fold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = path.with_name(path.stem + "_checkpoint.pt")
+    label = f"iteration {k}: train Transformer" + ("" if fold is None else f" without fold {fold}")
+    losses = fit(ddp, batches, loss_of, t_cfg.epochs, t_cfg.learning_rate, checkpoint, reporter, label, units,
+                 weight_decay=t_cfg.weight_decay)
     if dist.is_main():
-        model.save(run.transformer_path(k), extra={"iteration": k, "losses": losses})
-        (run.iteration_dir(k) / "fit_checkpoint.pt").unlink(missing_ok=True)
+        model.save(path, extra={"iteration": k, "fold": fold, "losses": losses})
+        checkpoint.unlink(missing_ok=True)
     dist.barrier()
     return {"transformer_loss": losses[-1] if losses else None, "transformer_loss_first": losses[0] if losses else None,
             "train_seconds": time.perf_counter() - start}
 
 
-def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detector: Detector, threshold: float,
-                 reporter: Reporter, units: float) -> tuple[torch.Tensor, float]:
-    """Binary maps of every training scan with iteration k's detector; returns token masks (M, L) and seconds.
+def fold_of(i: int, folds: int) -> int:
+    """Cross-fitting fold of the i-th training scan (manifest order)."""
+    return i % folds
 
-    Each scan's maps are written as soon as they exist, so an interrupted detection resumes scan by scan.
+
+def cross_fit_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.Tensor, token_masks: torch.Tensor | None,
+                    device: torch.device, reporter: Reporter, units: float) -> float:
+    """Fit iteration k's fold Transformers (each without one fold's scans); returns seconds. Resumes per fold."""
+    folds = cfg.iltm.cross_fit_folds
+    start = time.perf_counter()
+    for j in range(folds):
+        if run.fold_transformer_path(k, j).is_file():
+            reporter.units_done += units / folds
+            continue
+        keep = torch.tensor([i for i in range(tokens.shape[0]) if fold_of(i, folds) != j])
+        train_transformer_stage(run, cfg, k, tokens[keep], None if token_masks is None else token_masks[keep],
+                                cfg.vqvae.num_embeddings, device, reporter, units / folds, fold=j)
+    return time.perf_counter() - start
+
+
+def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detectors: list[Detector],
+                 threshold: float, reporter: Reporter, units: float) -> tuple[torch.Tensor, float]:
+    """Binary maps of every training scan with iteration k's detector(s); returns token masks (M, L) and seconds.
+
+    With one detector it scores every scan; with K (cross-fitting) scan i is scored by ``detectors[i mod K]``,
+    the one fitted without it. Each scan's maps are written as soon as they exist, so an interrupted detection
+    resumes scan by scan.
     """
     start = time.perf_counter()
+    tau = cfg.iltm.mask_density_threshold
     mine = dist.shard(list(range(len(data))))
     for i in reporter.track(mine, f"iteration {k}: detect on training scans", units=units, iteration=k):
         rec = data.records[i]
         token_path, mask_path = run.token_mask_path(k, rec.id), run.mask_path(k, rec.id)
         if token_path.is_file() and mask_path.is_file():
             continue
+        detector = detectors[fold_of(i, len(detectors))]
         generator = torch.Generator(device=detector.device).manual_seed(cfg.seed + 100003 * k + i)
         result = detector.detect_array(torch.from_numpy(data.arrays[i]), threshold, generator)
-        binary = detector.binary_map(result.log_density)
-        _, mask_img = detector.maps_on_input_grid(result, data.infos[i])
+        binary = detector.binary_map(result.log_density, tau)
+        _, mask_img = detector.maps_on_input_grid(result, data.infos[i], tau)
         write_image(mask_img, mask_path)
         with atomic_path(token_path) as tmp:
             np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
@@ -291,11 +322,13 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         missing = [str(r.image) for r in records if not r.image.is_file()]
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
+        cfg.iltm.check(len(records), where=str(run.config_path))
     else:
         if run.root.exists() and any(run.root.iterdir()):
             raise InputError(run.root, "output folder is not empty (use --resume to continue a run there)")
         dist.barrier()  # every rank has checked the folder before rank 0 fills it
         records = gather_inputs(data, cfg, skip_unreadable, reporter)
+        cfg.iltm.check(len(records), where="config")
         dims = read_image(records[0].image).GetDimension()
         if cfg.data.spatial_dims not in (None, dims):
             raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
@@ -315,7 +348,9 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     history = run.history()
     max_k = cfg.iltm.max_iterations
     # Work units for the overall progress fraction: VQ-VAE, then a Transformer fit and a detection per iteration.
-    reporter.units_total = 3.0 + 2.0 * (max_k + 1)
+    folds = cfg.iltm.cross_fit_folds
+    per_iteration = 3.0 if folds else 2.0  # Transformer fit, (fold fits,) detection
+    reporter.units_total = 3.0 + per_iteration * (max_k + 1)
     reporter.emit("start", command="train", run=str(run.root), iterations=max_k + 1)
 
     data_set = TrainingSet(records, Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
@@ -335,7 +370,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if k in done:
             previous_masks = torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, r.id)))
                                           for r in records])
-            reporter.units_done += 2.0
+            reporter.units_done += per_iteration
             continue
         if history.get("finished"):
             break
@@ -348,9 +383,14 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
             record.update(train_transformer_stage(run, cfg, k, tokens, previous_masks, cfg.vqvae.num_embeddings,
                                                   device, reporter, units=1.0))
         threshold = iteration_threshold(cfg, k)
-        detector = Detector(cfg, vqvae, TokenTransformer.load(run.transformer_path(k), map_location=device),
-                            payload["latent_shape"], device)
-        masks, seconds = detect_stage(run, cfg, k, data_set, detector, threshold, reporter, units=1.0)
+        paths = [run.transformer_path(k)]
+        if folds:
+            record["fold_train_seconds"] = cross_fit_stage(run, cfg, k, tokens, previous_masks, device, reporter,
+                                                           units=1.0)
+            paths = [run.fold_transformer_path(k, j) for j in range(folds)]
+        detectors = [Detector(cfg, vqvae, TokenTransformer.load(p, map_location=device), payload["latent_shape"],
+                              device) for p in paths]
+        masks, seconds = detect_stage(run, cfg, k, data_set, detectors, threshold, reporter, units=1.0)
         count = int(masks.sum())
         prev_count = int(previous_masks.sum()) if previous_masks is not None else None
         change = None if prev_count is None else abs(count - prev_count) / max(prev_count, 1)

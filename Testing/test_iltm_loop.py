@@ -1,0 +1,129 @@
+"""The ILTM loop's training-scan masks: cross-fitting (each scan masked by a Transformer that never saw it) and
+the separate mask threshold."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import FAST, cli_subprocess, run_cli
+from iltm import config as config_mod
+from iltm import train as train_mod
+from iltm.errors import InputError
+from iltm.progress import Reporter
+from iltm.run import RunFolder
+
+
+def test_each_fold_transformer_is_fitted_without_its_fold(tmp_path, monkeypatch):
+    cfg = config_mod.preset("tiny")
+    cfg.iltm.cross_fit_folds = 3
+    tokens = torch.arange(7)[:, None].repeat(1, 4)               # row i is all i: which scans a fit saw
+    masks = torch.zeros(7, 4, dtype=torch.bool)
+    masks[:, 0] = True
+    seen = {}
+
+    def fake_fit(run, cfg, k, tokens, token_masks, num_codes, device, reporter, units, fold=None):
+        seen[fold] = (sorted(tokens[:, 0].tolist()), token_masks.shape[0])
+        run.fold_transformer_path(k, fold).parent.mkdir(parents=True, exist_ok=True)
+        run.fold_transformer_path(k, fold).write_bytes(b"x")
+        return {}
+
+    monkeypatch.setattr(train_mod, "train_transformer_stage", fake_fit)
+    run = RunFolder(tmp_path / "run")
+    train_mod.cross_fit_stage(run, cfg, 0, tokens, masks, torch.device("cpu"), Reporter("none"), 1.0)
+    assert seen == {0: ([1, 2, 4, 5], 4), 1: ([0, 2, 3, 5, 6], 5), 2: ([0, 1, 3, 4, 6], 5)}
+    # A rerun (resume) refits nothing that is on disk.
+    seen.clear()
+    train_mod.cross_fit_stage(run, cfg, 0, tokens, masks, torch.device("cpu"), Reporter("none"), 1.0)
+    assert seen == {}
+
+
+class _RecordingDetector:
+    """Stands in for a Detector: remembers which scans it scored; flags everything or nothing."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.scored = []
+
+    def detect_array(self, image, threshold, generator):
+        self.scored.append(float(image.flatten()[0]))
+        return type("R", (), {"log_density": torch.zeros(image.shape[1:])})()
+
+    def binary_map(self, log_density, tau=None):
+        return log_density < np.log(tau)
+
+    def maps_on_input_grid(self, result, info, tau=None):
+        import SimpleITK as sitk
+        return None, sitk.GetImageFromArray((result.log_density.numpy() < np.log(tau)).astype(np.uint8))
+
+    def token_mask(self, binary):
+        return binary[::4, ::4]
+
+
+class _Scans:
+    """Stands in for a TrainingSet: scan i is a constant image of value i."""
+
+    def __init__(self, n: int):
+        self.records = [type("Rec", (), {"id": f"s{i}"})() for i in range(n)]
+        self.arrays = [np.full((1, 8, 8), float(i), np.float32) for i in range(n)]
+        self.infos = [None] * n
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def test_each_training_scan_is_masked_by_the_detector_of_its_fold(tmp_path):
+    cfg = config_mod.preset("tiny")
+    cfg.iltm.mask_density_threshold = 2.0                           # log f = 0 < log 2: every voxel masked
+    detectors = [_RecordingDetector(), _RecordingDetector()]
+    masks, _ = train_mod.detect_stage(RunFolder(tmp_path / "run"), cfg, 0, _Scans(5), detectors, 0.02,
+                                      Reporter("none"), 1.0)
+    assert detectors[0].scored == [0.0, 2.0, 4.0] and detectors[1].scored == [1.0, 3.0]
+    assert masks.shape == (5, 4) and bool(masks.all())
+
+
+def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
+                   "--set", "iltm.stop_change=0", "--set", "iltm.cross_fit_folds=2",
+                   "--set", "iltm.mask_density_threshold=1e9", *FAST) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [r["iteration"] for r in history["iterations"]] == [0, 1]
+    for rec in history["iterations"]:
+        k = rec["iteration"]
+        assert (run / f"iteration_{k:03d}" / "transformer.pt").is_file()
+        assert sorted(p.name for p in (run / f"iteration_{k:03d}" / "folds").iterdir()) == \
+            ["transformer_fold0.pt", "transformer_fold1.pt"]
+        assert rec["fold_train_seconds"] > 0
+        # Every KDE density is below 1e9, so the training masks cover every token.
+        assert rec["masked_fraction"] == 1.0
+    assert not list(run.rglob("*_checkpoint.pt"))
+
+
+@pytest.mark.parametrize("setting, message", [("iltm.cross_fit_folds=1", "cross_fit_folds"),
+                                              ("iltm.cross_fit_folds=99", "at least 99 training scans"),
+                                              ("iltm.mask_density_threshold=-1", "mask_density_threshold")])
+def test_bad_cross_fit_settings_are_clear_errors(cohort2d, tmp_path, setting, message):
+    proc = cli_subprocess("train", "--data", cohort2d, "--out", tmp_path / "r", "--preset", "tiny", "--set", setting)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_accepts_off_and_sensible_values():
+    cfg = config_mod.preset("tiny").iltm
+    cfg.check(5)
+    cfg.cross_fit_folds, cfg.mask_density_threshold = 5, 0.05
+    cfg.check(5)
+    with pytest.raises(InputError):
+        cfg.check(4)
+
+
+def test_set_reads_exponents_without_a_dot_as_numbers():
+    cfg = config_mod.preset("tiny")
+    config_mod.set_dotted(cfg, "iltm.mask_density_threshold", "1e-3")
+    config_mod.set_dotted(cfg, "data.intensity", "8bit")
+    assert cfg.iltm.mask_density_threshold == 0.001 and cfg.data.intensity == "8bit"
