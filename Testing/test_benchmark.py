@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -151,10 +152,13 @@ def test_a_removed_row_is_redone_and_nothing_else(sweep):
 def test_figures_only_redraws_from_the_csvs(sweep):
     for name in (FIGURE3, FIGURE4, FIGURE5, TABLE1):
         (sweep / name).unlink()
+    record = json.loads((sweep / "benchmark.json").read_text())
+    (sweep / "benchmark.json").write_text(json.dumps({**record, "note": "Ran on a cold Tuesday."}))
     args = parse("--out", sweep, "--figures-only")
     assert cmd_benchmark(args, Reporter("none")) == 0
     for name in (FIGURE3, FIGURE4, FIGURE5, TABLE1):
         assert (sweep / name).is_file() and (sweep / name).stat().st_size > 0
+    assert "Ran on a cold Tuesday." in (sweep / TABLE1).read_text()
 
 
 def test_other_settings_in_the_same_folder_are_refused(sweep):

@@ -127,3 +127,12 @@ def test_set_reads_exponents_without_a_dot_as_numbers():
     config_mod.set_dotted(cfg, "iltm.mask_density_threshold", "1e-3")
     config_mod.set_dotted(cfg, "data.intensity", "8bit")
     assert cfg.iltm.mask_density_threshold == 0.001 and cfg.data.intensity == "8bit"
+
+
+def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
+                   "--set", "iltm.cross_fit_folds=0", "--set", "iltm.mask_density_threshold=null", *FAST) == 0
+    record = json.loads((run / "history.json").read_text())["iterations"][0]
+    assert "fold_train_seconds" not in record and not (run / "iteration_000" / "folds").exists()
+    assert len(list((run / "iteration_000" / "masks").glob("*_mask.nii.gz"))) == 8

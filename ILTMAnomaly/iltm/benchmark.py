@@ -756,6 +756,8 @@ def table1(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         lines += [f"    {c}" for c in commands]
         lines += ["", f"Wall time over {len(invocations)} invocation(s): {total / 3600:.2f} h "
                       f"(first started {invocations[0].get('started')})."]
+    if settings.get("note"):  # what a reader of the numbers must know that the commands do not say
+        lines += ["", settings["note"]]
     return "\n".join(lines) + "\n"
 
 
