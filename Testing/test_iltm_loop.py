@@ -136,3 +136,36 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     record = json.loads((run / "history.json").read_text())["iterations"][0]
     assert "fold_train_seconds" not in record and not (run / "iteration_000" / "folds").exists()
     assert len(list((run / "iteration_000" / "masks").glob("*_mask.nii.gz"))) == 8
+
+
+def test_same_seed_same_map_whatever_ran_before():
+    from iltm.detect import Detector
+    from iltm.transformer import TokenTransformer
+    from iltm.vqvae import build_vqvae
+
+    torch.manual_seed(0)
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_size = [16, 16]
+    vqvae = build_vqvae(cfg.vqvae, 2)                                   # untrained: dropout visibly matters
+    transformer = TokenTransformer(cfg.transformer, num_codes=cfg.vqvae.num_embeddings, seq_len=16)
+    detector = Detector(cfg, vqvae, transformer, (4, 4), torch.device("cpu"))
+    image = torch.rand(1, 16, 16)
+
+    def detect(seed: int) -> torch.Tensor:
+        return detector.detect_array(image, generator=torch.Generator().manual_seed(seed)).log_density
+
+    first = detect(5)
+    torch.rand(1000)  # other work in between draws from the global RNG
+    assert torch.equal(detect(5), first)
+    assert not torch.equal(detect(6), first)
+
+
+def test_encoding_keeps_the_decoders_dropout_on_in_detection_mode():
+    from iltm.vqvae import build_vqvae, decode_tokens, encode_tokens, set_detection_mode
+
+    torch.manual_seed(0)
+    vqvae = build_vqvae(config_mod.preset("tiny").vqvae, 2)
+    set_detection_mode(vqvae)
+    tokens = encode_tokens(vqvae, torch.rand(1, 1, 16, 16))
+    assert vqvae.decoder.training and not vqvae.encoder.training and not vqvae.training
+    assert not torch.equal(decode_tokens(vqvae, tokens), decode_tokens(vqvae, tokens))

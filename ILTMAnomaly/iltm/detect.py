@@ -98,7 +98,8 @@ class Detector:
         Args:
             image: (1, *spatial) normalised intensities, spatial = the model's input size.
             resampling_threshold: t; defaults to ``cfg.detection.resampling_threshold``.
-            generator: seeds the multinomial resampling (dropout masks use torch's global RNG).
+            generator: seeds the multinomial resampling and the decoder's dropout; the same seed gives the same
+                map whatever ran before.
         """
         det = self.cfg.detection
         t = det.resampling_threshold if resampling_threshold is None else resampling_threshold
@@ -111,7 +112,12 @@ class Detector:
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
         latents = healed.repeat_interleave(det.dropout_passes, dim=0)       # (N, *latent), N = S x D
-        recon = decode_tokens(self.vqvae, latents, batch=det.decode_batch)[:, 0]  # (N, *spatial)
+        # Dropout draws from torch's global RNG; seeding it from the generator inside a fork makes a scan's map
+        # depend on the generator's seed only, not on whatever ran before in the process.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device)))
+            recon = decode_tokens(self.vqvae, latents, batch=det.decode_batch)[:, 0]  # (N, *spatial)
         log_f = kde.log_density(recon, x[0, 0], self.cfg.eps(), chunk_voxels=det.kde_chunk_voxels)
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)

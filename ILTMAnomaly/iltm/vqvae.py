@@ -49,10 +49,13 @@ def encode_tokens(model: VQVAE, images: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, *latent) long, latent = spatial / 2**levels.
     """
-    was_training = model.training
-    model.eval()  # eval: no EMA codebook update, no dropout in the encoder
+    # eval: no EMA codebook update, no dropout in the encoder. Each submodule's mode is restored, not just the
+    # top one's: in detection mode the decoder alone trains (dropout), and model.train(False) would switch it off.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     tokens = model.index_quantize(images)
-    model.train(was_training)
+    for m, mode in modes:
+        m.training = mode
     return tokens
 
 
