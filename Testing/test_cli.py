@@ -198,4 +198,3 @@ def test_detect_on_a_rotated_anisotropic_input_keeps_its_geometry(run2d, tmp_pat
     # Scored everywhere the scan has voxels: no constant band left by the crop/pad to the model grid.
     score = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "rotated_score.nii.gz")))
     assert np.isfinite(score).all() and (np.ptp(score, axis=0) > 0).all() and (np.ptp(score, axis=1) > 0).all()
-

@@ -122,9 +122,13 @@ class Detector:
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
 
+    def density_threshold(self, tau: float | None = None) -> float:
+        """tau: the given one, else ``detection.density_threshold``."""
+        return self.cfg.detection.density_threshold if tau is None else tau
+
     def binary_map(self, log_density: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         """f < tau on the model grid, (*spatial) bool; tau defaults to ``detection.density_threshold``."""
-        return log_density < math.log(self.cfg.detection.density_threshold if tau is None else tau)
+        return log_density < math.log(self.density_threshold(tau))
 
     def token_mask(self, binary: torch.Tensor) -> torch.Tensor:
         """(*spatial) bool -> (*latent) bool: a token is masked when any voxel of its footprint is anomalous."""
@@ -137,10 +141,9 @@ class Detector:
         The mask is the thresholded *resampled* score, so ``mask == (score > -ln tau)`` holds on the input grid
         (what the Slicer threshold slider relies on); tau defaults to ``detection.density_threshold``.
         """
-        tau = self.cfg.detection.density_threshold if tau is None else tau
         score = self.preprocessor.inverse(result.score.numpy().astype(np.float32), info, interpolator="linear")
         score = sitk.Cast(score, sitk.sitkFloat32)
-        mask = sitk.Cast(score > -math.log(tau), sitk.sitkUInt8)
+        mask = sitk.Cast(score > -math.log(self.density_threshold(tau)), sitk.sitkUInt8)
         mask.CopyInformation(score)
         return score, mask
 

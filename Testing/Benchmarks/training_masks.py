@@ -20,12 +20,13 @@ import torch
 from scipy import ndimage
 
 from iltm.detect import Detector, token_mask_from_map
+from iltm.io import read_label
 from iltm.run import RunFolder
 from iltm.vqvae import encode_tokens
 
 
 def read_bool(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0
+    return sitk.GetArrayFromImage(read_label(path)) > 0
 
 
 def mask_coverage(run: RunFolder, labels: Path) -> list[dict]:
