@@ -200,3 +200,80 @@ def test_constant_threshold_fractions_and_the_recorded_command_round_trip(tmp_pa
     assert not settings_from_args(parse("--out", tmp_path / "x")).constant_threshold_too
     with pytest.raises(InputError, match="not among"):
         settings_from_args(parse("--out", tmp_path / "x", "--fractions", "0", "1", "--constant-threshold-too", "0.5"))
+
+
+# -- combining sweeps over seeds (no training: sweep folders written by hand) ------------------------------------
+
+def fake_sweep(folder: Path, seed: int, auroc: dict[tuple[str, float], float], **settings) -> Path:
+    """A finished sweep folder whose AUROC is ``auroc[(method, fraction)]`` and best Dice half of it."""
+    folder.mkdir(parents=True)
+    identity = {"dims": 2, "preset": "tiny", "n_train": 48, "n_test": 20, "seed": seed, "test_seed": 1000,
+                "size": None, "overrides": [], "max_iterations": None, "test_threshold": "fixed", **settings}
+    (folder / "benchmark.json").write_text(json.dumps({"settings": identity, "invocations": []}))
+    with (folder / SWEEP_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
+        writer.writeheader()
+        for (method, fraction), value in auroc.items():
+            writer.writerow({"method": method, "anomalous_fraction": fraction, "auroc": value, "aupro": value,
+                             "best_dice": value / 2, "auroc_std": 0.01, "aupro_std": 0.01, "best_dice_std": 0.01})
+    return folder
+
+
+def three_seeds(tmp_path: Path) -> list[Path]:
+    values = {0: (0.90, 0.95), 1: (0.92, 0.91), 2: (0.94, 0.93)}  # seed: (vae, iltm) at 100 %
+    return [fake_sweep(tmp_path / f"seed{s}", s, {("vae", 1.0): vae, ("iltm", 1.0): iltm, ("iltm", 0.0): 0.99,
+                                                   ("ae", 0.0): 0.5 + s / 10})
+            for s, (vae, iltm) in values.items()]
+
+
+def test_combined_seeds_give_means_spreads_and_paired_wins(tmp_path):
+    folders = three_seeds(tmp_path)
+    args = parse("--out", tmp_path / "combined", "--combine", *folders)
+    assert cmd_benchmark(args, Reporter("none")) == 0
+    _, rows = read_csv(tmp_path / "combined" / "seed_spread.csv")
+    got = {(r["method"], float(r["anomalous_fraction"])): r for r in rows}
+    assert set(got) == {("vae", 1.0), ("iltm", 1.0), ("iltm", 0.0), ("ae", 0.0)}
+    assert float(got[("iltm", 1.0)]["auroc"]) == pytest.approx(0.93)
+    assert float(got[("iltm", 1.0)]["auroc_std"]) == pytest.approx(0.02)  # sample sd of .95 .91 .93
+    assert float(got[("ae", 0.0)]["auroc_std"]) == pytest.approx(0.1)
+    assert float(got[("vae", 1.0)]["best_dice"]) == pytest.approx(0.46)
+    assert int(got[("vae", 1.0)]["seeds"]) == 3
+    table = (tmp_path / "combined" / "seed_spread.md").read_text()
+    assert "over 3 seeds (0, 1, 2)" in table
+    assert "| 100 % |  | 92.0 ± 2.0 / 46.0 ± 1.0 | 93.0 ± 2.0 / 46.5 ± 1.0 |" in table
+    # ILTM - VAE per seed: +5, -1, -1 points: higher in 1 of 3 seeds
+    assert "+1.0 ± 3.5 (1/3)" in table
+    assert (tmp_path / "combined" / "figure4_seeds.png").stat().st_size > 0
+
+
+def test_only_what_every_seed_has_is_combined(tmp_path):
+    folders = three_seeds(tmp_path)
+    extra = fake_sweep(tmp_path / "seed3", 3, {("iltm", 1.0): 0.9})
+    from iltm.benchmark import combine_seeds
+
+    rows, paired, seeds = combine_seeds([*folders, extra])
+    assert [(r["method"], r["anomalous_fraction"]) for r in rows] == [("iltm", 1.0)]
+    assert paired == [] and seeds == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n_train=40), "seed1: differs from .* in n_train"),
+    (dict(test_seed=1001), "in test_seed"),
+    (dict(seed=0), "same seed"),
+])
+def test_sweeps_that_differ_in_more_than_the_seed_are_refused(tmp_path, change, match):
+    first = fake_sweep(tmp_path / "seed0", 0, {("iltm", 1.0): 0.9})
+    second = fake_sweep(tmp_path / "seed1", change.pop("seed", 1), {("iltm", 1.0): 0.9}, **change)
+    args = parse("--out", tmp_path / "combined", "--combine", first, second)
+    with pytest.raises(InputError, match=match):
+        cmd_benchmark(args, Reporter("none"))
+    assert not (tmp_path / "combined" / "seed_spread.csv").exists()
+
+
+def test_combining_one_sweep_or_an_empty_folder_is_refused(tmp_path):
+    first = fake_sweep(tmp_path / "seed0", 0, {("iltm", 1.0): 0.9})
+    with pytest.raises(InputError, match="at least two"):
+        cmd_benchmark(parse("--out", tmp_path / "c", "--combine", first), Reporter("none"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: not a sweep with results"):
+        cmd_benchmark(parse("--out", tmp_path / "c", "--combine", first, tmp_path / "empty"), Reporter("none"))

@@ -63,6 +63,7 @@ EXAMPLE = """examples:
       --n-train 40 --n-test 20 --seed 0 --constant-threshold-too
   iltm benchmark --out sweep2d --dims 2 --preset tiny --set vqvae.epochs=10 --set baselines.epochs=10
   iltm benchmark --out sweep2d --figures-only
+  iltm benchmark --out sweep2d_seeds --combine sweep2d sweep2d_seed1 sweep2d_seed2
 
 Run the same command again to continue an interrupted sweep; rows already in the CSV are kept."""
 
@@ -581,7 +582,8 @@ def _style(method: str) -> dict[str, Any]:
     return dict(color=colour, marker=marker, linestyle=line)
 
 
-def figure4(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+def figure4(rows: list[dict[str, Any]], path: Path, title: str = "",
+            error_bars: str = "standard deviation over test scans") -> Path:
     """AUROC / AUPRO / best Dice against the anomalous fraction of the training data, one line per method."""
     import matplotlib.pyplot as plt
 
@@ -601,7 +603,7 @@ def figure4(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
         ax.set(xlabel="anomalous training scans (%)", ylabel=f"{name} (%)", title=name)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title + "\n(pooled voxel metric; error bars: standard deviation over test scans)", fontsize=9, y=1.06)
+    fig.suptitle(title + f"\n(pooled voxel metric; error bars: {error_bars})", fontsize=9, y=1.06)
     save_figure(fig, path)
     return path
 
@@ -791,6 +793,142 @@ def make_figures(out: str | Path, reporter: Reporter | None = None, cases: int =
     return written
 
 
+# -- several seeds ------------------------------------------------------------------------------------------------
+
+SEEDS_CSV, SEEDS_TABLE, SEEDS_FIGURE = "seed_spread.csv", "seed_spread.md", "figure4_seeds.png"
+SEED_COLUMNS = ["method", "anomalous_fraction", "seeds", "auroc", "aupro", "best_dice", "auroc_std", "aupro_std",
+                "best_dice_std"]
+BASELINES = ("ae", "vae", "vqvae_transformer")
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _read_sweeps(folders: list[Path]) -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
+    """(folder, settings, rows) of each sweep; InputError unless they differ in ``--seed`` only."""
+    if len(folders) < 2:
+        raise InputError("--combine", f"give at least two sweep folders, not {len(folders)}")
+    sweeps = []
+    for folder in map(Path, folders):
+        rows = read_table(folder / SWEEP_CSV)
+        if not (folder / SETTINGS_JSON).is_file() or not rows:
+            raise InputError(folder, f"not a sweep with results: no {SETTINGS_JSON} or no rows in {SWEEP_CSV}")
+        sweeps.append((folder, json.loads((folder / SETTINGS_JSON).read_text()).get("settings", {}), rows))
+    first_folder, first, _ = sweeps[0]
+    fixed = [k for k in SweepSettings.IDENTITY if k != "seed"]
+    for folder, settings, _ in sweeps[1:]:
+        differ = [k for k in fixed if settings.get(k) != first.get(k)]
+        if differ:
+            raise InputError(folder, f"differs from {first_folder} in {', '.join(differ)}; only --seed may differ "
+                                     "(the test set, --test-seed, must be the same)")
+    seeds = [s.get("seed") for _, s, _ in sweeps]
+    if len(set(seeds)) < len(seeds):
+        raise InputError("--combine", f"two sweeps have the same seed ({seeds}): they are not independent")
+    return sweeps
+
+
+def combine_seeds(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """Mean and standard deviation over sweeps that differ only in their seed (training cohort and training).
+
+    Returns:
+        rows in the schema of :data:`SEED_COLUMNS` (``auroc`` = mean over seeds, ``auroc_std`` = their standard
+        deviation), one per (method, fraction) that every sweep has; ``paired``: per fraction and baseline the
+        differences ILTM minus baseline, seed by seed (``auroc_diff`` list, ``wins`` = seeds where ILTM is higher);
+        the seeds.
+    """
+    sweeps = _read_sweeps(folders)
+    by_seed = [{(r["method"], r["anomalous_fraction"]): r for r in rows} for _, _, rows in sweeps]
+    common = set.intersection(*(set(d) for d in by_seed))
+    order = _method_order({m for m, _ in common})
+    common = sorted(common, key=lambda k: (k[1], order.index(k[0])))
+    if not common:
+        raise InputError("--combine", "the sweeps have no (method, fraction) in common")
+    rows = []
+    for method, fraction in common:
+        row: dict[str, Any] = {"method": method, "anomalous_fraction": fraction, "seeds": len(by_seed)}
+        for key, _ in METRICS:
+            row[key], row[f"{key}_std"] = _mean_sd([d[(method, fraction)][key] for d in by_seed])
+        rows.append(row)
+    paired = []
+    for fraction in sorted({f for _, f in common}):
+        for other in BASELINES:
+            if ("iltm", fraction) in common and (other, fraction) in common:
+                entry: dict[str, Any] = {"anomalous_fraction": fraction, "method": other}
+                for key, _ in METRICS:
+                    entry[f"{key}_diff"] = [d[("iltm", fraction)][key] - d[(other, fraction)][key] for d in by_seed]
+                entry["wins"] = sum(v > 0 for v in entry["auroc_diff"])
+                paired.append(entry)
+    return rows, paired, [s.get("seed") for _, s, _ in sweeps]
+
+
+def seeds_table(rows: list[dict[str, Any]], paired: list[dict[str, Any]], seeds: list[int],
+                folders: list[Path], settings: dict[str, Any]) -> str:
+    """Markdown: AUROC and best Dice, mean ± standard deviation over seeds, and ILTM's paired differences."""
+    methods = _method_order({r["method"] for r in rows})
+    at = {(r["method"], r["anomalous_fraction"]): r for r in rows}
+    fractions = sorted({r["anomalous_fraction"] for r in rows})
+    lines = [f"# Contamination sweep over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             f"Synthetic PET-like {settings.get('dims', '?')}D data, preset `{settings.get('preset', '?')}`, "
+             f"{settings.get('n_train', '?')} training scans per fraction and seed, one held-out test set of "
+             f"{settings.get('n_test', '?')} scans (test seed {settings.get('test_seed', '?')}). Sweeps: "
+             + ", ".join(f"`{f}`" for f in folders) + ".", "",
+             "AUROC / best Dice in %, mean ± standard deviation over the seeds (each seed: its own training "
+             "cohort and training):", "",
+             "| training data anomalous | " + " | ".join(METHOD_NAMES.get(m, m) for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for f in fractions:
+        cells = []
+        for m in methods:
+            r = at.get((m, f))
+            cells.append("" if r is None else f"{100 * r['auroc']:.1f} ± {100 * r['auroc_std']:.1f} / "
+                                                 f"{100 * r['best_dice']:.1f} ± {100 * r['best_dice_std']:.1f}")
+        lines.append(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
+    if paired:
+        names = [m for m in BASELINES if any(p["method"] == m for p in paired)]
+        lines += ["", "ILTM minus each other method, paired by seed (same training cohort), in points: AUROC mean "
+                      "± sd (seeds where ILTM's AUROC is higher) / best Dice mean ± sd:", "",
+                  "| training data anomalous | " + " | ".join(f"vs {METHOD_NAMES[m]}" for m in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for f in sorted({p["anomalous_fraction"] for p in paired}):
+            cells = []
+            for m in names:
+                p = next((p for p in paired if p["anomalous_fraction"] == f and p["method"] == m), None)
+                if p is None:
+                    cells.append("")
+                    continue
+                (a, sa), (d, sd) = (_mean_sd([100 * v for v in p[k]]) for k in ("auroc_diff", "best_dice_diff"))
+                cells.append(f"{a:+.1f} ± {sa:.1f} ({p['wins']}/{len(seeds)}) / {d:+.1f} ± {sd:.1f}")
+            lines.append(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_summary(folders: list[Path], out: Path, reporter: Reporter | None = None) -> list[Path]:
+    """``iltm benchmark --combine``: write :data:`SEEDS_CSV`, :data:`SEEDS_TABLE` and :data:`SEEDS_FIGURE` in ``out``."""
+    from .io import atomic_path, atomic_write_text
+
+    reporter = reporter or Reporter("none")
+    folders = [Path(f) for f in folders]
+    rows, paired, seeds = combine_seeds(folders)
+    settings = json.loads((folders[0] / SETTINGS_JSON).read_text()).get("settings", {})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / SEEDS_CSV) as tmp, Path(tmp).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SEED_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: _cell(r[k]) for k in SEED_COLUMNS} for r in rows)
+    atomic_write_text(out / SEEDS_TABLE, seeds_table(rows, paired, seeds, folders, settings))
+    title = f"synthetic {settings.get('dims', '?')}D, preset {settings.get('preset', '?')}, seeds {seeds}"
+    figure4(rows, out / SEEDS_FIGURE, title, error_bars=f"standard deviation over {len(seeds)} training seeds")
+    written = [out / SEEDS_CSV, out / SEEDS_TABLE, out / SEEDS_FIGURE]
+    for path in written:
+        reporter.emit("output", kind="figure" if path.suffix == ".png" else "table", path=str(path))
+    return written
+
+
 # -- command line -------------------------------------------------------------------------------------------------
 
 def add_benchmark_parser(subparsers, common_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -823,6 +961,9 @@ def add_benchmark_parser(subparsers, common_parent: argparse.ArgumentParser) -> 
                    help="override a config value, e.g. --set vqvae.epochs=10; 'baselines.KEY' for the Dense AE/VAE "
                         "(e.g. --set baselines.beta=0.5); repeatable")
     p.add_argument("--figures-only", action="store_true", help="only redraw figures and table from the CSVs in --out")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="SWEEP",
+                   help="only combine finished sweeps that differ in --seed alone: mean and spread over seeds, and "
+                        f"ILTM's paired differences, into --out ({SEEDS_TABLE}, {SEEDS_CSV}, {SEEDS_FIGURE})")
     p.set_defaults(handler=cmd_benchmark)
     return p
 
@@ -859,6 +1000,12 @@ def command_line(settings: SweepSettings) -> str:
 
 
 def cmd_benchmark(args, reporter: Reporter) -> int:
+    if args.combine:
+        for path in write_seed_summary(args.combine, args.out, reporter):
+            reporter.log(f"wrote {path}")
+        if reporter.mode != "jsonl":
+            print((Path(args.out) / SEEDS_TABLE).read_text())
+        return 0
     if args.figures_only:
         for path in make_figures(args.out, reporter, cases=args.cases):
             reporter.log(f"wrote {path}")
