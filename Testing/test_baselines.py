@@ -152,18 +152,18 @@ def cohort(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["ae", "vae"])
+@pytest.mark.parametrize("method", ["ae", "vae", "nsa"])
 def test_training_saves_loads_and_scores(cohort, tmp_path, method):
     cfg = preset("tiny")
     cfg.device = "cpu"
     cfg.data.augment = False
     bcfg = baselines.preset("tiny")
-    bcfg.epochs = 6
+    bcfg.epochs = bcfg.nsa_epochs = 6
     path = tmp_path / f"{method}.pt"
     model = baselines.train_baseline(method, path, cfg, bcfg, cohort)
     losses = model.extra["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert model.model.variational == (method == "vae")
+    assert getattr(model.model, "variational", None) == {"ae": False, "vae": True}.get(method)
     assert not path.with_name(path.name + ".fit.pt").exists()
     # A finished model is loaded, not retrained.
     stamp = path.stat().st_mtime_ns
@@ -180,6 +180,8 @@ def test_training_saves_loads_and_scores(cohort, tmp_path, method):
     assert np.allclose(score.GetOrigin(), image.GetOrigin()) and np.allclose(score.GetSpacing(), image.GetSpacing())
     values = sitk.GetArrayFromImage(score)
     assert values.min() >= 0 and values.max() > 0
+    if method == "nsa":  # a probability
+        assert values.max() <= 1
 
 
 def test_loading_a_foreign_or_damaged_file_names_it(tmp_path):

@@ -1,5 +1,5 @@
-"""Reconstruction baselines: the Dense AE and Dense VAE of Baur et al. (2021), "Autoencoders for unsupervised
-anomaly segmentation in brain MR images: a comparative study".
+"""Baselines: the Dense AE and Dense VAE of Baur et al. (2021), "Autoencoders for unsupervised anomaly segmentation
+in brain MR images: a comparative study", and the self-supervised NSA (:mod:`iltm.nsa`).
 
 A convolutional encoder (stride-2 convolutions) ends in a *dense* bottleneck: flatten -> linear -> latent vector
 (the VAE: a mean and a log-variance, then the reparameterisation) -> linear -> unflatten, and a mirrored decoder
@@ -9,7 +9,8 @@ augmentation) with an L1 reconstruction loss, plus beta x KL for the VAE.
 The anomaly score is the residual between the input and its reconstruction. PET lesions are hot (brighter than
 what a model of normal uptake reconstructs), so by default only the positive residual max(x - recon, 0) counts,
 followed by Baur et al.'s median-filter post-processing; ``residual="absolute"`` gives their plain |x - recon|.
-Scores are written as ``<id>_score.nii.gz`` on each input's own grid, like ``iltm detect``'s.
+NSA's score is its U-Net's voxel probability of a synthetic anomaly. Scores are written as ``<id>_score.nii.gz``
+on each input's own grid, like ``iltm detect``'s.
 """
 
 from __future__ import annotations
@@ -35,23 +36,28 @@ from .progress import Reporter
 
 FORMAT = "iltm-dense-autoencoder"
 FORMAT_VERSION = 1
-METHODS = ("ae", "vae")
+METHODS = ("ae", "vae", "nsa")
+NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA"}
 RESIDUALS = ("positive", "absolute")
 SCORE_SUFFIX = "_score.nii.gz"
 
 
 @dataclass
 class BaselineConfig:
-    """Shape and training schedule of the Dense AE / VAE. ``len(channels)`` stride-2 convolutions (each x2).
+    """Shape and training schedule of the Dense AE / VAE and NSA. ``len(channels)`` stride-2 convolutions (each x2).
 
     Args:
-        channels: feature channels of the encoder's convolutions (the decoder mirrors them).
+        channels: feature channels of the encoder's convolutions (the decoder mirrors them); NSA's U-Net has these
+            channels at ``len(channels) - 1`` stride-2 levels.
         kernel_size: convolution kernel (Baur et al.: 5).
         latent_size: length of the dense latent vector z (Baur et al.: 512).
         beta: weight of the VAE's KL term; L1 and KL are both summed over one image (ELBO weighting) and the sum is
             divided by the voxel count, so beta = 1 is the plain ELBO with a unit-scale Laplace likelihood.
         residual: ``"positive"`` = max(x - recon, 0) (hot lesions) or ``"absolute"`` = |x - recon|.
         median_size: median filter (voxels per axis) applied to the residual; 0 or 1 = none.
+        nsa_epochs: NSA's epochs (``epochs`` is the AE's and VAE's): a segmentation network learning from random
+            synthetic anomalies needs more steps than a reconstruction (tiny, 2D, clean data: AUROC 86.4 and best
+            Dice 8.2 after 60 epochs, 99.5 and 59.3 after 300).
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
@@ -63,6 +69,7 @@ class BaselineConfig:
     learning_rate: float = 1e-4
     residual: str = "positive"
     median_size: int = 3
+    nsa_epochs: int = 300
 
     @property
     def downsample_factor(self) -> int:
@@ -109,8 +116,8 @@ def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
         raise InputError(where, f"residual must be one of {', '.join(RESIDUALS)}, not '{cfg.residual}'")
     if not cfg.channels or any(int(c) < 1 for c in cfg.channels):
         raise InputError(where, f"channels {cfg.channels} must be a non-empty list of positive numbers")
-    for name in ("latent_size", "epochs", "batch_size", "kernel_size"):
-        if int(getattr(cfg, name)) < (0 if name == "epochs" else 1):
+    for name in ("latent_size", "epochs", "nsa_epochs", "batch_size", "kernel_size"):
+        if int(getattr(cfg, name)) < (0 if name.endswith("epochs") else 1):
             raise InputError(where, f"{name} must be positive (got {getattr(cfg, name)})")
     if cfg.beta < 0:
         raise InputError(where, f"beta must be >= 0 (got {cfg.beta})")
@@ -202,9 +209,9 @@ def loss_terms(model: DenseAutoencoder, x: torch.Tensor, beta: float) -> dict[st
 # -- a trained baseline ------------------------------------------------------------------------------------------
 
 class Baseline:
-    """A trained Dense AE / VAE with the preprocessing it was trained with; scores images on their own grid."""
+    """A trained Dense AE / VAE or NSA with the preprocessing it was trained with; scores images on their own grid."""
 
-    def __init__(self, method: str, model: DenseAutoencoder, cfg: BaselineConfig, data_cfg: DataConfig,
+    def __init__(self, method: str, model: nn.Module, cfg: BaselineConfig, data_cfg: DataConfig,
                  device: torch.device, extra: dict | None = None):
         from .preprocess import Preprocessor
 
@@ -224,8 +231,7 @@ class Baseline:
         payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location="cpu", what="baseline checkpoint")
         cfg = from_dict(payload["config"], where=str(path))
         data_cfg = DataConfig(**payload["data"])
-        model = DenseAutoencoder(payload["spatial_dims"], tuple(payload["in_shape"]), cfg.channels, cfg.latent_size,
-                                 variational=payload["method"] == "vae", kernel_size=cfg.kernel_size)
+        model = build(payload["method"], payload["spatial_dims"], tuple(payload["in_shape"]), cfg)
         try:
             model.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:
@@ -247,23 +253,37 @@ class Baseline:
             score = ndimage.median_filter(score, size=int(self.cfg.median_size), mode="nearest")
         return score.astype(np.float32), recon.astype(np.float32)
 
+    @torch.no_grad()
+    def score_array(self, array: np.ndarray) -> np.ndarray:
+        """(1, *spatial) preprocessed image -> (*spatial) float32 score: the residual, or NSA's probability."""
+        if self.method != "nsa":
+            return self.residual_array(array)[0]
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(self.device)
+        return torch.sigmoid(self.model(x))[0, 0].cpu().numpy().astype(np.float32)
+
     def score_image(self, img: sitk.Image, where: str = "image") -> sitk.Image:
-        """The residual score of a scan, float32, on exactly the scan's size, spacing, origin and direction."""
+        """The score of a scan, float32, on exactly the scan's size, spacing, origin and direction."""
         array, info = self.preprocessor.forward(img, where=where)
-        score, _ = self.residual_array(array)
+        score = self.score_array(array)
         return sitk.Cast(self.preprocessor.inverse(score, info, interpolator="linear"), sitk.sitkFloat32)
 
 
-def build(method: str, spatial_dims: int, in_shape: tuple[int, ...], cfg: BaselineConfig) -> DenseAutoencoder:
+def build(method: str, spatial_dims: int, in_shape: tuple[int, ...], cfg: BaselineConfig) -> nn.Module:
     if method not in METHODS:
         raise InputError("--methods", f"unknown baseline '{method}' (choose from {', '.join(METHODS)})")
+    if method == "nsa":
+        from . import nsa
+
+        net = nsa.build(spatial_dims, list(cfg.channels))
+        net.spatial_dims, net.in_shape = spatial_dims, tuple(in_shape)  # what a checkpoint records, as for the AE
+        return net
     return DenseAutoencoder(spatial_dims, in_shape, list(cfg.channels), cfg.latent_size,
                             variational=method == "vae", kernel_size=cfg.kernel_size)
 
 
 def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: BaselineConfig, data: str | Path,
                    reporter: Reporter | None = None) -> Baseline:
-    """Train a Dense AE (``"ae"``) or VAE (``"vae"``) on the scans in ``data``, saved as ``out`` (a .pt file).
+    """Train a Dense AE (``"ae"``), VAE (``"vae"``) or NSA (``"nsa"``) on the scans in ``data``, saved as ``out``.
 
     Args:
         cfg: the run's config: its ``data`` section (intensity, spacing, augmentation), ``seed`` and ``device``
@@ -303,8 +323,20 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = out.with_name(out.name + ".fit.pt")
-    losses = fit(model, batches, lambda x: loss_terms(model, x, baseline_cfg.beta)["total"], baseline_cfg.epochs,
-                 baseline_cfg.learning_rate, checkpoint, reporter, f"train Dense {method.upper()}", units=0.0)
+    if method == "nsa":
+        from . import nsa
+
+        rng = np.random.default_rng(cfg.seed)
+        intensity_range = 255.0 if data_cfg.intensity == "8bit" else 1.0
+
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            return nsa.loss(model, x, rng, intensity_range)
+    else:
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            return loss_terms(model, x, baseline_cfg.beta)["total"]
+    epochs = baseline_cfg.nsa_epochs if method == "nsa" else baseline_cfg.epochs
+    losses = fit(model, batches, loss_of, epochs, baseline_cfg.learning_rate, checkpoint, reporter,
+                 f"train {NAMES[method]}", units=0.0)
     baseline = Baseline(method, model, baseline_cfg, data_cfg, device)
     baseline.save(out, extra={"losses": losses, "train_seconds": time.perf_counter() - start,
                               "training_ids": [r.id for r in records]})
@@ -324,7 +356,7 @@ def score_files(baseline: Baseline, records, out: str | Path, reporter: Reporter
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for rec in reporter.track(records, f"score with Dense {baseline.method.upper()}"):
+    for rec in reporter.track(records, f"score with {NAMES[baseline.method]}"):
         path = out / f"{rec.id}{SCORE_SUFFIX}"
         write_image(baseline.score_image(read_image(rec.image), where=str(rec.image)), path)
         written.append(path)

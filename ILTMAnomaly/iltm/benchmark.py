@@ -15,11 +15,12 @@ and score maps already on disk are reused.
     DIR/fraction_0.4/train/                  the training cohort with 40 % anomalous scans
     DIR/fraction_0.4/runs/iltm/              ILTM run folder (decreasing threshold; iteration 0 = no ILTM)
     DIR/fraction_0.4/runs/iltm_constant/     the same with a constant threshold (--constant-threshold-too)
-    DIR/fraction_0.4/runs/ae.pt, vae.pt      Dense AE / VAE
+    DIR/fraction_0.4/runs/ae.pt, vae.pt      Dense AE / VAE (nsa.pt: NSA)
     DIR/fraction_0.4/scores/<method>/...     test-set score maps (<id>_score.nii.gz)
     DIR/figure3_iterations.png, figure4_metrics_vs_fraction.png, figure5_qualitative.png, table1.md
 
-Methods: ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``vqvae_transformer`` (iteration 0 of the ILTM
+Methods: ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` (self-supervised, :mod:`iltm.nsa`),
+``vqvae_transformer`` (iteration 0 of the ILTM
 run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` (the run's last iteration).
 """
 
@@ -49,8 +50,10 @@ SWEEP_COLUMNS = ["method", "anomalous_fraction", "auroc", "aupro", "best_dice", 
                  "best_dice_std", "iteration", "seconds"]
 ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice",
                      "auroc_std", "aupro_std", "best_dice_std", "resampling_threshold", "masked_fraction"]
-METHODS = ("ae", "vae", "vqvae_transformer", "iltm")
-METHOD_NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
+METHODS = ("ae", "vae", "nsa", "vqvae_transformer", "iltm")
+BASELINES = ("ae", "vae", "nsa", "vqvae_transformer")  # what ILTM is compared with
+METHOD_NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA (self-supervised)",
+                "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
                 "iltm": "ILTM", "iltm_constant": "ILTM, constant threshold"}
 METRICS = (("auroc", "AUROC"), ("aupro", "AUPRO"), ("best_dice", "best Dice"))
 TEST_FRACTION = 0.5
@@ -441,7 +444,7 @@ class Sweep:
         for f in self.s.fractions:
             tasks += [(f, "iltm")] if self.s.runs_iltm else []
             tasks += [(f, "iltm_constant")] if self.s.constant_threshold_too and f in constant else []
-            tasks += [(f, m) for m in ("ae", "vae") if m in self.s.methods]
+            tasks += [(f, m) for m in ("ae", "vae", "nsa") if m in self.s.methods]
         self.reporter.units_total = float(len(tasks))
         self.reporter.emit("start", command="benchmark", out=str(self.out), tasks=len(tasks))
         self.reporter.log(f"benchmark: {len(tasks)} trainings over {len(self.s.fractions)} fractions into {self.out}")
@@ -557,7 +560,7 @@ class Sweep:
         if self.sweep.get(method=method, anomalous_fraction=fraction):
             return
         self._cohort(fraction, train_dir)
-        self.reporter.log(f"{100 * fraction:g} % anomalous: Dense {method.upper()}")
+        self.reporter.log(f"{100 * fraction:g} % anomalous: {METHOD_NAMES[method]}")
         model = train_baseline(method, self.fraction_dir(fraction) / "runs" / f"{method}.pt", self.cfg,
                                self.baseline_cfg, train_dir, self.inner)
         scores_dir = self.fraction_dir(fraction) / "scores" / method
@@ -576,8 +579,9 @@ def _method_order(methods) -> list[str]:
 
 
 def _style(method: str) -> dict[str, Any]:
-    styles = {"ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"), "vqvae_transformer": ("tab:blue", "^", "-"),
-              "iltm": ("tab:red", "o", "-"), "iltm_constant": ("tab:orange", "o", "--")}
+    styles = {"ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"), "nsa": ("tab:green", "v", "-"),
+              "vqvae_transformer": ("tab:blue", "^", "-"), "iltm": ("tab:red", "o", "-"),
+              "iltm_constant": ("tab:orange", "o", "--")}
     colour, marker, line = styles.get(method, (None, "x", ":"))
     return dict(color=colour, marker=marker, linestyle=line)
 
@@ -666,6 +670,8 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
             maps["Dense AE residual"] = fdir / "scores" / "ae"
         if (fdir / "scores" / "vae").is_dir():
             maps["Dense VAE residual"] = fdir / "scores" / "vae"
+        if (fdir / "scores" / "nsa").is_dir():
+            maps["NSA probability"] = fdir / "scores" / "nsa"
         if iltm and iltm[0].get("iteration") is not None:
             k = int(iltm[0]["iteration"])
             maps[f"ILTM score (iteration {k})"] = fdir / "scores" / "iltm" / f"iteration_{k:03d}"
@@ -739,7 +745,7 @@ def table1(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         verdicts = []
         for f in sorted({r["anomalous_fraction"] for r in rows if r["anomalous_fraction"] >= 0.5}):
             here = {r["method"]: r["auroc"] for r in rows if r["anomalous_fraction"] == f}
-            others = {m: v for m, v in here.items() if m in ("ae", "vae", "vqvae_transformer")}
+            others = {m: v for m, v in here.items() if m in BASELINES}
             if "iltm" in here and others:
                 beaten = [METHOD_NAMES[m] for m, v in others.items() if v >= here["iltm"]]
                 verdicts.append(f"{100 * f:g} %: " + ("ILTM has the highest AUROC" if not beaten else
@@ -798,7 +804,6 @@ def make_figures(out: str | Path, reporter: Reporter | None = None, cases: int =
 SEEDS_CSV, SEEDS_TABLE, SEEDS_FIGURE = "seed_spread.csv", "seed_spread.md", "figure4_seeds.png"
 SEED_COLUMNS = ["method", "anomalous_fraction", "seeds", "auroc", "aupro", "best_dice", "auroc_std", "aupro_std",
                 "best_dice_std"]
-BASELINES = ("ae", "vae", "vqvae_transformer")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -907,7 +912,7 @@ def seeds_table(rows: list[dict[str, Any]], paired: list[dict[str, Any]], seeds:
 
 
 def write_seed_summary(folders: list[Path], out: Path, reporter: Reporter | None = None) -> list[Path]:
-    """``iltm benchmark --combine``: write :data:`SEEDS_CSV`, :data:`SEEDS_TABLE` and :data:`SEEDS_FIGURE` in ``out``."""
+    """``iltm benchmark --combine``: write the seed summary (table, CSV, Figure 4 over seeds) to ``out``."""
     from .io import atomic_path, atomic_write_text
 
     reporter = reporter or Reporter("none")
@@ -959,7 +964,7 @@ def add_benchmark_parser(subparsers, common_parent: argparse.ArgumentParser) -> 
     p.add_argument("--cases", type=int, default=3, help="anomalous test scans shown in Figure 5 (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set vqvae.epochs=10; 'baselines.KEY' for the Dense AE/VAE "
-                        "(e.g. --set baselines.beta=0.5); repeatable")
+                        "and NSA (e.g. --set baselines.beta=0.5); repeatable")
     p.add_argument("--figures-only", action="store_true", help="only redraw figures and table from the CSVs in --out")
     p.add_argument("--combine", nargs="+", type=Path, metavar="SWEEP",
                    help="only combine finished sweeps that differ in --seed alone: mean and spread over seeds, and "

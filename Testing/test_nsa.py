@@ -1,0 +1,84 @@
+"""NSA's synthetic anomalies: the exact Poisson solver, the blending, the logistic labels, 2D and 3D."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iltm import nsa
+
+
+def laplacian_inside(h: np.ndarray) -> np.ndarray:
+    lap = sum(np.roll(h, 1, a) + np.roll(h, -1, a) - 2 * h for a in range(h.ndim))
+    return lap[(slice(1, -1),) * h.ndim]
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 6, 5), (3, 3)])
+def test_harmonic_fill_reproduces_a_linear_function_from_its_surface(shape):
+    grid = np.indices(shape).astype(float)
+    linear = 0.3 + sum((i + 1) * 0.1 * g for i, g in enumerate(grid))
+    shell = linear.copy()
+    shell[(slice(1, -1),) * len(shape)] = 99.0  # the inside must not be read
+    assert np.allclose(nsa.harmonic_fill(shell), linear)
+
+
+def test_harmonic_fill_solves_laplace_with_the_given_surface():
+    shell = np.random.default_rng(0).normal(size=(6, 8, 7))
+    h = nsa.harmonic_fill(shell)
+    assert np.abs(laplacian_inside(h)).max() < 1e-10
+    surface = np.ones(shell.shape, bool)
+    surface[1:-1, 1:-1, 1:-1] = False
+    assert np.array_equal(h[surface], shell[surface])
+    with pytest.raises(ValueError, match="3 voxels"):
+        nsa.harmonic_fill(np.zeros((2, 5)))
+
+
+def test_poisson_blend_keeps_the_sources_gradients_and_the_targets_surface():
+    rng = np.random.default_rng(1)
+    target, source = rng.random((9, 11)), rng.random((9, 11))
+    blended = nsa.poisson_blend(target, source)
+    assert np.allclose(laplacian_inside(blended), laplacian_inside(source))
+    assert np.allclose(blended[0], target[0]) and np.allclose(blended[:, -1], target[:, -1])
+    # A source that is the target plus a constant blends into the target itself: an invisible patch.
+    assert np.allclose(nsa.poisson_blend(target, target + 0.5), target)
+
+
+@pytest.mark.parametrize("shape", [(4, 48, 40), (3, 24, 16, 20)])
+def test_synthesize_labels_follow_the_change(shape):
+    images = np.random.default_rng(2).random(shape).astype(np.float32)
+    changed, labels = nsa.synthesize(images, np.random.default_rng(3))
+    assert changed.shape == labels.shape == images.shape and changed.dtype == labels.dtype == np.float32
+    assert 0.0 <= labels.min() and labels.max() <= 1.0
+    change = np.abs(changed - images)
+    assert (change > 0).any(), "no patch in any image"
+    assert (labels[change == 0] < 0.01).all()
+    assert (labels[change > 2 * nsa.LABEL_OFFSET] > 0.98).all()
+    again = nsa.synthesize(images, np.random.default_rng(3))
+    assert np.array_equal(again[0], changed) and np.array_equal(again[1], labels)
+
+
+def test_a_single_image_takes_patches_from_itself_and_tiny_images_are_refused():
+    image = np.random.default_rng(4).random((1, 32, 32)).astype(np.float32)
+    changed = [nsa.synthesize(image, np.random.default_rng(s))[0] for s in range(8)]
+    assert any(not np.array_equal(c, image) for c in changed)
+    with pytest.raises(ValueError, match="too small"):
+        nsa.synthesize(np.zeros((2, 2, 8), np.float32), np.random.default_rng(0))
+
+
+def test_intensity_range_scales_the_labels():
+    images = np.random.default_rng(5).random((2, 32, 32)).astype(np.float32)
+    _, unit = nsa.synthesize(images, np.random.default_rng(6))
+    changed, eight_bit = nsa.synthesize(images * 255, np.random.default_rng(6), intensity_range=255.0)
+    assert np.allclose(unit, eight_bit, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_loss_is_a_differentiable_scalar(dims):
+    torch.manual_seed(0)
+    model = nsa.build(dims, [4, 8])
+    x = torch.rand(2, 1, *([16] * dims))
+    value = nsa.loss(model, x, np.random.default_rng(0))
+    value.backward()
+    assert value.ndim == 0 and float(value.detach()) > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
