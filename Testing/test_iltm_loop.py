@@ -169,3 +169,52 @@ def test_encoding_keeps_the_decoders_dropout_on_in_detection_mode():
     tokens = encode_tokens(vqvae, torch.rand(1, 1, 16, 16))
     assert vqvae.decoder.training and not vqvae.encoder.training and not vqvae.training
     assert not torch.equal(decode_tokens(vqvae, tokens), decode_tokens(vqvae, tokens))
+
+
+def test_a_collapsed_codebook_is_recorded_and_warned_about(cohort2d, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
+                   "--set", "vqvae.num_embeddings=1", *FAST) == 0
+    assert json.loads((run / "history.json").read_text())["vqvae"]["codes_used"] == 1
+    assert "codebook collapsed" in capsys.readouterr().err
+    healthy = tmp_path / "healthy"
+    assert run_cli("train", "--data", cohort2d, "--out", healthy, "--preset", "tiny", "--max-iterations", "0",
+                   "--set", "vqvae.epochs=40", *FAST[2:]) == 0
+    assert json.loads((healthy / "history.json").read_text())["vqvae"]["codes_used"] >= 2
+    assert "codebook collapsed" not in capsys.readouterr().err
+
+
+def test_the_tiny_vqvae_learns_3d_pet(tmp_path):
+    """At the tiny preset's learning rate the 3D VQ-VAE beats the all-zero reconstruction with several codes.
+
+    At the former 2e-3 its ReLUs died within a few steps: every scan was one code and the output all but zero.
+    """
+    import torch.nn.functional as F
+
+    from iltm.io import list_images, read_image
+    from iltm.preprocess import Preprocessor
+    from iltm.synth import SUV_CLIP, make_cohort
+    from iltm.vqvae import build_vqvae, encode_tokens
+
+    make_cohort(tmp_path / "c", dims=3, n=8, anomalous_fraction=0.0, seed=0, size=(32, 24, 40))
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_dims, cfg.data.clip_value = 3, SUV_CLIP
+    pre = Preprocessor(cfg.data, cfg.vqvae.downsample_factor)
+    x = torch.stack([torch.from_numpy(pre.forward(read_image(r.image))[0])
+                     for r in list_images(tmp_path / "c" / "images")]).float()
+    torch.manual_seed(0)
+    model = build_vqvae(cfg.vqvae, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vqvae.learning_rate)
+    for step in range(200):
+        batch = x[[(2 * step) % 8, (2 * step + 1) % 8]]
+        recon, quantization_loss = model(batch)
+        loss = F.l1_loss(recon, batch) + quantization_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        error = float(F.l1_loss(model(x)[0], x))
+    trivial = float(x.abs().mean())  # the error of reconstructing every scan as zeros
+    assert error < 0.7 * trivial
+    assert torch.unique(encode_tokens(model, x)).numel() >= 2

@@ -363,6 +363,15 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         reporter.units_done += 3.0
     vqvae, payload = load_vqvae(run.vqvae_path, map_location=device)
     tokens = tokenize_stage(run, data_set, vqvae, device, reporter)
+    codes_used = int(torch.unique(tokens).numel())
+    if isinstance(history.get("vqvae"), dict) and "codes_used" not in history["vqvae"]:
+        history["vqvae"]["codes_used"] = codes_used
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+    if codes_used < 2:
+        reporter.warn(f"the VQ-VAE's codebook collapsed: every position of every training scan is code "
+                     f"{int(tokens.flatten()[0])}, so the Transformer has nothing to learn and detection scores "
+                     f"the distance to one blurred average scan. Train longer or lower vqvae.learning_rate.")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
     previous_masks: torch.Tensor | None = None
