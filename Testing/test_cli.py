@@ -102,6 +102,14 @@ def test_evaluate_and_report(run2d, cohort2d, tmp_path, capsys):
     assert run_cli("report", run2d, "--out", tmp_path / "report") == 0
     for name in ("history.png", "masks.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
+    # A reader that has gone (| head) gets no traceback: the table goes to a pipe nobody reads any more.
+    reader = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+    reader.wait(timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "iltm", "evaluate", "--scores", str(out), "--labels",
+                           str(cohort2d / "labels"), "--progress", "none"], stdout=reader.stdin,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    reader.stdin.close()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Broken" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow

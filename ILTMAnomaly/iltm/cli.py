@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iltm: error: {exc}", file=sys.stderr)
         reporter.emit("error", message=str(exc))
         return 2
+    except BrokenPipeError:
+        # The reader of stdout went away (``iltm evaluate ... | head``): not an error of ours, and no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("iltm: interrupted (finished steps are kept; 'iltm train --resume RUN' continues a run)",
               file=sys.stderr)
