@@ -200,9 +200,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       embedding_dim=32, epochs=200, batch_size=8, learning_rate=5e-4),
         "transformer": dict(n_layer=3, n_head=4, n_embd=64, epochs=80, batch_size=16, learning_rate=2e-3),
         # A small model trained on a small cohort spreads its probability over more codes than the paper's, so
-        # the paper's t = 0.005 flags too few lesion tokens; 0.02 was chosen on a validation cohort (seed 99), not
-        # on the demo's test scans (see README, "Results").
-        "detection": dict(samples=20, dropout_passes=3, resampling_threshold=0.02),
+        # the paper's t = 0.005 flags too few lesion tokens. Chosen on validation cohorts (synth seed 99, 60 % and
+        # 100 % anomalous, held-out seed 1099), never on a test set; AUROC / best Dice of iteration 0 at
+        # t = 0.02 / 0.05 / 0.1 / 0.2: 99.2/54.5, 99.4/55.1, 99.7/64.8, 99.6/59.3 (60 %) and 99.0/48.6, 99.3/48.7,
+        # 99.4/49.3, 99.3/51.4 (100 %). README, "Results".
+        "detection": dict(samples=20, dropout_passes=3, resampling_threshold=0.1),
         "iltm": dict(max_iterations=3, **CROSS_FIT),
     },
 }
