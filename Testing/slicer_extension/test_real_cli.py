@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from ILTMAnomalyLib import PanelError, jobs, overlay, runs, segments, volumes, workflow
 
@@ -73,7 +74,9 @@ def test_browser_data_from_a_real_run(real_run, scene):
     history = run.history_arrays()
     np.testing.assert_array_equal(history["iteration"], [0, 1])
     t0 = history["resampling_threshold"][0]
-    assert t0 == pytest.approx(0.02)  # the tiny preset's threshold (the paper's 0.005 is the paper preset's)
+    config = yaml.safe_load((root / "run" / "config.yaml").read_text())
+    assert config["preset"] == "tiny" and t0 == pytest.approx(config["detection"]["resampling_threshold"])
+    assert t0 != pytest.approx(0.005)  # the paper's t belongs to the paper preset
     np.testing.assert_allclose(history["resampling_threshold"], [t0, t0 * 0.875])
     for scan in scans:
         volume, segmentation = runs.load_iteration_scan(scene, run, 1, scan.id)
