@@ -327,10 +327,9 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
         from . import nsa
 
         rng = np.random.default_rng(cfg.seed)
-        intensity_range = 255.0 if data_cfg.intensity == "8bit" else 1.0
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:
-            return nsa.loss(model, x, rng, intensity_range)
+            return nsa.loss(model, x, rng, data_cfg.intensity_range)
     else:
         def loss_of(x: torch.Tensor) -> torch.Tensor:
             return loss_terms(model, x, baseline_cfg.beta)["total"]

@@ -33,6 +33,7 @@ import json
 import math
 import shlex
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -807,10 +808,8 @@ SEED_COLUMNS = ["method", "anomalous_fraction", "seeds", "auroc", "aupro", "best
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    """Mean and sample standard deviation (NaN for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
 def _read_sweeps(folders: list[Path]) -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
@@ -898,10 +897,11 @@ def seeds_table(rows: list[dict[str, Any]], paired: list[dict[str, Any]], seeds:
                       "± sd (seeds where ILTM's AUROC is higher) / best Dice mean ± sd:", "",
                   "| training data anomalous | " + " | ".join(f"vs {METHOD_NAMES[m]}" for m in names) + " |",
                   "|---|" + "---|" * len(names)]
+        by_key = {(p["anomalous_fraction"], p["method"]): p for p in paired}
         for f in sorted({p["anomalous_fraction"] for p in paired}):
             cells = []
             for m in names:
-                p = next((p for p in paired if p["anomalous_fraction"] == f and p["method"] == m), None)
+                p = by_key.get((f, m))
                 if p is None:
                     cells.append("")
                     continue

@@ -48,6 +48,11 @@ class DataConfig:
     elastic_3d: bool = True
     augment_prob: float = 0.5
 
+    @property
+    def intensity_range(self) -> float:
+        """Width of the normalised intensity range: 255 for ``"8bit"``, else 1."""
+        return 255.0 if self.intensity == "8bit" else 1.0
+
 
 @dataclass
 class VQVAEConfig:
@@ -157,7 +162,7 @@ class Config:
         """The KDE regulariser: explicit, or 5 % of the normalised intensity range."""
         if self.detection.eps is not None:
             return float(self.detection.eps)
-        return 12.75 if self.data.intensity == "8bit" else 0.05
+        return 0.05 * self.data.intensity_range
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
