@@ -194,7 +194,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "vqvae": dict(channels=[64, 128], num_res_layers=1, num_res_channels=64, num_embeddings=128,
                       embedding_dim=32, epochs=120, batch_size=8, learning_rate=5e-4),
         "transformer": dict(n_layer=6, n_head=4, n_embd=128, epochs=100, batch_size=16, learning_rate=1e-3),
-        # Between the paper's 0.005 and tiny's validated 0.02, for the same reason as tiny (not yet validated).
+        # Between the paper's 0.005 and tiny's 0.1, for the same reason as tiny; not validated (no small run fits
+        # the 2-core machine: Testing/Benchmarks/preset_cost.py puts one small run at ~6x a tiny one).
         "detection": dict(samples=40, dropout_passes=4, resampling_threshold=0.01),
         "iltm": dict(max_iterations=4, **CROSS_FIT),
     },

@@ -1,0 +1,169 @@
+"""What one ILTM run costs at each preset, measured side by side in one process.
+
+    python Testing/Benchmarks/preset_cost.py [--dims 2] [--size 64 64] [--n-train 48] [--presets tiny small]
+        [--steps 5] [--history RUN/history.json]
+
+For each preset it times, on random inputs of the sweep's shapes, a few optimiser steps of the VQ-VAE and of
+the Transformer and one detection (heal a fixed share of tokens, decode S x D times, KDE), then multiplies by
+the preset's epochs, batches, iterations, cross-fitting folds and training scans into the time of one ILTM run
+(training, including the training-scan detections that make the masks). It prints the stages and the ratio of
+every preset to the first one. With ``--history`` (a finished run of the first preset on the same data) it also
+prints that run's measured stage times, so the estimate can be checked against a real run: the other presets'
+estimates are then scaled by measured / estimated of the first preset.
+
+Timings are of this machine at this moment; the ratios are what to read (both presets run in the same process,
+interleaved, so load from other work hits them alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from iltm.config import preset
+from iltm.kde import log_density
+from iltm.synth import DEFAULT_SIZE
+from iltm.transformer import TokenTransformer
+from iltm.vqvae import build_vqvae, decode_tokens, encode_tokens, set_detection_mode
+
+FLAGGED_SHARE = 0.05  # share of tokens resampled per detection (measured runs: 1-10 % at the tiny t)
+
+
+def seconds_per_call(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel choice)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(name: str, dims: int, size: list[int], steps: int) -> dict[str, float]:
+    """Seconds of one VQ-VAE step, one Transformer step and one detection at preset ``name``."""
+    cfg = preset(name)
+    torch.manual_seed(0)
+    vqvae = build_vqvae(cfg.vqvae, dims)
+    images = torch.rand(cfg.vqvae.batch_size, 1, *size)
+    vq_opt = torch.optim.AdamW(vqvae.parameters(), lr=1e-4)
+
+    def vq_step():
+        recon, quantization_loss = vqvae(images)
+        loss = F.l1_loss(recon, images) + quantization_loss
+        vq_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        vq_opt.step()
+
+    vq = seconds_per_call(vq_step, steps)
+    vqvae.eval()
+    with torch.no_grad():
+        latent = encode_tokens(vqvae, images[:1]).shape[1:]
+    length = math.prod(latent)
+    codes = cfg.vqvae.num_embeddings
+    transformer = TokenTransformer(cfg.transformer, num_codes=codes, seq_len=length)
+    tokens = torch.randint(0, codes, (cfg.transformer.batch_size, length))
+    t_opt = torch.optim.AdamW(transformer.parameters(), lr=1e-4)
+
+    def t_step():
+        logits = transformer(tokens)
+        loss = F.cross_entropy(logits.reshape(-1, codes), tokens.reshape(-1))
+        t_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t_opt.step()
+
+    tf = seconds_per_call(t_step, steps)
+    transformer.eval()
+    set_detection_mode(vqvae)
+    det = cfg.detection
+    generator = torch.Generator().manual_seed(0)
+    flagged = torch.rand(length, generator=generator) < FLAGGED_SHARE
+
+    @torch.no_grad()
+    def detect():
+        one = encode_tokens(vqvae, images[:1]).reshape(-1)
+        transformer.token_probabilities(one[None])
+        healed = transformer.heal(one, flagged, det.samples, generator=generator).reshape(det.samples, *latent)
+        recon = decode_tokens(vqvae, healed.repeat_interleave(det.dropout_passes, dim=0), batch=det.decode_batch)
+        log_density(recon[:, 0], images[0, 0], cfg.eps(), chunk_voxels=det.kde_chunk_voxels)
+
+    dt = seconds_per_call(detect, max(1, steps // 2))
+    return {"vqvae_step": vq, "transformer_step": tf, "detection": dt, "tokens": float(length)}
+
+
+def run_estimate(name: str, per: dict[str, float], n_train: int) -> dict[str, float]:
+    """Seconds of one ILTM run's stages at preset ``name`` (the stage names of history.json)."""
+    cfg = preset(name)
+    iterations = cfg.iltm.max_iterations + 1
+    folds = cfg.iltm.cross_fit_folds
+    vq_steps = cfg.vqvae.epochs * math.ceil(n_train / cfg.vqvae.batch_size)
+    t_steps = cfg.transformer.epochs * math.ceil(n_train / cfg.transformer.batch_size)
+    # Fold j trains on the other folds' scans: folds x (folds - 1) / folds of the data in all.
+    fold_steps = cfg.transformer.epochs * folds * math.ceil(n_train * (folds - 1) / folds / cfg.transformer.batch_size) \
+        if folds > 1 else 0
+    # The training scans are scored after every iteration (their maps make the next masks and the masks to browse).
+    return {"vqvae": vq_steps * per["vqvae_step"],
+            "transformer": iterations * t_steps * per["transformer_step"],
+            "folds": iterations * fold_steps * per["transformer_step"],
+            "detect": iterations * n_train * per["detection"]}
+
+
+def measured_stages(history: Path) -> dict[str, float]:
+    h = json.loads(history.read_text())
+    iters = h["iterations"]
+    return {"vqvae": float(h["vqvae"]["seconds"]),
+            "transformer": sum(float(r.get("train_seconds") or 0) for r in iters),
+            "folds": sum(float(r.get("fold_train_seconds") or 0) for r in iters),
+            "detect": sum(float(r.get("detect_seconds") or 0) for r in iters)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--size", type=int, nargs="+", help="image size in voxels (default: the synthetic default)")
+    p.add_argument("--n-train", type=int, default=48)
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--steps", type=int, default=5, help="timed calls per measurement (default 5)")
+    p.add_argument("--history", type=Path, help="history.json of a finished run of the first preset on the same data")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = list(args.size or DEFAULT_SIZE[args.dims])
+    if len(size) != args.dims:
+        p.error(f"--size needs {args.dims} numbers, got {size}")
+
+    per = {name: measure(name, args.dims, size, args.steps) for name in args.presets}
+    est = {name: run_estimate(name, per[name], args.n_train) for name in args.presets}
+    first = args.presets[0]
+    print(f"{args.dims}D, {'x'.join(map(str, size))} voxels, {args.n_train} training scans, "
+          f"{torch.get_num_threads()} torch threads")
+    print("\nper call, seconds (ratio to " + first + ")")
+    print(f"{'':18}" + "".join(f"{n:>22}" for n in args.presets))
+    for key in ("vqvae_step", "transformer_step", "detection"):
+        cells = [f"{per[n][key]:10.4f} ({per[n][key] / per[first][key]:5.1f}x)" for n in args.presets]
+        print(f"{key:18}" + "".join(f"{c:>22}" for c in cells))
+    print(f"{'tokens per scan':18}" + "".join(f"{int(per[n]['tokens']):>22}" for n in args.presets))
+
+    scale = 1.0
+    if args.history:
+        measured = measured_stages(args.history)
+        scale = sum(measured.values()) / max(sum(est[first].values()), 1e-9)
+        print(f"\n{first} run measured in {args.history}: " +
+              ", ".join(f"{k} {v:.0f} s" for k, v in measured.items()) +
+              f"; estimated here {sum(est[first].values()):.0f} s -> scale {scale:.2f}")
+    print("\none ILTM run (training and its training-scan detections), minutes" +
+          (f", scaled by {scale:.2f}" if args.history else ""))
+    print(f"{'':18}" + "".join(f"{n:>22}" for n in args.presets))
+    for key in ("vqvae", "transformer", "folds", "detect"):
+        print(f"{key:18}" + "".join(f"{scale * est[n][key] / 60:22.1f}" for n in args.presets))
+    totals = {n: sum(est[n].values()) for n in args.presets}
+    cells = [f"{scale * totals[n] / 60:.1f} ({totals[n] / totals[first]:.1f}x)" for n in args.presets]
+    print(f"{'total':18}" + "".join(f"{c:>22}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Testing/Benchmarks/preset_cost.py: the run-cost model and a smoke run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "Benchmarks" / "preset_cost.py"
+
+
+@pytest.fixture(scope="module")
+def preset_cost():
+    spec = importlib.util.spec_from_file_location("preset_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_run_model_counts_the_tiny_presets_steps(preset_cost):
+    # tiny: VQ-VAE 200 epochs x 6 batches of 8; Transformer 80 epochs x 3 batches of 16, 4 iterations;
+    # two folds of 24 scans (2 batches each) per iteration; 48 training scans scored per iteration.
+    est = preset_cost.run_estimate("tiny", {"vqvae_step": 1.0, "transformer_step": 1.0, "detection": 1.0}, 48)
+    assert est == {"vqvae": 1200, "transformer": 960, "folds": 1280, "detect": 192}
+
+
+def test_stage_times_are_read_from_a_history(preset_cost, tmp_path):
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"vqvae": {"seconds": 10.0}, "iterations": [
+        {"iteration": 0, "train_seconds": 2.0, "fold_train_seconds": 3.0, "detect_seconds": 1.0},
+        {"iteration": 1, "train_seconds": 4.0, "fold_train_seconds": None, "detect_seconds": 0.5}]}))
+    assert preset_cost.measured_stages(history) == {"vqvae": 10.0, "transformer": 6.0, "folds": 3.0, "detect": 1.5}
+
+
+def test_a_smoke_run_prints_every_stage_for_every_preset(preset_cost, capsys):
+    preset_cost.main(["--dims", "2", "--size", "16", "16", "--n-train", "8", "--presets", "tiny", "small",
+                      "--steps", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    for stage in ("vqvae_step", "transformer_step", "detection", "vqvae", "folds", "detect", "total"):
+        assert any(line.split()[:1] == [stage] for line in out.splitlines()), stage
+    assert "(  1.0x)" in out and "tiny" in out and "small" in out
+
+
+def test_a_size_of_the_wrong_length_is_refused(preset_cost):
+    with pytest.raises(SystemExit):
+        preset_cost.main(["--dims", "3", "--size", "16", "16"])
