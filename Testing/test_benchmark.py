@@ -203,6 +203,32 @@ def test_constant_threshold_fractions_and_the_recorded_command_round_trip(tmp_pa
         settings_from_args(parse("--out", tmp_path / "x", "--fractions", "0", "1", "--constant-threshold-too", "0.5"))
 
 
+def test_processes_sharing_a_folder_keep_each_others_invocations_and_rows(tmp_path):
+    from iltm.benchmark import ResultTable, Sweep, settings_from_args
+
+    out = tmp_path / "shared"
+    one = Sweep(settings_from_args(parse("--out", out, "--fractions", "0", "0.2", *FAST)), Reporter("none"))
+    two = Sweep(settings_from_args(parse("--out", out, "--fractions", "0.4", *FAST)), Reporter("none"))
+    state_one, first = one.start_invocation("first")
+    state_two, second = two.start_invocation("second")  # read the folder before the first one finishes
+    first["finished"] = True
+    one.save_settings(state_one)
+    second["seconds"] = 5.0
+    two.save_settings(state_two)  # must not drop the first process's finished record
+    recorded = json.loads((out / "benchmark.json").read_text())["invocations"]
+    assert [i["command"] for i in recorded] == ["first", "second"]
+    assert recorded[0].get("finished") is True and recorded[1]["seconds"] == 5.0
+    # Both append rows to one CSV: one header, every row, whichever wrote first.
+    a = ResultTable(out / SWEEP_CSV, SWEEP_COLUMNS, ("method", "anomalous_fraction"))
+    b = ResultTable(out / SWEEP_CSV, SWEEP_COLUMNS, ("method", "anomalous_fraction"))
+    a.append({"method": "ae", "anomalous_fraction": 0.0, "auroc": 0.9})
+    b.append({"method": "ae", "anomalous_fraction": 0.4, "auroc": 0.8})
+    fields, rows = read_csv(out / SWEEP_CSV)
+    assert fields == SWEEP_COLUMNS and [r["anomalous_fraction"] for r in rows] == ["0", "0.4"]
+    assert ResultTable(out / SWEEP_CSV, SWEEP_COLUMNS, ("method", "anomalous_fraction")).get(
+        method="ae", anomalous_fraction=0.4)["auroc"] == "0.800000"
+
+
 # -- combining sweeps over seeds (no training: sweep folders written by hand) ------------------------------------
 
 def fake_sweep(folder: Path, seed: int, auroc: dict[tuple[str, float], float], **settings) -> Path:

@@ -31,8 +31,10 @@ import copy
 import csv
 import json
 import math
+import os
 import shlex
 import shutil
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -69,7 +71,9 @@ EXAMPLE = """examples:
   iltm benchmark --out sweep2d --figures-only
   iltm benchmark --out sweep2d_seeds --combine sweep2d sweep2d_seed1 sweep2d_seed2
 
-Run the same command again to continue an interrupted sweep; rows already in the CSV are kept."""
+Run the same command again to continue an interrupted sweep; rows already in the CSV are kept.
+Several processes (one per GPU or node) may share --out if each takes other --fractions (same other settings);
+rows are appended as each finishes; run the full command once more at the end to draw the figures from them all."""
 
 
 @dataclass
@@ -210,16 +214,22 @@ class ResultTable:
     def append(self, row: dict[str, Any]) -> dict[str, str]:
         text = {c: _cell(row.get(c)) for c in self.columns}
         text.update({c: self._norm(c, row[c]) for c in self.key})
-        new_file = not self.path.is_file() or not self.path.stat().st_size
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(text)
+        if not self.path.is_file() or not self.path.stat().st_size:
+            try:  # exclusive create: of two processes sharing the folder, only one writes the header
+                with self.path.open("x", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.columns).writeheader()
+            except FileExistsError:
+                pass
+        with self.path.open("a", newline="") as f:  # one appended line per row: processes may share the file
+            csv.DictWriter(f, fieldnames=self.columns).writerow(text)
             f.flush()
         self.rows.append(text)
         return text
+
+
+def _invocation_key(invocation: dict[str, Any]) -> tuple:
+    return tuple(str(invocation.get(k)) for k in ("started", "command", "host", "pid"))
 
 
 def _cell(value: Any) -> str:
@@ -391,6 +401,7 @@ class Sweep:
         self.iterations = ResultTable(self.out / ITERATIONS_CSV, ITERATION_COLUMNS,
                                       ("threshold_schedule", "anomalous_fraction", "iteration"))
         self.cfg, self.baseline_cfg = configs(settings)
+        self.own_invocations: list[dict[str, Any]] = []
 
     def fraction_dir(self, fraction: float) -> Path:
         return self.out / f"fraction_{fraction_text(fraction)}"
@@ -410,9 +421,32 @@ class Sweep:
         return {"settings": self.s.identity(), "invocations": []}
 
     def save_settings(self, state: dict[str, Any]) -> None:
+        """Write ``state``, keeping the invocations that other processes sharing the folder wrote meanwhile."""
         from .io import atomic_write_text
 
-        atomic_write_text(self.out / SETTINGS_JSON, json.dumps(state, indent=2, default=str) + "\n")
+        path = self.out / SETTINGS_JSON
+        mine = {_invocation_key(i) for i in self.own_invocations}
+        try:
+            on_disk = json.loads(path.read_text()).get("invocations", []) if path.is_file() else []
+        except (OSError, ValueError):
+            on_disk = []
+        others = [i for i in on_disk if _invocation_key(i) not in mine]
+        state["invocations"] = sorted(others + self.own_invocations, key=lambda i: str(i.get("started", "")))
+        atomic_write_text(path, json.dumps(state, indent=2, default=str) + "\n")
+
+    def start_invocation(self, command: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check the folder's settings and record this invocation in ``benchmark.json``: (state, invocation)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self.check_settings()
+        invocation = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0,
+                      "fractions": self.s.fractions, "methods": self.s.methods,
+                      "constant_threshold_too": self.s.constant_threshold_too,
+                      "constant_fractions": self.s.constant_fractions,
+                      "host": socket.gethostname(), "pid": os.getpid()}
+        self.own_invocations.append(invocation)
+        state.update(preset=self.s.preset, dims=self.s.dims)
+        self.save_settings(state)
+        return state, invocation
 
     def add_row(self, **row: Any) -> None:
         written = self.sweep.append(row)
@@ -423,15 +457,7 @@ class Sweep:
 
     # -- the sweep ----------------------------------------------------------------------------------------------
     def run(self, command: str = "") -> list[Path]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = self.check_settings()
-        invocation = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0,
-                      "fractions": self.s.fractions, "methods": self.s.methods,
-                      "constant_threshold_too": self.s.constant_threshold_too,
-                      "constant_fractions": self.s.constant_fractions}
-        state["invocations"].append(invocation)
-        state.update(preset=self.s.preset, dims=self.s.dims)
-        self.save_settings(state)
+        state, invocation = self.start_invocation(command)
         start = time.perf_counter()
 
         test_dir = ensure_cohort(self.out / "test", self.s.dims, self.s.n_test, TEST_FRACTION, self.s.test_seed,
