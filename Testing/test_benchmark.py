@@ -229,6 +229,61 @@ def test_processes_sharing_a_folder_keep_each_others_invocations_and_rows(tmp_pa
         method="ae", anomalous_fraction=0.4)["auroc"] == "0.800000"
 
 
+def test_the_folder_lock_excludes_another_holder(tmp_path):
+    import threading
+    import time
+
+    from iltm.benchmark import folder_lock
+
+    events, held = [], threading.Event()
+
+    def first():
+        with folder_lock(tmp_path / "test"):
+            events.append("first in")
+            held.set()
+            time.sleep(0.3)
+            events.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait()
+    with folder_lock(tmp_path / "test"):
+        events.append("second in")
+    thread.join()
+    assert events == ["first in", "first out", "second in"]
+
+
+def test_two_processes_starting_together_share_one_test_cohort(tmp_path, monkeypatch):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import iltm.synth
+    from iltm.benchmark import ensure_cohort
+
+    real, inside, calls, lock = iltm.synth.make_cohort, [], [], threading.Lock()
+
+    def slow_make_cohort(*args, **kwargs):  # a generation long enough for the other to arrive meanwhile
+        with lock:
+            inside.append(1)
+            calls.append(len(inside))
+        time.sleep(0.3)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside.pop()
+
+    monkeypatch.setattr(iltm.synth, "make_cohort", slow_make_cohort)
+    folder = tmp_path / "sweep" / "test"
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda _: ensure_cohort(folder, 2, 4, 0.5, 1000, [32, 32], Reporter("none")), range(2)))
+    assert done == [folder, folder]
+    assert calls == [1]  # generated once, by one of them; the other waited and took it
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["n"] == 4 and all((folder / s["image"]).is_file() for s in manifest["subjects"])
+
+
 # -- combining sweeps over seeds (no training: sweep folders written by hand) ------------------------------------
 
 def fake_sweep(folder: Path, seed: int, auroc: dict[tuple[str, float], float], **settings) -> Path:

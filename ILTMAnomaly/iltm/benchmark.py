@@ -27,6 +27,7 @@ run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -265,8 +266,34 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 
 # -- the pieces of one sweep ------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (a hidden file beside it) against other processes sharing the sweep."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f".{folder.name}.lock").open("a") as f:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): processes must not share a sweep folder there
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
-    """The synthetic cohort in ``folder``, generated unless an identical one is already there."""
+    """The synthetic cohort in ``folder``, generated unless an identical one is already there.
+
+    Processes sharing a sweep folder start together: the first one generates the (shared) test cohort while the
+    others wait for it.
+    """
+    with folder_lock(folder):
+        return _ensure_cohort(folder, dims, n, fraction, seed, size, reporter)
+
+
+def _ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
     from .synth import DEFAULT_SIZE, make_cohort
 
     manifest_path = folder / "manifest.json"
