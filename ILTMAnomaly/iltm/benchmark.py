@@ -648,6 +648,7 @@ def figure4(rows: list[dict[str, Any]], path: Path, title: str = "",
     from .visualize import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig.subplots_adjust(wspace=0.3)  # room for the y labels next to four-digit ticks
     for method in _method_order({r["method"] for r in rows}):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["anomalous_fraction"])
         x = [100 * r["anomalous_fraction"] for r in mine]
@@ -660,7 +661,7 @@ def figure4(rows: list[dict[str, Any]], path: Path, title: str = "",
     for ax, (_, name) in zip(axes, METRICS):
         ax.set(xlabel="anomalous training scans (%)", ylabel=f"{name} (%)", title=name)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="best")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
     fig.suptitle(title + f"\n(pooled voxel metric; error bars: {error_bars})", fontsize=9, y=1.06)
     save_figure(fig, path)
     return path
@@ -678,6 +679,7 @@ def figure3(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     colour = {f: cmap(i / max(len(fractions) - 1, 1)) for i, f in enumerate(fractions)}
     dashes = {"decreasing": "-", "constant": "--"}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig.subplots_adjust(wspace=0.3)  # room for the y labels next to four-digit ticks
     iterations = set()
     for schedule in ("decreasing", "constant"):
         for f in fractions:
@@ -697,7 +699,7 @@ def figure3(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     handles = [Line2D([], [], color=colour[f], marker="o", label=f"{100 * f:g} % anomalous") for f in fractions]
     handles += [Line2D([], [], color="black", linestyle=d, label=f"{s} threshold") for s, d in dashes.items()
                 if any(r["threshold_schedule"] == s for r in rows)]
-    axes[-1].legend(handles=handles, fontsize=7, loc="best")
+    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
     fig.suptitle(title + "\n(test-set metric of each iteration's Transformer)", fontsize=9, y=1.06)
     save_figure(fig, path)
     return path
