@@ -284,6 +284,17 @@ def test_two_processes_starting_together_share_one_test_cohort(tmp_path, monkeyp
     assert manifest["n"] == 4 and all((folder / s["image"]).is_file() for s in manifest["subjects"])
 
 
+def test_wall_time_counts_processes_running_side_by_side_once():
+    from iltm.benchmark import invocations_wall_seconds
+
+    runs = [{"started": "2026-11-29 10:00:00", "seconds": 600.0},   # 10:00-10:10
+            {"started": "2026-11-29 10:05:00", "seconds": 600.0},   # 10:05-10:15, overlaps the first
+            {"started": "2026-11-29 10:06:00", "seconds": 60.0},    # inside both
+            {"started": "2026-11-29 11:00:00", "seconds": 100.0}]   # later, alone
+    assert invocations_wall_seconds(runs) == 900.0 + 100.0
+    assert invocations_wall_seconds([{"started": "not a time", "seconds": 5.0}, {"seconds": 7.0}]) == 12.0
+
+
 # -- combining sweeps over seeds (no training: sweep folders written by hand) ------------------------------------
 
 def fake_sweep(folder: Path, seed: int, auroc: dict[tuple[str, float], float], **settings) -> Path:
