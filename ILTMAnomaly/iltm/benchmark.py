@@ -74,7 +74,8 @@ EXAMPLE = """examples:
 
 Run the same command again to continue an interrupted sweep; rows already in the CSV are kept.
 Several processes (one per GPU or node) may share --out if each takes other --fractions (same other settings);
-rows are appended as each finishes; run the full command once more at the end to draw the figures from them all."""
+rows are appended as each finishes; run the full command once more at the end to draw the figures from them all.
+(This needs POSIX file locks, as on Linux and macOS; on Windows give each process its own --out.)"""
 
 
 @dataclass
