@@ -167,6 +167,12 @@ def image_batches(data: TrainingSet, cfg: Config, batch_size: int, device: torch
 
 # -- the stages --------------------------------------------------------------------------------------------------
 
+def vqvae_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The VQ-VAE's training loss on batch ``x``: L1 reconstruction plus the quantisation (commitment) loss."""
+    recon, quantization_loss = model(x)
+    return F.l1_loss(recon, x) + quantization_loss
+
+
 def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
                       units: float) -> dict[str, Any]:
     vq_cfg = cfg.vqvae
@@ -175,8 +181,7 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     batches = image_batches(data, cfg, vq_cfg.batch_size, device)
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
-        recon, quantization_loss = ddp(x)
-        return F.l1_loss(recon, x) + quantization_loss
+        return vqvae_loss(ddp, x)
 
     start = time.perf_counter()
     losses = fit(ddp, batches, loss_of, vq_cfg.epochs, vq_cfg.learning_rate, run.root / "vqvae_checkpoint.pt",

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from iltm.config import preset
 from iltm.kde import log_density
 from iltm.synth import DEFAULT_SIZE
+from iltm.train import masked_cross_entropy, vqvae_loss
 from iltm.transformer import TokenTransformer
 from iltm.vqvae import build_vqvae, decode_tokens, encode_tokens, set_detection_mode
 
@@ -52,8 +52,7 @@ def measure(name: str, dims: int, size: list[int], steps: int) -> dict[str, floa
     vq_opt = torch.optim.AdamW(vqvae.parameters(), lr=1e-4)
 
     def vq_step():
-        recon, quantization_loss = vqvae(images)
-        loss = F.l1_loss(recon, images) + quantization_loss
+        loss = vqvae_loss(vqvae, images)
         vq_opt.zero_grad(set_to_none=True)
         loss.backward()
         vq_opt.step()
@@ -69,8 +68,7 @@ def measure(name: str, dims: int, size: list[int], steps: int) -> dict[str, floa
     t_opt = torch.optim.AdamW(transformer.parameters(), lr=1e-4)
 
     def t_step():
-        logits = transformer(tokens)
-        loss = F.cross_entropy(logits.reshape(-1, codes), tokens.reshape(-1))
+        loss = masked_cross_entropy(transformer(tokens), tokens, None)
         t_opt.zero_grad(set_to_none=True)
         loss.backward()
         t_opt.step()
@@ -82,6 +80,8 @@ def measure(name: str, dims: int, size: list[int], steps: int) -> dict[str, floa
     generator = torch.Generator().manual_seed(0)
     flagged = torch.rand(length, generator=generator) < FLAGGED_SHARE
 
+    # Detector.detect_array's steps, but with a fixed share of flagged tokens: an untrained Transformer's
+    # probabilities (~1 / codes) fall under every preset's t, so detect_array would resample every token.
     @torch.no_grad()
     def detect():
         one = encode_tokens(vqvae, images[:1]).reshape(-1)
