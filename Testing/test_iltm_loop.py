@@ -86,6 +86,32 @@ def test_each_training_scan_is_masked_by_the_detector_of_its_fold(tmp_path):
     assert masks.shape == (5, 4) and bool(masks.all())
 
 
+def test_shared_uptake_counts_the_other_scans_at_least_80_percent_as_bright():
+    uptake = torch.tensor([[10.0, 10.0, 1.0],
+                           [9.0, 1.0, 1.0],
+                           [8.5, 1.0, 1.0],
+                           [1.0, 1.0, 0.7]])
+    # Scan 0: position 0 is as bright in 2 of 3 others (9 and 8.5 >= 8), position 1 in none, position 2 in 2 of 3
+    # (1.0 and 1.0 >= 0.8; 0.7 is not). Scan 3 is the dimmest everywhere: all 3 others count.
+    assert train_mod.shared_uptake(uptake, 0, 0.5).tolist() == [True, False, True]
+    assert train_mod.shared_uptake(uptake, 0, 0.7).tolist() == [False, False, False]
+    assert train_mod.shared_uptake(uptake, 3, 1.0).tolist() == [True, True, True]
+
+
+def test_tokens_bright_in_most_scans_are_spared_from_the_masks(tmp_path):
+    cfg = config_mod.preset("tiny")
+    cfg.iltm.mask_density_threshold = 2.0                           # every voxel flagged
+    cfg.iltm.spare_shared_uptake = 0.5
+    run = RunFolder(tmp_path / "run")
+    # Scan i is a constant image of value i: at least 2 of the 4 others reach 80 % of it for i = 0, 1, 2 only.
+    masks, _ = train_mod.detect_stage(run, cfg, 0, _Scans(5), [_RecordingDetector()], 0.02, Reporter("none"), 1.0)
+    assert masks.all(dim=1).tolist() == [False, False, False, True, True]
+    assert not masks[:3].any()
+    import SimpleITK as sitk
+    voxels = [int(sitk.GetArrayFromImage(sitk.ReadImage(str(run.mask_path(0, f"s{i}")))).sum()) for i in range(5)]
+    assert voxels == [0, 0, 0, 64, 64]                              # the written masks agree with the token masks
+
+
 def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(cohort2d, tmp_path):
     run = tmp_path / "run"
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
@@ -106,7 +132,8 @@ def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(co
 
 @pytest.mark.parametrize("setting, message", [("iltm.cross_fit_folds=1", "cross_fit_folds"),
                                               ("iltm.cross_fit_folds=99", "at least 99 training scans"),
-                                              ("iltm.mask_density_threshold=-1", "mask_density_threshold")])
+                                              ("iltm.mask_density_threshold=-1", "mask_density_threshold"),
+                                              ("iltm.spare_shared_uptake=1.5", "spare_shared_uptake")])
 def test_bad_cross_fit_settings_are_clear_errors(cohort2d, tmp_path, setting, message):
     proc = cli_subprocess("train", "--data", cohort2d, "--out", tmp_path / "r", "--preset", "tiny", "--set", setting)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -136,6 +163,14 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     record = json.loads((run / "history.json").read_text())["iterations"][0]
     assert "fold_train_seconds" not in record and not (run / "iteration_000" / "folds").exists()
     assert len(list((run / "iteration_000" / "masks").glob("*_mask.nii.gz"))) == 8
+
+
+def test_a_run_sparing_every_shared_token_masks_nothing(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    # Every voxel falls below tau = 1e9, but a share of 0 spares every token: the real detector's path end to end.
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
+                   "--set", "iltm.mask_density_threshold=1e9", "--set", "iltm.spare_shared_uptake=0", *FAST) == 0
+    assert json.loads((run / "history.json").read_text())["iterations"][0]["masked_fraction"] == 0.0
 
 
 def test_same_seed_same_map_whatever_ran_before():

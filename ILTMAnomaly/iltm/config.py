@@ -124,6 +124,11 @@ class ILTMConfig:
         mask_density_threshold: tau of the training-scan masks; ``None`` = ``detection.density_threshold``.
             Masking a normal token costs one training target, leaving a lesion unmasked teaches it as normal,
             so this may be looser than the tau of the output maps.
+        spare_shared_uptake: ``None`` = off. A share q in [0, 1]: a flagged token is left unmasked when at least
+            q of the other training scans have at least ``SHARED_UPTAKE_RATIO`` (80 %) of its uptake (brightest
+            voxel of its footprint, on the model grid) at the same token position: bright where most scans are
+            bright is anatomy (brain, bladder), not a lesion. Assumes scans roughly aligned on the model grid
+            (whole-body PET cropped or padded alike) and bright anomalies (PET lesions).
     """
 
     max_iterations: int = 5
@@ -132,6 +137,7 @@ class ILTMConfig:
     stop_change: float = 0.01
     cross_fit_folds: int = 0
     mask_density_threshold: float | None = None
+    spare_shared_uptake: float | None = None
 
     def check(self, n_scans: int, where: str = "config") -> None:
         """InputError for settings the loop cannot run with."""
@@ -144,6 +150,12 @@ class ILTMConfig:
         tau = self.mask_density_threshold
         if tau is not None and not (isinstance(tau, (int, float)) and tau > 0):
             raise InputError(where, f"iltm.mask_density_threshold must be a positive number or null, not {tau!r}")
+        q = self.spare_shared_uptake
+        if q is not None and not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 <= q <= 1):
+            raise InputError(where, f"iltm.spare_shared_uptake must be a share between 0 and 1 or null, not {q!r}")
+        if q is not None and n_scans < 2:
+            raise InputError(where, "iltm.spare_shared_uptake compares training scans with each other: "
+                                    f"it needs at least 2, there are {n_scans}")
 
 
 @dataclass

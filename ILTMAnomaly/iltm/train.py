@@ -275,6 +275,37 @@ def cross_fit_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.Tensor, t
     return time.perf_counter() - start
 
 
+SHARED_UPTAKE_RATIO = 0.8  # "as bright": at least this fraction of the flagged token's uptake
+
+
+def token_uptake(arrays: list[np.ndarray], factor: int) -> torch.Tensor:
+    """(M, L): the brightest voxel of each token's footprint in each (1, *spatial) array on the model grid."""
+    x = torch.from_numpy(np.stack(arrays))                    # (M, 1, *spatial)
+    pool = F.max_pool2d if x.dim() == 4 else F.max_pool3d
+    return pool(x, kernel_size=factor, stride=factor).flatten(1)
+
+
+def shared_uptake(uptake: torch.Tensor, i: int, share: float) -> torch.Tensor:
+    """(L,) bool: positions where at least ``share`` of the scans other than i are at least
+    ``SHARED_UPTAKE_RATIO`` times as bright as scan i (``iltm.spare_shared_uptake``)."""
+    as_bright = uptake >= SHARED_UPTAKE_RATIO * uptake[i]     # (M, L), scan i itself always counts
+    others = (as_bright.sum(0) - 1).float() / (uptake.shape[0] - 1)
+    return others >= share
+
+
+def spare_footprints(log_density: torch.Tensor, spared: torch.Tensor, factor: int, tau: float) -> torch.Tensor:
+    """``log_density`` with every spared token's footprint raised above log(tau), so nothing there is flagged.
+
+    Args:
+        log_density: (*spatial) on the model grid.
+        spared: (*latent) bool, latent = spatial / factor.
+    """
+    up = spared
+    for d in range(spared.dim()):
+        up = up.repeat_interleave(factor, dim=d)
+    return torch.where(up, torch.clamp(log_density, min=math.log(tau) + 1.0), log_density)
+
+
 def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detectors: list[Detector],
                  threshold: float, reporter: Reporter, units: float) -> tuple[torch.Tensor, float]:
     """Binary maps of every training scan with iteration k's detector(s); returns token masks (M, L) and seconds.
@@ -285,6 +316,9 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
     """
     start = time.perf_counter()
     tau = cfg.iltm.mask_density_threshold
+    share = cfg.iltm.spare_shared_uptake
+    factor = cfg.vqvae.downsample_factor
+    uptake = token_uptake(data.arrays, factor) if share is not None else None
     mine = dist.shard(list(range(len(data))))
     for i in reporter.track(mine, f"iteration {k}: detect on training scans", units=units, iteration=k):
         rec = data.records[i]
@@ -294,6 +328,11 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
         detector = detectors[fold_of(i, len(detectors))]
         generator = torch.Generator(device=detector.device).manual_seed(cfg.seed + 100003 * k + i)
         result = detector.detect_array(torch.from_numpy(data.arrays[i]), threshold, generator)
+        if uptake is not None:
+            latent = [s // factor for s in data.arrays[i].shape[1:]]
+            spared = shared_uptake(uptake, i, share).reshape(latent)
+            result.log_density = spare_footprints(result.log_density, spared, factor,
+                                                  cfg.detection.density_threshold if tau is None else tau)
         binary = detector.binary_map(result.log_density, tau)
         _, mask_img = detector.maps_on_input_grid(result, data.infos[i], tau)
         write_image(mask_img, mask_path)
