@@ -1,0 +1,161 @@
+"""How much could ILTM's training masks gain at best, on a finished sweep? The ceiling of one iteration.
+
+    python Testing/Benchmarks/mask_ceiling.py SWEEP --fraction 1 [--variants truth none] [--device cpu]
+
+SWEEP is an ``iltm benchmark --out`` folder whose ILTM run at ``--fraction`` has finished iteration 0. For every
+variant, iteration 1's Transformer is fitted again, exactly as the loop fits it (same seed, same code), from the
+run's VQ-VAE tokens with iteration 0's training masks replaced by:
+
+- ``truth``: every token whose footprint holds a lesion voxel of the cohort's labels, and nothing else: perfect
+  masks, the most an iteration can gain;
+- ``none``: no mask at all: the Transformer fitted once more, which measures what refitting alone changes.
+
+Each is scored on the sweep's test set like the sweep scores its iterations. The table puts them beside the sweep's
+own iteration 0 and iteration 1 (``iltm_iterations.csv``): if ``truth`` is barely above ``none``, no mask rule
+can make the iterations help on these data, and the iterations' losses come from masked normal tokens.
+
+The work goes to ``SWEEP/fraction_F/ceiling/VARIANT/`` (a run folder and test score maps); a rerun reuses what is
+there. The table is printed and written to ``SWEEP/mask_ceiling_F.md`` (kept with the sweep's tables); nothing else
+of the sweep is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from iltm.benchmark import ITERATIONS_CSV, SETTINGS_JSON, SweepSettings, evaluate_iteration, fraction_text
+from iltm.detect import resolve_device, token_mask_from_map
+from iltm.errors import InputError
+from iltm.io import atomic_write_text, list_images, read_label
+from iltm.progress import Reporter
+from iltm.run import RunFolder
+from iltm.checkpoint import load_checkpoint
+from iltm.train import train_transformer_stage
+
+VARIANTS = ("truth", "none")
+
+
+def truth_token_masks(run: RunFolder, labels: Path) -> torch.Tensor:
+    """(M, L) bool: the tokens of each training scan whose footprint holds a lesion voxel (no label = none)."""
+    cfg = run.config()
+    factor = cfg.vqvae.downsample_factor
+    rows = []
+    for rec in run.manifest()["images"]:
+        path = labels / f"{rec['id']}.nii.gz"
+        grid = [int(s) for s in cfg.data.spatial_size][::-1]             # numpy order
+        truth = sitk.GetArrayFromImage(read_label(path)) > 0 if path.is_file() else np.zeros(grid, bool)
+        if list(truth.shape) != grid:
+            raise InputError(path, f"label grid {list(truth.shape)} differs from the model grid {grid} (numpy "
+                                   "order): this script needs cohorts drawn on the model grid, as iltm synth draws them")
+        rows.append(token_mask_from_map(torch.from_numpy(truth), factor).reshape(-1))
+    return torch.stack(rows)
+
+
+def variant_masks(variant: str, truth: torch.Tensor) -> torch.Tensor:
+    if variant == "truth":
+        return truth.clone()
+    if variant == "none":
+        return torch.zeros_like(truth)
+    raise InputError("--variants", f"unknown variant '{variant}' (known: {', '.join(VARIANTS)})")
+
+
+def prepare_run(source: RunFolder, root: Path) -> RunFolder:
+    """A run folder at ``root`` holding the source's config, manifest and VQ-VAE (what iteration 1 needs)."""
+    run = RunFolder(root)
+    if not run.vqvae_path.is_file():
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for path in (source.config_path, source.manifest_path, source.vqvae_path):
+            shutil.copy2(path, partial / path.name)
+        shutil.rmtree(root, ignore_errors=True)
+        partial.rename(root)
+    return run
+
+
+def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, reporter: Reporter) -> list[dict]:
+    settings_path = sweep / SETTINGS_JSON
+    if not settings_path.is_file():
+        raise InputError(sweep, f"not a benchmark folder ({SETTINGS_JSON} missing)")
+    saved = json.loads(settings_path.read_text())["settings"]
+    folder = sweep / f"fraction_{fraction_text(fraction)}"
+    source = RunFolder(folder / "runs" / "iltm")
+    if not source.transformer_path(0).is_file() or not source.tokens_path.is_file():
+        raise InputError(source.root, "the sweep's ILTM run has no finished iteration 0 at this fraction")
+    settings = SweepSettings(out=sweep, dims=saved["dims"], n_train=saved["n_train"], n_test=saved["n_test"],
+                             seed=saved["seed"], test_seed=saved["test_seed"], device=device,
+                             test_threshold=saved.get("test_threshold", "fixed"))
+    test_records = list_images(sweep / "test" / "images")
+    labels = sweep / "test" / "labels"
+    cfg = source.config()
+    tokens = load_checkpoint(source.tokens_path, "iltm-tokens", 1)["tokens"]
+    truth = truth_token_masks(source, folder / "train" / "labels")
+    rows = []
+    for variant in variants:
+        masks = variant_masks(variant, truth)
+        run = prepare_run(source, folder / "ceiling" / variant / "run")
+        if not run.transformer_path(1).is_file():
+            reporter.log(f"{variant}: fitting iteration 1's Transformer with {int(masks.sum())} masked tokens")
+            train_transformer_stage(run, cfg, 1, tokens, masks, cfg.vqvae.num_embeddings, resolve_device(device),
+                                    reporter, units=1.0)
+        reporter.log(f"{variant}: scoring the test set")
+        metrics, _ = evaluate_iteration(run, 1, settings, test_records, labels, folder / "ceiling" / variant / "scores",
+                                        reporter)
+        rows.append({"what": f"iteration 1, {variant} masks", "masked_tokens": int(masks.sum()),
+                     **{k: float(metrics[k]) for k in ("auroc", "aupro", "best_dice")}})
+    return sweep_rows(sweep, fraction) + rows
+
+
+def sweep_rows(sweep: Path, fraction: float) -> list[dict]:
+    """The sweep's own iterations 0 and 1 (decreasing threshold) at this fraction, from ``iltm_iterations.csv``."""
+    path = sweep / ITERATIONS_CSV
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if (r["threshold_schedule"] == "decreasing" and abs(float(r["anomalous_fraction"]) - fraction) < 1e-9
+                        and r["iteration"] in ("0", "1")):
+                    rows.append({"what": f"sweep: iteration {r['iteration']}" + (", its own masks"
+                                                                                  if r["iteration"] == "1" else ""),
+                                 "masked_tokens": None,
+                                 **{k: float(r[k]) for k in ("auroc", "aupro", "best_dice")}})
+    return rows
+
+
+def table(rows: list[dict], fraction: float) -> str:
+    lines = [f"Mask ceiling at {100 * fraction:g} % anomalous (test set; AUROC, AUPRO, best Dice in %)", "",
+             "| | masked tokens | AUROC | AUPRO | best Dice |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        masked = "" if r["masked_tokens"] is None else str(r["masked_tokens"])
+        lines.append(f"| {r['what']} | {masked} | {100 * r['auroc']:.2f} | {100 * r['aupro']:.2f} | "
+                     f"{100 * r['best_dice']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--fraction", type=float, required=True)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        rows = ceiling(args.sweep, args.fraction, args.variants, args.device, Reporter("bar"))
+    except InputError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    text = table(rows, args.fraction)
+    print(text, end="")
+    atomic_write_text(args.sweep / f"mask_ceiling_{fraction_text(args.fraction)}.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

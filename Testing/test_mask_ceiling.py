@@ -1,0 +1,74 @@
+"""Testing/Benchmarks/mask_ceiling.py: iteration 1 refitted with perfect masks and with none, on a tiny sweep."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cli_helpers import run_cli
+from iltm.errors import InputError
+from iltm.run import RunFolder
+
+SCRIPT = Path(__file__).parent / "Benchmarks" / "mask_ceiling.py"
+FAST = ["--set", "vqvae.epochs=3", "--set", "transformer.epochs=3", "--set", "detection.samples=4",
+        "--set", "detection.dropout_passes=2", "--set", "data.augment=false", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def mask_ceiling():
+    spec = importlib.util.spec_from_file_location("mask_ceiling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ceiling") / "sweep"
+    assert run_cli("benchmark", "--out", out, "--dims", "2", "--preset", "tiny", "--fractions", "1", "--n-train", "6",
+                   "--n-test", "4", "--size", "32", "32", "--max-iterations", "1", "--methods", "iltm",
+                   "--progress", "none", *FAST) == 0
+    return out
+
+
+def test_truth_masks_are_the_tokens_holding_a_lesion_voxel(mask_ceiling, sweep):
+    source = RunFolder(sweep / "fraction_1" / "runs" / "iltm")
+    labels = sweep / "fraction_1" / "train" / "labels"
+    truth = mask_ceiling.truth_token_masks(source, labels)
+    for i, rec in enumerate(source.manifest()["images"]):
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(labels / f"{rec['id']}.nii.gz"))) > 0
+        blocks = label.reshape(8, 4, 8, 4).any(axis=(1, 3))           # 32x32 grid, 4x4 token footprints
+        assert np.array_equal(truth[i].numpy(), blocks.reshape(-1))
+    assert truth.any()                                                 # every scan is anomalous at 100 %
+
+
+def test_the_ceiling_fits_iteration_1_per_variant_and_tables_it_beside_the_sweep(mask_ceiling, sweep, capsys):
+    assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "truth", "none"]) == 0
+    out = capsys.readouterr().out
+    table = (sweep / "mask_ceiling_1.md").read_text()
+    assert table == out
+    for what in ("sweep: iteration 0", "sweep: iteration 1, its own masks", "iteration 1, truth masks",
+                 "iteration 1, none masks"):
+        assert f"| {what} |" in table, what
+    n_truth = int(mask_ceiling.truth_token_masks(RunFolder(sweep / "fraction_1" / "runs" / "iltm"),
+                                                 sweep / "fraction_1" / "train" / "labels").sum())
+    assert f"| iteration 1, truth masks | {n_truth} |" in table and "| iteration 1, none masks | 0 |" in table
+    for variant in ("truth", "none"):
+        run = RunFolder(sweep / "fraction_1" / "ceiling" / variant / "run")
+        assert run.transformer_path(1).is_file()
+        assert len(list((sweep / "fraction_1" / "ceiling" / variant / "scores").glob("*_score.nii.gz"))) == 4
+    # The refit is the loop's own: with no masks it is iteration 1's Transformer fitted on unmasked tokens, so
+    # the truth and none fits differ only through the masks.
+    a = torch.load(RunFolder(sweep / "fraction_1" / "ceiling" / "truth" / "run").transformer_path(1),
+                   weights_only=False)
+    b = torch.load(RunFolder(sweep / "fraction_1" / "ceiling" / "none" / "run").transformer_path(1),
+                   weights_only=False)
+    assert a["extra"]["losses"] != b["extra"]["losses"]
+
+
+def test_a_folder_without_a_sweep_is_a_clear_error(mask_ceiling, tmp_path):
+    with pytest.raises(InputError, match="benchmark.json"):
+        mask_ceiling.ceiling(tmp_path, 1.0, ["truth"], "cpu", None)
