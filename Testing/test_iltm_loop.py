@@ -79,6 +79,7 @@ class _Scans:
 def test_each_training_scan_is_masked_by_the_detector_of_its_fold(tmp_path):
     cfg = config_mod.preset("tiny")
     cfg.iltm.mask_density_threshold = 2.0                           # log f = 0 < log 2: every voxel masked
+    cfg.iltm.spare_shared_uptake = None                             # (the tiny preset spares shared bright tokens)
     detectors = [_RecordingDetector(), _RecordingDetector()]
     masks, _ = train_mod.detect_stage(RunFolder(tmp_path / "run"), cfg, 0, _Scans(5), detectors, 0.02,
                                       Reporter("none"), 1.0)
@@ -112,11 +113,20 @@ def test_tokens_bright_in_most_scans_are_spared_from_the_masks(tmp_path):
     assert voxels == [0, 0, 0, 64, 64]                              # the written masks agree with the token masks
 
 
+def test_sparing_acts_only_on_pet_intensities(tmp_path):
+    cfg = config_mod.preset("tiny")
+    cfg.iltm.mask_density_threshold, cfg.iltm.spare_shared_uptake = 2.0, 0.5
+    cfg.data.intensity = "unit8bit"                                 # dark anomalies possible: nothing is spared
+    masks, _ = train_mod.detect_stage(RunFolder(tmp_path / "run"), cfg, 0, _Scans(5), [_RecordingDetector()], 0.02,
+                                      Reporter("none"), 1.0)
+    assert bool(masks.all())
+
+
 def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(cohort2d, tmp_path):
     run = tmp_path / "run"
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
                    "--set", "iltm.stop_change=0", "--set", "iltm.cross_fit_folds=2",
-                   "--set", "iltm.mask_density_threshold=1e9", *FAST) == 0
+                   "--set", "iltm.mask_density_threshold=1e9", "--set", "iltm.spare_shared_uptake=null", *FAST) == 0
     history = json.loads((run / "history.json").read_text())
     assert [r["iteration"] for r in history["iterations"]] == [0, 1]
     for rec in history["iterations"]:

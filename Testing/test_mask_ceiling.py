@@ -50,12 +50,12 @@ def test_the_ceiling_fits_iteration_1_per_variant_and_tables_it_beside_the_sweep
     out = capsys.readouterr().out
     table = (sweep / "mask_ceiling_1.md").read_text()
     assert table == out
-    for what in ("sweep: iteration 0", "sweep: iteration 1, its own masks", "iteration 1, truth masks",
-                 "iteration 1, none masks"):
+    for what in ("sweep: iteration 0", "sweep: iteration 1, its own masks", "iteration 1, perfect masks (the labels)",
+                 "iteration 1, no masks"):
         assert f"| {what} |" in table, what
     n_truth = int(mask_ceiling.truth_token_masks(RunFolder(sweep / "fraction_1" / "runs" / "iltm"),
                                                  sweep / "fraction_1" / "train" / "labels").sum())
-    assert f"| iteration 1, truth masks | {n_truth} |" in table and "| iteration 1, none masks | 0 |" in table
+    assert f"| iteration 1, perfect masks (the labels) | {n_truth} |" in table and "| iteration 1, no masks | 0 |" in table
     for variant in ("truth", "none"):
         run = RunFolder(sweep / "fraction_1" / "ceiling" / variant / "run")
         assert run.transformer_path(1).is_file()

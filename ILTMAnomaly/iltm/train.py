@@ -316,7 +316,7 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
     """
     start = time.perf_counter()
     tau = cfg.iltm.mask_density_threshold
-    share = cfg.iltm.spare_shared_uptake
+    share = cfg.iltm.spare_shared_uptake if cfg.data.intensity == "pet" else None  # bright anomalies only
     factor = cfg.vqvae.downsample_factor
     uptake = token_uptake(data.arrays, factor) if share is not None else None
     mine = dist.shard(list(range(len(data))))
@@ -388,6 +388,9 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                           for r in records]})
         dist.barrier()
 
+    if cfg.iltm.spare_shared_uptake is not None and cfg.data.intensity != "pet":
+        reporter.warn(f"iltm.spare_shared_uptake acts only on PET intensities (bright lesions); with "
+                      f"data.intensity={cfg.data.intensity!r} no flagged token is spared")
     seed_everything(cfg.seed)
     history = run.history()
     max_k = cfg.iltm.max_iterations

@@ -41,6 +41,7 @@ from iltm.checkpoint import load_checkpoint
 from iltm.train import train_transformer_stage
 
 VARIANTS = ("truth", "none")
+LABELS = {"truth": "perfect masks (the labels)", "none": "no masks"}
 
 
 def truth_token_masks(run: RunFolder, labels: Path) -> torch.Tensor:
@@ -109,7 +110,7 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
         reporter.log(f"{variant}: scoring the test set")
         metrics, _ = evaluate_iteration(run, 1, settings, test_records, labels, folder / "ceiling" / variant / "scores",
                                         reporter)
-        rows.append({"what": f"iteration 1, {variant} masks", "masked_tokens": int(masks.sum()),
+        rows.append({"what": f"iteration 1, {LABELS[variant]}", "masked_tokens": int(masks.sum()),
                      **{k: float(metrics[k]) for k in ("auroc", "aupro", "best_dice")}})
     return sweep_rows(sweep, fraction) + rows
 
