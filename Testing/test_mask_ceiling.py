@@ -1,6 +1,5 @@
 """Testing/Benchmarks/mask_ceiling.py: iteration 1 refitted with perfect masks and with none, on a tiny sweep."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -8,21 +7,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import run_cli
+from cli_helpers import FAST, load_benchmark_script, run_cli
 from iltm.errors import InputError
 from iltm.run import RunFolder
-
-SCRIPT = Path(__file__).parent / "Benchmarks" / "mask_ceiling.py"
-FAST = ["--set", "vqvae.epochs=3", "--set", "transformer.epochs=3", "--set", "detection.samples=4",
-        "--set", "detection.dropout_passes=2", "--set", "data.augment=false", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def mask_ceiling():
-    spec = importlib.util.spec_from_file_location("mask_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("mask_ceiling")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +22,7 @@ def sweep(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ceiling") / "sweep"
     assert run_cli("benchmark", "--out", out, "--dims", "2", "--preset", "tiny", "--fractions", "1", "--n-train", "6",
                    "--n-test", "4", "--size", "32", "32", "--max-iterations", "1", "--methods", "iltm",
-                   "--progress", "none", *FAST) == 0
+                   "--device", "cpu", *FAST) == 0
     return out
 
 

@@ -1,20 +1,15 @@
 """Testing/Benchmarks/preset_cost.py: the run-cost model and a smoke run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent / "Benchmarks" / "preset_cost.py"
+from cli_helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def preset_cost():
-    spec = importlib.util.spec_from_file_location("preset_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("preset_cost")
 
 
 def test_the_run_model_counts_the_tiny_presets_steps(preset_cost):
