@@ -188,7 +188,7 @@ class ResultTable:
         self.path, self.columns, self.key = Path(path), columns, key
         self.rows: list[dict[str, str]] = []
         if self.path.is_file() and self.path.stat().st_size:
-            with self.path.open(newline="") as f:
+            with self.path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 missing = [c for c in columns if c not in (reader.fieldnames or [])]
                 if missing:
@@ -219,11 +219,11 @@ class ResultTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.is_file() or not self.path.stat().st_size:
             try:  # exclusive create: of two processes sharing the folder, only one writes the header
-                with self.path.open("x", newline="") as f:
+                with self.path.open("x", newline="", encoding="utf-8") as f:
                     csv.DictWriter(f, fieldnames=self.columns).writeheader()
             except FileExistsError:
                 pass
-        with self.path.open("a", newline="") as f:  # one appended line per row: processes may share the file
+        with self.path.open("a", newline="", encoding="utf-8") as f:  # one appended line per row: processes may share the file
             csv.DictWriter(f, fieldnames=self.columns).writerow(text)
             f.flush()
         self.rows.append(text)
@@ -246,7 +246,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     """Rows of a benchmark CSV with numbers as floats (empty cells as ``None``)."""
     if not Path(path).is_file():
         return []
-    with Path(path).open(newline="") as f:
+    with Path(path).open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     out = []
     for row in rows:
@@ -303,7 +303,7 @@ def _ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, 
         want_size = want_size * dims
     if manifest_path.is_file():
         try:
-            m = json.loads(manifest_path.read_text())
+            m = json.loads(manifest_path.read_text(encoding="utf-8"))
             same = (m.get("n") == n and m.get("dims") == dims and m.get("seed") == seed
                     and abs(float(m.get("anomalous_fraction", -1)) - fraction) < 1e-9
                     and list(m.get("size", [])) == want_size
@@ -357,7 +357,7 @@ def seed_constant_run(source, root: Path) -> bool:
     shutil.copytree(source.iteration_dir(0), partial / source.iteration_dir(0).name)
     (partial / "history.json").write_text(json.dumps({
         "version": RUN_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
-        "stop_reason": None, "seeded_from": str(source.root)}, indent=2, default=str) + "\n")
+        "stop_reason": None, "seeded_from": str(source.root)}, indent=2, default=str) + "\n", encoding="utf-8")
     partial.rename(root)
     return True
 
@@ -369,14 +369,14 @@ def _timed_scores(folder: Path, records, write) -> float:
 
     folder.mkdir(parents=True, exist_ok=True)
     timing = folder / "seconds.json"
-    before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    before = json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else 0.0
     missing = [r for r in records if not (folder / f"{r.id}{SCORE_SUFFIX}").is_file()]
     if not missing:
         return before
     start = time.perf_counter()
     write(missing)
     total = before + time.perf_counter() - start
-    timing.write_text(json.dumps({"seconds": total}) + "\n")
+    timing.write_text(json.dumps({"seconds": total}) + "\n", encoding="utf-8")
     return total
 
 
@@ -438,7 +438,7 @@ class Sweep:
     def check_settings(self) -> dict[str, Any]:
         path = self.out / SETTINGS_JSON
         if path.is_file():
-            stored = json.loads(path.read_text())
+            stored = json.loads(path.read_text(encoding="utf-8"))
             differ = {k: (stored.get("settings", {}).get(k), v) for k, v in self.s.identity().items()
                       if stored.get("settings", {}).get(k) != v}
             if differ:
@@ -455,7 +455,7 @@ class Sweep:
         path = self.out / SETTINGS_JSON
         mine = {_invocation_key(i) for i in self.own_invocations}
         try:
-            on_disk = json.loads(path.read_text()).get("invocations", []) if path.is_file() else []
+            on_disk = json.loads(path.read_text(encoding="utf-8")).get("invocations", []) if path.is_file() else []
         except (OSError, ValueError):
             on_disk = []
         others = [i for i in on_disk if _invocation_key(i) not in mine]
@@ -538,7 +538,7 @@ class Sweep:
             row = self.iterations.get(threshold_schedule=schedule, anomalous_fraction=fraction, iteration=k)
             timing = scores_dir / "seconds.json"
             if row is not None and timing.is_file():
-                results[k] = (_metrics_from_row(row), json.loads(timing.read_text())["seconds"])
+                results[k] = (_metrics_from_row(row), json.loads(timing.read_text(encoding="utf-8"))["seconds"])
                 continue
             self.reporter.log(f"{100 * fraction:g} % anomalous: scoring the test set with {run.root.name} "
                               f"iteration {k}")
@@ -736,7 +736,7 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
             break
     else:
         return None
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     subjects = [s for s in manifest["subjects"] if s["anomalous"]][:max(cases, 1)]
     subjects = [s for s in subjects if all((d / f"{s['id']}_score.nii.gz").is_file() for d in maps.values())]
     if not subjects:
@@ -855,7 +855,7 @@ def make_figures(out: str | Path, reporter: Reporter | None = None, cases: int =
     iteration_rows = read_table(out / ITERATIONS_CSV)
     if not rows and not iteration_rows:
         raise InputError(out, f"no {SWEEP_CSV} or {ITERATIONS_CSV} with results to draw")
-    settings = json.loads((out / SETTINGS_JSON).read_text()) if (out / SETTINGS_JSON).is_file() else {}
+    settings = json.loads((out / SETTINGS_JSON).read_text(encoding="utf-8")) if (out / SETTINGS_JSON).is_file() else {}
     s = settings.get("settings", {})
     title = f"synthetic {s.get('dims', '?')}D, preset {s.get('preset', '?')}"
     written = []
@@ -896,7 +896,7 @@ def _read_sweeps(folders: list[Path]) -> list[tuple[Path, dict[str, Any], list[d
         rows = read_table(folder / SWEEP_CSV)
         if not (folder / SETTINGS_JSON).is_file() or not rows:
             raise InputError(folder, f"not a sweep with results: no {SETTINGS_JSON} or no rows in {SWEEP_CSV}")
-        sweeps.append((folder, json.loads((folder / SETTINGS_JSON).read_text()).get("settings", {}), rows))
+        sweeps.append((folder, json.loads((folder / SETTINGS_JSON).read_text(encoding="utf-8")).get("settings", {}), rows))
     first_folder, first, _ = sweeps[0]
     fixed = [k for k in SweepSettings.IDENTITY if k != "seed"]
     for folder, settings, _ in sweeps[1:]:
@@ -993,10 +993,10 @@ def write_seed_summary(folders: list[Path], out: Path, reporter: Reporter | None
     reporter = reporter or Reporter("none")
     folders = [Path(f) for f in folders]
     rows, paired, seeds = combine_seeds(folders)
-    settings = json.loads((folders[0] / SETTINGS_JSON).read_text()).get("settings", {})
+    settings = json.loads((folders[0] / SETTINGS_JSON).read_text(encoding="utf-8")).get("settings", {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / SEEDS_CSV) as tmp, Path(tmp).open("w", newline="") as f:
+    with atomic_path(out / SEEDS_CSV) as tmp, Path(tmp).open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=SEED_COLUMNS)
         writer.writeheader()
         writer.writerows({k: _cell(r[k]) for k in SEED_COLUMNS} for r in rows)
@@ -1084,7 +1084,7 @@ def cmd_benchmark(args, reporter: Reporter) -> int:
         for path in write_seed_summary(args.combine, args.out, reporter):
             reporter.log(f"wrote {path}")
         if reporter.mode != "jsonl":
-            print((Path(args.out) / SEEDS_TABLE).read_text())
+            print((Path(args.out) / SEEDS_TABLE).read_text(encoding="utf-8"))
         return 0
     if args.figures_only:
         for path in make_figures(args.out, reporter, cases=args.cases):
@@ -1093,7 +1093,7 @@ def cmd_benchmark(args, reporter: Reporter) -> int:
     settings = settings_from_args(args)
     figures = Sweep(settings, reporter).run(command=command_line(settings))
     if reporter.mode != "jsonl" and (settings.out / TABLE1).is_file():
-        print((settings.out / TABLE1).read_text())
+        print((settings.out / TABLE1).read_text(encoding="utf-8"))
     for path in figures:
         reporter.log(f"wrote {path}")
     return 0

@@ -104,8 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerate_ascii_terminals() -> None:
+    """Under an ASCII locale (LC_ALL=C), print "?" for the tables' "±" rather than fail after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _tolerate_ascii_terminals()
     from .progress import Reporter
     from . import distributed
 

@@ -275,7 +275,7 @@ def load(path: str | Path) -> Config:
     if not path.is_file():
         raise InputError(path, "config file is missing")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise InputError(path, f"not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(values, dict):

@@ -56,7 +56,7 @@ def atomic_path(path: str | Path):
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -76,7 +76,7 @@ class RunFolder:
         if not path.is_file():
             raise InputError(path, "file is missing from the run folder")
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(path, "is not valid JSON (the run folder is damaged)") from None
 

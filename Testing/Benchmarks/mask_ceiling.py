@@ -86,7 +86,7 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
     settings_path = sweep / SETTINGS_JSON
     if not settings_path.is_file():
         raise InputError(sweep, f"not a benchmark folder ({SETTINGS_JSON} missing)")
-    saved = json.loads(settings_path.read_text())["settings"]
+    saved = json.loads(settings_path.read_text(encoding="utf-8"))["settings"]
     folder = sweep / f"fraction_{fraction_text(fraction)}"
     source = RunFolder(folder / "runs" / "iltm")
     if not source.transformer_path(0).is_file() or not source.tokens_path.is_file():
@@ -120,7 +120,7 @@ def sweep_rows(sweep: Path, fraction: float) -> list[dict]:
     path = sweep / ITERATIONS_CSV
     rows = []
     if path.is_file():
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8") as fh:
             for r in csv.DictReader(fh):
                 if (r["threshold_schedule"] == "decreasing" and abs(float(r["anomalous_fraction"]) - fraction) < 1e-9
                         and r["iteration"] in ("0", "1")):
