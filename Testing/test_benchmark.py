@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimage
@@ -109,14 +112,14 @@ def test_constant_threshold_run_starts_from_the_decreasing_runs_iteration_0(swee
     runs = sweep / "fraction_1" / "runs"
     for name in ("vqvae.pt", "iteration_000/transformer.pt"):
         assert (runs / "iltm" / name).read_bytes() == (runs / "iltm_constant" / name).read_bytes()
-    assert "constant_threshold: true" in (runs / "iltm_constant" / "config.yaml").read_text()
+    assert "constant_threshold: true" in (runs / "iltm_constant" / "config.yaml").read_text(encoding="utf-8")
 
 
 def test_figures_and_table_are_written(sweep):
     for name in (FIGURE3, FIGURE4, FIGURE5):
         picture = mpimage.imread(sweep / name)
         assert picture.ndim == 3 and picture.shape[0] > 200 and picture.shape[1] > 200, name
-    table = (sweep / TABLE1).read_text()
+    table = (sweep / TABLE1).read_text(encoding="utf-8")
     assert "training data 100 % anomalous" in table
     for method in ALL_METHODS:
         assert f"| {METHOD_NAMES[method]}" in table
@@ -124,16 +127,16 @@ def test_figures_and_table_are_written(sweep):
 
 
 def test_rerun_redoes_nothing(sweep):
-    before_csv = {name: (sweep / name).read_text() for name in (SWEEP_CSV, ITERATIONS_CSV)}
+    before_csv = {name: (sweep / name).read_text(encoding="utf-8") for name in (SWEEP_CSV, ITERATIONS_CSV)}
     before_files = stamps(sweep)
     assert run_sweep(sweep) == 0
-    assert {name: (sweep / name).read_text() for name in (SWEEP_CSV, ITERATIONS_CSV)} == before_csv
+    assert {name: (sweep / name).read_text(encoding="utf-8") for name in (SWEEP_CSV, ITERATIONS_CSV)} == before_csv
     assert stamps(sweep) == before_files
 
 
 def test_a_removed_row_is_redone_and_nothing_else(sweep):
     path = sweep / SWEEP_CSV
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if not line.startswith("vae,1,")]
     assert len(kept) == len(lines) - 1
     path.write_text("".join(kept))
@@ -142,7 +145,7 @@ def test_a_removed_row_is_redone_and_nothing_else(sweep):
     assert run_sweep(sweep) == 0
     _, rows = read_csv(path)
     assert len(rows) == len(lines) - 1
-    assert path.read_text().startswith("".join(kept))          # old rows untouched, the missing one appended
+    assert path.read_text(encoding="utf-8").startswith("".join(kept))          # old rows untouched, the missing one appended
     assert rows[-1]["method"] == "vae" and rows[-1]["anomalous_fraction"] == "1"
     after = stamps(sweep)
     assert {k: v for k, v in after.items() if k in before_files} == before_files  # models reused, not retrained
@@ -153,13 +156,25 @@ def test_a_removed_row_is_redone_and_nothing_else(sweep):
 def test_figures_only_redraws_from_the_csvs(sweep):
     for name in (FIGURE3, FIGURE4, FIGURE5, TABLE1):
         (sweep / name).unlink()
-    record = json.loads((sweep / "benchmark.json").read_text())
+    record = json.loads((sweep / "benchmark.json").read_text(encoding="utf-8"))
     (sweep / "benchmark.json").write_text(json.dumps({**record, "note": "Ran on a cold Tuesday."}))
     args = parse("--out", sweep, "--figures-only")
     assert cmd_benchmark(args, Reporter("none")) == 0
     for name in (FIGURE3, FIGURE4, FIGURE5, TABLE1):
         assert (sweep / name).is_file() and (sweep / name).stat().st_size > 0
-    assert "Ran on a cold Tuesday." in (sweep / TABLE1).read_text()
+    assert "Ran on a cold Tuesday." in (sweep / TABLE1).read_text(encoding="utf-8")
+
+
+def test_tables_are_written_under_an_ascii_locale(sweep, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in (SWEEP_CSV, ITERATIONS_CSV, "benchmark.json"):
+        shutil.copy2(sweep / name, folder / name)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, "-m", "iltm", "benchmark", "--out", str(folder), "--figures-only",
+                           "--progress", "none"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\u00b1" in (folder / TABLE1).read_text(encoding="utf-8")
 
 
 def test_other_settings_in_the_same_folder_are_refused(sweep):
@@ -215,7 +230,7 @@ def test_processes_sharing_a_folder_keep_each_others_invocations_and_rows(tmp_pa
     one.save_settings(state_one)
     second["seconds"] = 5.0
     two.save_settings(state_two)  # must not drop the first process's finished record
-    recorded = json.loads((out / "benchmark.json").read_text())["invocations"]
+    recorded = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))["invocations"]
     assert [i["command"] for i in recorded] == ["first", "second"]
     assert recorded[0].get("finished") is True and recorded[1]["seconds"] == 5.0
     # Both append rows to one CSV: one header, every row, whichever wrote first.
@@ -280,7 +295,7 @@ def test_two_processes_starting_together_share_one_test_cohort(tmp_path, monkeyp
         done = list(pool.map(lambda _: ensure_cohort(folder, 2, 4, 0.5, 1000, [32, 32], Reporter("none")), range(2)))
     assert done == [folder, folder]
     assert calls == [1]  # generated once, by one of them; the other waited and took it
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["n"] == 4 and all((folder / s["image"]).is_file() for s in manifest["subjects"])
 
 
@@ -331,7 +346,7 @@ def test_combined_seeds_give_means_spreads_and_paired_wins(tmp_path):
     assert float(got[("ae", 0.0)]["auroc_std"]) == pytest.approx(0.1)
     assert float(got[("vae", 1.0)]["best_dice"]) == pytest.approx(0.46)
     assert int(got[("vae", 1.0)]["seeds"]) == 3
-    table = (tmp_path / "combined" / "seed_spread.md").read_text()
+    table = (tmp_path / "combined" / "seed_spread.md").read_text(encoding="utf-8")
     assert "over 3 seeds (0, 1, 2)" in table
     assert "| 100 % |  | 92.0 ± 2.0 / 46.0 ± 1.0 | 93.0 ± 2.0 / 46.5 ± 1.0 |" in table
     # ILTM - VAE per seed: +5, -1, -1 points: higher in 1 of 3 seeds

@@ -23,11 +23,11 @@ from cli_helpers import FAST, cli_subprocess, run_cli
 
 
 def test_train_writes_a_complete_run_folder(run2d, cohort2d):
-    history = json.loads((run2d / "history.json").read_text())
+    history = json.loads((run2d / "history.json").read_text(encoding="utf-8"))
     assert history["finished"] and history["stop_reason"]
     iterations = [r["iteration"] for r in history["iterations"]]
     assert iterations[0] == 0 and iterations == list(range(len(iterations)))
-    t0 = yaml.safe_load((run2d / "config.yaml").read_text())["detection"]["resampling_threshold"]
+    t0 = yaml.safe_load((run2d / "config.yaml").read_text(encoding="utf-8"))["detection"]["resampling_threshold"]
     first = history["iterations"][0]
     assert first["masked_change"] is None and math.isclose(first["resampling_threshold"], t0)
     if len(iterations) > 1:
@@ -45,7 +45,7 @@ def test_train_writes_a_complete_run_folder(run2d, cohort2d):
         mask = sitk.ReadImage(str(run2d / f"iteration_{k:03d}" / "masks" / f"{images[0].name[:-7]}_mask.nii.gz"))
         assert mask.GetSize() == scan.GetSize() and mask.GetSpacing() == scan.GetSpacing()
         assert mask.GetPixelID() == sitk.sitkUInt8
-    cfg = (run2d / "config.yaml").read_text()
+    cfg = (run2d / "config.yaml").read_text(encoding="utf-8")
     assert "spatial_dims: 2" in cfg and "preset: tiny" in cfg
     assert not list(run2d.rglob("*.tmp*")), "temporary files left behind"
 
@@ -96,7 +96,7 @@ def test_evaluate_and_report(run2d, cohort2d, tmp_path, capsys):
     assert run_cli("evaluate", "--scores", out, "--labels", cohort2d / "labels") == 0
     printed = capsys.readouterr().out
     assert "AUROC" in printed and "AUPRO" in printed
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 <= metrics["best_dice"] <= 1.0
     assert len(metrics["per_image"]) == len(metrics["ids"]) == 8
     assert run_cli("report", run2d, "--out", tmp_path / "report") == 0
@@ -119,7 +119,7 @@ def test_end_to_end_small_3d(tmp_path):
                    "--size", "32", "32", "32") == 0
     assert run_cli("train", "--data", cohort, "--out", run, "--preset", "tiny", "--max-iterations", "1",
                    *FAST) == 0
-    assert "spatial_dims: 3" in (run / "config.yaml").read_text()
+    assert "spatial_dims: 3" in (run / "config.yaml").read_text(encoding="utf-8")
     out = tmp_path / "d3"
     assert run_cli("detect", "--run", run, "--input", cohort / "images", "--out", out) == 0
     src = sitk.ReadImage(str(sorted((cohort / "images").glob("*.nii.gz"))[0]))
@@ -149,14 +149,14 @@ def test_resume_after_an_interrupted_iteration(cohort2d, tmp_path):
                 break
     proc.wait(timeout=60)
     assert killed, "training finished before it could be interrupted"
-    history = json.loads((run / "history.json").read_text())
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert [r["iteration"] for r in history["iterations"]] == [0] and not history["finished"]
     kept = {p: p.stat().st_mtime_ns for p in [run / "vqvae.pt", run / "iteration_000" / "transformer.pt",
                                               run / "iteration_001" / "transformer.pt",
                                               *sorted((run / "iteration_001" / "masks").glob("*.nii.gz"))]}
     assert len(kept) >= 5
     assert run_cli("train", "--resume", run) == 0
-    history = json.loads((run / "history.json").read_text())
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert history["finished"] and [r["iteration"] for r in history["iterations"]] == [0, 1, 2]
     for path, mtime in kept.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
@@ -175,11 +175,11 @@ def test_demo_runs_to_the_end_and_reports_all_methods(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("ILTM (iteration", "VQ-VAE+Transformer (it. 0)", "intensity threshold", "results (JSON)"):
         assert name in printed
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(results["metrics"]) == {"ILTM (iteration 1)", "VQ-VAE+Transformer (it. 0)", "intensity threshold"}
     for metrics in results["metrics"].values():
         assert 0.0 <= metrics["auroc"] <= 1.0
-    assert "clip_value: 15.0" in (out / "run" / "config.yaml").read_text()
+    assert "clip_value: 15.0" in (out / "run" / "config.yaml").read_text(encoding="utf-8")
     for figure in results["figures"]:
         assert Path(figure).stat().st_size > 1000
     assert run_cli("demo", "--out", out) == 2  # refuses to overwrite a finished demo

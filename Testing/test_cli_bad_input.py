@@ -89,7 +89,7 @@ def test_detect_rejects_incomplete_or_foreign_runs(run2d, cohort2d, tmp_path):
 
     newer = tmp_path / "newer"
     shutil.copytree(run2d, newer)
-    cfg = yaml.safe_load((newer / "config.yaml").read_text())
+    cfg = yaml.safe_load((newer / "config.yaml").read_text(encoding="utf-8"))
     cfg["version"] = 99
     (newer / "config.yaml").write_text(yaml.safe_dump(cfg))
     line = assert_clean_failure(cli_subprocess("detect", "--run", newer, "--input", image, "--out", tmp_path / "o2"),
@@ -124,7 +124,7 @@ def test_train_lists_all_unreadable_inputs_then_skips_them_on_request(cohort2d, 
                           "--skip-unreadable", "--progress", "none", *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "corrupt.nii.gz" in proc.stderr and "nan.nii.gz" in proc.stderr
-    manifest = (run / "manifest.json").read_text()
+    manifest = (run / "manifest.json").read_text(encoding="utf-8")
     assert "corrupt" not in manifest and "nan.nii" not in manifest
 
 

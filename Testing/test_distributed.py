@@ -21,7 +21,7 @@ def test_torchrun_two_processes_train_one_run(cohort2d, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    history = json.loads((run / "history.json").read_text())
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert history["finished"]
     n_scans = len(list((cohort2d / "images").glob("*.nii.gz")))
     for rec in history["iterations"]:

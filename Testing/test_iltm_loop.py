@@ -127,7 +127,7 @@ def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(co
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
                    "--set", "iltm.stop_change=0", "--set", "iltm.cross_fit_folds=2",
                    "--set", "iltm.mask_density_threshold=1e9", "--set", "iltm.spare_shared_uptake=null", *FAST) == 0
-    history = json.loads((run / "history.json").read_text())
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert [r["iteration"] for r in history["iterations"]] == [0, 1]
     for rec in history["iterations"]:
         k = rec["iteration"]
@@ -170,7 +170,7 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     run = tmp_path / "run"
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
                    "--set", "iltm.cross_fit_folds=0", "--set", "iltm.mask_density_threshold=null", *FAST) == 0
-    record = json.loads((run / "history.json").read_text())["iterations"][0]
+    record = json.loads((run / "history.json").read_text(encoding="utf-8"))["iterations"][0]
     assert "fold_train_seconds" not in record and not (run / "iteration_000" / "folds").exists()
     assert len(list((run / "iteration_000" / "masks").glob("*_mask.nii.gz"))) == 8
 
@@ -180,7 +180,7 @@ def test_a_run_sparing_every_shared_token_masks_nothing(cohort2d, tmp_path):
     # Every voxel falls below tau = 1e9, but a share of 0 spares every token: the real detector's path end to end.
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
                    "--set", "iltm.mask_density_threshold=1e9", "--set", "iltm.spare_shared_uptake=0", *FAST) == 0
-    assert json.loads((run / "history.json").read_text())["iterations"][0]["masked_fraction"] == 0.0
+    assert json.loads((run / "history.json").read_text(encoding="utf-8"))["iterations"][0]["masked_fraction"] == 0.0
 
 
 def test_same_seed_same_map_whatever_ran_before():
@@ -220,12 +220,12 @@ def test_a_collapsed_codebook_is_recorded_and_warned_about(cohort2d, tmp_path, c
     run = tmp_path / "run"
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
                    "--set", "vqvae.num_embeddings=1", *FAST) == 0
-    assert json.loads((run / "history.json").read_text())["vqvae"]["codes_used"] == 1
+    assert json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]["codes_used"] == 1
     assert "codebook collapsed" in capsys.readouterr().err
     healthy = tmp_path / "healthy"
     assert run_cli("train", "--data", cohort2d, "--out", healthy, "--preset", "tiny", "--max-iterations", "0",
                    "--set", "vqvae.epochs=40", *FAST[2:]) == 0
-    assert json.loads((healthy / "history.json").read_text())["vqvae"]["codes_used"] >= 2
+    assert json.loads((healthy / "history.json").read_text(encoding="utf-8"))["vqvae"]["codes_used"] >= 2
     assert "codebook collapsed" not in capsys.readouterr().err
 
 

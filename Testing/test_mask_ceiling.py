@@ -40,7 +40,7 @@ def test_truth_masks_are_the_tokens_holding_a_lesion_voxel(mask_ceiling, sweep):
 def test_the_ceiling_fits_iteration_1_per_variant_and_tables_it_beside_the_sweep(mask_ceiling, sweep, capsys):
     assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "truth", "none"]) == 0
     out = capsys.readouterr().out
-    table = (sweep / "mask_ceiling_1.md").read_text()
+    table = (sweep / "mask_ceiling_1.md").read_text(encoding="utf-8")
     assert table == out
     for what in ("sweep: iteration 0", "sweep: iteration 1, its own masks", "iteration 1, perfect masks (the labels)",
                  "iteration 1, no masks"):

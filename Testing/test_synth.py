@@ -28,7 +28,7 @@ def test_2d_cohort_files_manifest_and_labels(tmp_path):
                            progress=lambda done, total: calls.append((done, total)))
     assert time.perf_counter() - start < 10  # a second or two on a laptop core
     assert calls[-1] == (40, 40) and len(calls) == 40
-    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8")) == manifest
     assert manifest["dims"] == 2 and manifest["seed"] == 7 and manifest["version"] >= 1
     cases = manifest["subjects"]
     assert len(cases) == 40 and len({c["id"] for c in cases}) == 40
@@ -137,7 +137,7 @@ def test_rerun_replaces_earlier_cohort_and_refuses_foreign_folder(tmp_path):
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(InputError, match="not empty"):
         make_cohort(tmp_path / "mine", dims=2, n=2, anomalous_fraction=0.5, seed=0)
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert (tmp_path / "mine" / "thesis.tex").read_text(encoding="utf-8") == "precious"
 
 
 @pytest.mark.parametrize("kwargs, where", [(dict(dims=4), "--dims"), (dict(n=0), "--n"),

@@ -332,7 +332,7 @@ def _prepare_folder(out_dir: Path) -> None:
         return
     manifest = out_dir / "manifest.json"
     try:
-        old = json.loads(manifest.read_text())
+        old = json.loads(manifest.read_text(encoding="utf-8"))
         assert old.get("generator") == "iltm.synth"
     except (OSError, ValueError, AssertionError, AttributeError):
         raise InputError(out_dir, "exists and is not empty (and is not an earlier synthetic cohort); "

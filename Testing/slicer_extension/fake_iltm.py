@@ -88,7 +88,7 @@ def train(args) -> None:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             fail(str(run), "cannot resume: not a run folder (config.yaml or manifest.json missing)")
-        data = Path(json.loads((run / "manifest.json").read_text())["images"][0]["image"]).parent
+        data = Path(json.loads((run / "manifest.json").read_text(encoding="utf-8"))["images"][0]["image"]).parent
         max_iterations = 2
     else:
         run, data, max_iterations = Path(args.out), Path(args.data), args.max_iterations or 2

@@ -74,7 +74,7 @@ def test_browser_data_from_a_real_run(real_run, scene):
     history = run.history_arrays()
     np.testing.assert_array_equal(history["iteration"], [0, 1])
     t0 = history["resampling_threshold"][0]
-    config = yaml.safe_load((root / "run" / "config.yaml").read_text())
+    config = yaml.safe_load((root / "run" / "config.yaml").read_text(encoding="utf-8"))
     assert config["preset"] == "tiny" and t0 == pytest.approx(config["detection"]["resampling_threshold"])
     assert t0 != pytest.approx(0.005)  # the paper's t belongs to the paper preset
     np.testing.assert_allclose(history["resampling_threshold"], [t0, t0 * 0.875])
