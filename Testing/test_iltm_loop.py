@@ -113,6 +113,19 @@ def test_tokens_bright_in_most_scans_are_spared_from_the_masks(tmp_path):
     assert voxels == [0, 0, 0, 64, 64]                              # the written masks agree with the token masks
 
 
+def test_sparing_may_differ_per_dimension_and_bad_values_are_clear_errors():
+    cfg = config_mod.preset("tiny").iltm
+    assert cfg.spare_share(2) is None and cfg.spare_share(3) == 0.25   # the tiny preset spares in 3D only
+    cfg.spare_shared_uptake = 0.4
+    assert cfg.spare_share(2) == cfg.spare_share(3) == 0.4
+    for bad in ({"4d": 0.2}, {"3d": 2.0}, -0.1, True):
+        cfg.spare_shared_uptake = bad
+        with pytest.raises(InputError, match="spare_shared_uptake"):
+            cfg.check(10)
+    cfg.spare_shared_uptake = {"2d": None, "3d": 0.3}
+    cfg.check(10)
+
+
 def test_sparing_acts_only_on_pet_intensities(tmp_path):
     cfg = config_mod.preset("tiny")
     cfg.iltm.mask_density_threshold, cfg.iltm.spare_shared_uptake = 2.0, 0.5
@@ -173,6 +186,8 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     record = json.loads((run / "history.json").read_text(encoding="utf-8"))["iterations"][0]
     assert "fold_train_seconds" not in record and not (run / "iteration_000" / "folds").exists()
     assert len(list((run / "iteration_000" / "masks").glob("*_mask.nii.gz"))) == 8
+    # The tiny preset's per-dimension setting is resolved for these 2D scans and recorded as such.
+    assert config_mod.load(run / "config.yaml").iltm.spare_shared_uptake is None
 
 
 def test_a_run_sparing_every_shared_token_masks_nothing(cohort2d, tmp_path):

@@ -316,7 +316,8 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
     """
     start = time.perf_counter()
     tau = cfg.iltm.mask_density_threshold
-    share = cfg.iltm.spare_shared_uptake if cfg.data.intensity == "pet" else None  # bright anomalies only
+    dims = data.arrays[0].ndim - 1 if len(data) else None
+    share = cfg.iltm.spare_share(dims) if cfg.data.intensity == "pet" else None  # bright anomalies only
     factor = cfg.vqvae.downsample_factor
     uptake = token_uptake(data.arrays, factor) if share is not None else None
     mine = dist.shard(list(range(len(data))))
@@ -377,6 +378,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if cfg.data.spatial_dims not in (None, dims):
             raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
         cfg.data.spatial_dims = dims
+        cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)  # config.yaml records the value that applies
         if cfg.data.spatial_size is None:
             cfg.data.spatial_size = model_grid_size(records, cfg)
         if dist.is_main():
@@ -388,7 +390,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                           for r in records]})
         dist.barrier()
 
-    if cfg.iltm.spare_shared_uptake is not None and cfg.data.intensity != "pet":
+    if cfg.iltm.spare_share(cfg.data.spatial_dims) is not None and cfg.data.intensity != "pet":
         reporter.warn(f"iltm.spare_shared_uptake acts only on PET intensities (bright lesions); with "
                       f"data.intensity={cfg.data.intensity!r} no flagged token is spared")
     seed_everything(cfg.seed)

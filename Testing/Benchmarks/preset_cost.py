@@ -112,7 +112,7 @@ def run_estimate(name: str, per: dict[str, float], n_train: int) -> dict[str, fl
 
 
 def measured_stages(history: Path) -> dict[str, float]:
-    h = json.loads(history.read_text())
+    h = json.loads(history.read_text(encoding="utf-8"))
     iters = h["iterations"]
     return {"vqvae": float(h["vqvae"]["seconds"]),
             "transformer": sum(float(r.get("train_seconds") or 0) for r in iters),
