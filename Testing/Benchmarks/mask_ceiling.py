@@ -22,7 +22,6 @@ of the sweep is changed.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from iltm.benchmark import ITERATIONS_CSV, SETTINGS_JSON, SweepSettings, evaluate_iteration, fraction_text
+from iltm.benchmark import (ITERATIONS_CSV, SETTINGS_JSON, SweepSettings, evaluate_iteration, fraction_text,
+                            read_table)
 from iltm.detect import resolve_device, token_mask_from_map
 from iltm.errors import InputError
 from iltm.io import atomic_write_text, list_images, read_label
@@ -48,10 +48,10 @@ def truth_token_masks(run: RunFolder, labels: Path) -> torch.Tensor:
     """(M, L) bool: the tokens of each training scan whose footprint holds a lesion voxel (no label = none)."""
     cfg = run.config()
     factor = cfg.vqvae.downsample_factor
+    grid = [int(s) for s in cfg.data.spatial_size][::-1]                 # numpy order
     rows = []
     for rec in run.manifest()["images"]:
         path = labels / f"{rec['id']}.nii.gz"
-        grid = [int(s) for s in cfg.data.spatial_size][::-1]             # numpy order
         truth = sitk.GetArrayFromImage(read_label(path)) > 0 if path.is_file() else np.zeros(grid, bool)
         if list(truth.shape) != grid:
             raise InputError(path, f"label grid {list(truth.shape)} differs from the model grid {grid} (numpy "
@@ -117,17 +117,13 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
 
 def sweep_rows(sweep: Path, fraction: float) -> list[dict]:
     """The sweep's own iterations 0 and 1 (decreasing threshold) at this fraction, from ``iltm_iterations.csv``."""
-    path = sweep / ITERATIONS_CSV
     rows = []
-    if path.is_file():
-        with path.open(newline="", encoding="utf-8") as fh:
-            for r in csv.DictReader(fh):
-                if (r["threshold_schedule"] == "decreasing" and abs(float(r["anomalous_fraction"]) - fraction) < 1e-9
-                        and r["iteration"] in ("0", "1")):
-                    rows.append({"what": f"sweep: iteration {r['iteration']}" + (", its own masks"
-                                                                                  if r["iteration"] == "1" else ""),
-                                 "masked_tokens": None,
-                                 **{k: float(r[k]) for k in ("auroc", "aupro", "best_dice")}})
+    for r in read_table(sweep / ITERATIONS_CSV):
+        if (r["threshold_schedule"] == "decreasing" and abs(r["anomalous_fraction"] - fraction) < 1e-9
+                and r["iteration"] in (0, 1)):
+            k = int(r["iteration"])
+            rows.append({"what": f"sweep: iteration {k}" + (", its own masks" if k == 1 else ""),
+                         "masked_tokens": None, **{m: r[m] for m in ("auroc", "aupro", "best_dice")}})
     return rows
 
 
