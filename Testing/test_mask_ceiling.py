@@ -64,3 +64,19 @@ def test_the_ceiling_fits_iteration_1_per_variant_and_tables_it_beside_the_sweep
 def test_a_folder_without_a_sweep_is_a_clear_error(mask_ceiling, tmp_path):
     with pytest.raises(InputError, match="benchmark.json"):
         mask_ceiling.ceiling(tmp_path, 1.0, ["truth"], "cpu", None)
+
+
+def test_right_and_wrong_split_the_runs_own_masks_by_the_labels(mask_ceiling, sweep, capsys):
+    source = RunFolder(sweep / "fraction_1" / "runs" / "iltm")
+    truth = mask_ceiling.truth_token_masks(source, sweep / "fraction_1" / "train" / "labels")
+    own = mask_ceiling.own_token_masks(source)
+    stored = np.stack([np.load(source.token_mask_path(0, rec["id"])) for rec in source.manifest()["images"]])
+    assert np.array_equal(own.numpy(), stored.astype(bool)) and own.any()
+    right, wrong = (mask_ceiling.variant_masks(v, truth, own) for v in ("right", "wrong"))
+    assert torch.equal(right | wrong, own) and not (right & wrong).any()
+    assert not (right & ~truth).any() and not (wrong & truth).any()
+    with pytest.raises(InputError, match="iteration-0 masks"):
+        mask_ceiling.variant_masks("right", truth)
+    assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "wrong"]) == 0
+    table = capsys.readouterr().out
+    assert f"| iteration 1, its own masks' normal tokens only | {int(wrong.sum())} |" in table

@@ -1,6 +1,6 @@
 """How much could ILTM's training masks gain at best, on a finished sweep? The ceiling of one iteration.
 
-    python Testing/Benchmarks/mask_ceiling.py SWEEP --fraction 1 [--variants truth none] [--device cpu]
+    python Testing/Benchmarks/mask_ceiling.py SWEEP --fraction 1 [--variants truth none right wrong] [--device cpu]
 
 SWEEP is an ``iltm benchmark --out`` folder whose ILTM run at ``--fraction`` has finished iteration 0. For every
 variant, iteration 1's Transformer is fitted again, exactly as the loop fits it (same seed, same code), from the
@@ -8,7 +8,12 @@ run's VQ-VAE tokens with iteration 0's training masks replaced by:
 
 - ``truth``: every token whose footprint holds a lesion voxel of the cohort's labels, and nothing else: perfect
   masks, the most an iteration can gain;
-- ``none``: no mask at all: the Transformer fitted once more, which measures what refitting alone changes.
+- ``none``: no mask at all: the Transformer fitted once more, which measures what refitting alone changes;
+- ``right``: the run's own iteration-0 masks, only the tokens that hold a lesion voxel (what they got right);
+- ``wrong``: the run's own iteration-0 masks, only the tokens that hold none (normal tokens masked).
+
+``right`` and ``wrong`` split what the sweep's own iteration 1 gains and loses: the gain of the lesion tokens it
+masked against the cost of the normal tokens it masked, each measured against ``none``.
 
 Each is scored on the sweep's test set like the sweep scores its iterations. The table puts them beside the sweep's
 own iteration 0 and iteration 1 (``iltm_iterations.csv``): if ``truth`` is barely above ``none``, no mask rule
@@ -40,8 +45,10 @@ from iltm.run import RunFolder
 from iltm.checkpoint import load_checkpoint
 from iltm.train import train_transformer_stage
 
-VARIANTS = ("truth", "none")
-LABELS = {"truth": "perfect masks (the labels)", "none": "no masks"}
+VARIANTS = ("truth", "none", "right", "wrong")
+DEFAULT_VARIANTS = ("truth", "none")
+LABELS = {"truth": "perfect masks (the labels)", "none": "no masks",
+          "right": "its own masks' lesion tokens only", "wrong": "its own masks' normal tokens only"}
 
 
 def truth_token_masks(run: RunFolder, labels: Path) -> torch.Tensor:
@@ -60,11 +67,21 @@ def truth_token_masks(run: RunFolder, labels: Path) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def variant_masks(variant: str, truth: torch.Tensor) -> torch.Tensor:
+def own_token_masks(run: RunFolder) -> torch.Tensor:
+    """(M, L) bool: the run's iteration-0 training masks (what its iteration 1 was fitted with)."""
+    return torch.stack([torch.from_numpy(np.load(run.token_mask_path(0, rec["id"]))).reshape(-1).bool()
+                        for rec in run.manifest()["images"]])
+
+
+def variant_masks(variant: str, truth: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
     if variant == "truth":
         return truth.clone()
     if variant == "none":
         return torch.zeros_like(truth)
+    if variant in ("right", "wrong"):
+        if own is None:
+            raise InputError("--variants", f"variant '{variant}' needs the run's own iteration-0 masks")
+        return own & truth if variant == "right" else own & ~truth
     raise InputError("--variants", f"unknown variant '{variant}' (known: {', '.join(VARIANTS)})")
 
 
@@ -99,9 +116,15 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
     cfg = source.config()
     tokens = load_checkpoint(source.tokens_path, "iltm-tokens", 1)["tokens"]
     truth = truth_token_masks(source, folder / "train" / "labels")
+    own = None
+    if {"right", "wrong"} & set(variants):
+        if not all(source.token_mask_path(0, rec["id"]).is_file() for rec in source.manifest()["images"]):
+            raise InputError(source.root, "variants right and wrong need iteration 0's training masks, and the "
+                                          "sweep's ILTM run has not written them all at this fraction")
+        own = own_token_masks(source)
     rows = []
     for variant in variants:
-        masks = variant_masks(variant, truth)
+        masks = variant_masks(variant, truth, own)
         run = prepare_run(source, folder / "ceiling" / variant / "run")
         if not run.transformer_path(1).is_file():
             reporter.log(f"{variant}: fitting iteration 1's Transformer with {int(masks.sum())} masked tokens")
@@ -141,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--fraction", type=float, required=True)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
