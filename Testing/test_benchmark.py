@@ -244,6 +244,37 @@ def test_processes_sharing_a_folder_keep_each_others_invocations_and_rows(tmp_pa
         method="ae", anomalous_fraction=0.4)["auroc"] == "0.800000"
 
 
+def test_saving_keeps_what_others_wrote_to_benchmark_json_meanwhile(tmp_path):
+    from iltm.benchmark import Sweep, settings_from_args
+
+    out = tmp_path / "shared"
+    sweep = Sweep(settings_from_args(parse("--out", out, "--fractions", "0", *FAST)), Reporter("none"))
+    state, invocation = sweep.start_invocation("mine")
+    on_disk = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
+    on_disk["note"] = "written by hand while the sweep ran"
+    (out / "benchmark.json").write_text(json.dumps(on_disk), encoding="utf-8")
+    invocation["finished"] = True
+    sweep.save_settings(state)  # this process read the file before the note existed
+    saved = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
+    assert saved["note"] == "written by hand while the sweep ran"
+    assert saved["settings"] == sweep.s.identity() and saved["invocations"][0]["finished"] is True
+
+
+def test_a_fraction_another_process_is_running_is_a_clear_error(tmp_path):
+    from iltm.benchmark import Sweep, fraction_claim, settings_from_args
+
+    out = tmp_path / "shared"
+    with fraction_claim(out, 0.6):  # held as another process would hold it (its own open file)
+        with fraction_claim(out, 0.4):  # another fraction of the same folder is free
+            pass
+        sweep = Sweep(settings_from_args(parse("--out", out, "--fractions", "0.4", "0.6", *FAST)), Reporter("none"))
+        with pytest.raises(InputError, match=rf"fraction 0.6 is being run by process {os.getpid()} .*--fractions"):
+            sweep.run("second")
+        assert not (out / "benchmark.json").exists()  # refused before doing anything
+    with fraction_claim(out, 0.6):  # released: free again
+        pass
+
+
 def test_the_folder_lock_excludes_another_holder(tmp_path):
     import threading
     import time

@@ -55,6 +55,7 @@ SWEEP_COLUMNS = ["method", "anomalous_fraction", "auroc", "aupro", "best_dice", 
 ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice",
                      "auroc_std", "aupro_std", "best_dice_std", "resampling_threshold", "masked_fraction"]
 METHODS = ("ae", "vae", "nsa", "vqvae_transformer", "iltm")
+OWN_SETTINGS_KEYS = ("settings", "invocations", "preset", "dims")  # what a sweep process writes to benchmark.json
 BASELINES = ("ae", "vae", "nsa", "vqvae_transformer")  # what ILTM is compared with
 METHOD_NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA (self-supervised)",
                 "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
@@ -284,6 +285,34 @@ def folder_lock(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def fraction_claim(out: Path, fraction: float):
+    """Claim one fraction of the sweep in ``out`` for this process while it runs; another process sharing the folder
+    and given the same fraction gets a clear error at once instead of training the same models beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f".fraction_{fraction_text(fraction)}.lock").open("a+", encoding="utf-8") as f:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): processes must not share a sweep folder there
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(out, f"fraction {fraction:g} is being run by {holder}; processes sharing a sweep folder "
+                                  "need different --fractions") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
     """The synthetic cohort in ``folder``, generated unless an identical one is already there.
 
@@ -449,18 +478,27 @@ class Sweep:
         return {"settings": self.s.identity(), "invocations": []}
 
     def save_settings(self, state: dict[str, Any]) -> None:
-        """Write ``state``, keeping the invocations that other processes sharing the folder wrote meanwhile."""
+        """Write this process's part of ``benchmark.json``: the settings, preset, dims and its own invocations.
+
+        Everything else in the file as it is now on disk is kept: the invocations of other processes sharing the
+        folder and keys written since this process read it (a ``note``). The read and the write are one step
+        under the folder's lock, so two processes saving at once do not drop each other's records.
+        """
         from .io import atomic_write_text
 
         path = self.out / SETTINGS_JSON
         mine = {_invocation_key(i) for i in self.own_invocations}
-        try:
-            on_disk = json.loads(path.read_text(encoding="utf-8")).get("invocations", []) if path.is_file() else []
-        except (OSError, ValueError):
-            on_disk = []
-        others = [i for i in on_disk if _invocation_key(i) not in mine]
-        state["invocations"] = sorted(others + self.own_invocations, key=lambda i: str(i.get("started", "")))
-        atomic_write_text(path, json.dumps(state, indent=2, default=str) + "\n")
+        with folder_lock(path):
+            try:
+                on_disk = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            except (OSError, ValueError):
+                on_disk = {}
+            on_disk = on_disk if isinstance(on_disk, dict) else {}
+            others = [i for i in on_disk.get("invocations", []) if _invocation_key(i) not in mine]
+            state["invocations"] = sorted(others + self.own_invocations, key=lambda i: str(i.get("started", "")))
+            merged = {**on_disk, **{k: state[k] for k in OWN_SETTINGS_KEYS if k in state}}
+            state.update({k: v for k, v in merged.items() if k not in OWN_SETTINGS_KEYS})
+            atomic_write_text(path, json.dumps(merged, indent=2, default=str) + "\n")
 
     def start_invocation(self, command: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Check the folder's settings and record this invocation in ``benchmark.json``: (state, invocation)."""
@@ -485,6 +523,12 @@ class Sweep:
 
     # -- the sweep ----------------------------------------------------------------------------------------------
     def run(self, command: str = "") -> list[Path]:
+        with contextlib.ExitStack() as claims:
+            for fraction in self.s.fractions:
+                claims.enter_context(fraction_claim(self.out, fraction))
+            return self._run(command)
+
+    def _run(self, command: str) -> list[Path]:
         state, invocation = self.start_invocation(command)
         start = time.perf_counter()
 
