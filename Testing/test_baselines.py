@@ -152,13 +152,13 @@ def cohort(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["ae", "vae", "nsa"])
+@pytest.mark.parametrize("method", ["ae", "vae", "nsa", "cutpaste"])
 def test_training_saves_loads_and_scores(cohort, tmp_path, method):
     cfg = preset("tiny")
     cfg.device = "cpu"
     cfg.data.augment = False
     bcfg = baselines.preset("tiny")
-    bcfg.epochs = bcfg.nsa_epochs = 6
+    bcfg.epochs = bcfg.nsa_epochs = bcfg.cutpaste_epochs = 6
     path = tmp_path / f"{method}.pt"
     model = baselines.train_baseline(method, path, cfg, bcfg, cohort)
     losses = model.extra["losses"]

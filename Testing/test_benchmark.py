@@ -25,9 +25,9 @@ torch.set_num_threads(1)
 
 FAST = ["--set", "vqvae.epochs=3", "--set", "transformer.epochs=3", "--set", "detection.samples=4",
         "--set", "detection.dropout_passes=2", "--set", "data.augment=false", "--set", "baselines.epochs=3",
-        "--set", "baselines.nsa_epochs=3",
+        "--set", "baselines.nsa_epochs=3", "--set", "baselines.cutpaste_epochs=3",
         "--device", "cpu"]
-ALL_METHODS = ["ae", "vae", "nsa", "vqvae_transformer", "iltm", "iltm_constant"]
+ALL_METHODS = ["ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm", "iltm_constant"]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -79,7 +79,7 @@ def test_sweep_csv_has_the_columns_and_one_row_per_method_and_fraction(sweep):
             assert 0.0 <= float(r[key]) <= 1.0, r
             assert float(r[key + "_std"]) >= 0.0
         assert float(r["seconds"]) > 0
-        if r["method"] in ("ae", "vae", "nsa"):
+        if r["method"] in ("ae", "vae", "nsa", "cutpaste"):
             assert r["iteration"] == ""
         elif r["method"] == "vqvae_transformer":
             assert r["iteration"] == "0"

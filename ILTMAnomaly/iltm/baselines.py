@@ -1,5 +1,6 @@
 """Baselines: the Dense AE and Dense VAE of Baur et al. (2021), "Autoencoders for unsupervised anomaly segmentation
-in brain MR images: a comparative study", and the self-supervised NSA (:mod:`iltm.nsa`).
+in brain MR images: a comparative study", and the self-supervised NSA (:mod:`iltm.nsa`) and CutPaste
+(:mod:`iltm.cutpaste`).
 
 A convolutional encoder (stride-2 convolutions) ends in a *dense* bottleneck: flatten -> linear -> latent vector
 (the VAE: a mean and a log-variance, then the reparameterisation) -> linear -> unflatten, and a mirrored decoder
@@ -9,7 +10,8 @@ augmentation) with an L1 reconstruction loss, plus beta x KL for the VAE.
 The anomaly score is the residual between the input and its reconstruction. PET lesions are hot (brighter than
 what a model of normal uptake reconstructs), so by default only the positive residual max(x - recon, 0) counts,
 followed by Baur et al.'s median-filter post-processing; ``residual="absolute"`` gives their plain |x - recon|.
-NSA's score is its U-Net's voxel probability of a synthetic anomaly. Scores are written as ``<id>_score.nii.gz``
+NSA's score is its U-Net's voxel probability of a synthetic anomaly; CutPaste's is the Mahalanobis distance of
+the patches around a voxel to the Gaussian of the training patches' features. Scores are written as ``<id>_score.nii.gz``
 on each input's own grid, like ``iltm detect``'s.
 """
 
@@ -36,15 +38,16 @@ from .progress import Reporter
 
 FORMAT = "iltm-dense-autoencoder"
 FORMAT_VERSION = 1
-METHODS = ("ae", "vae", "nsa")
-NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA"}
+METHODS = ("ae", "vae", "nsa", "cutpaste")
+NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA", "cutpaste": "CutPaste"}
 RESIDUALS = ("positive", "absolute")
 SCORE_SUFFIX = "_score.nii.gz"
 
 
 @dataclass
 class BaselineConfig:
-    """Shape and training schedule of the Dense AE / VAE and NSA. ``len(channels)`` stride-2 convolutions (each x2).
+    """Shape and training schedule of the Dense AE / VAE, NSA and CutPaste. ``len(channels)`` stride-2 convolutions
+    (each x2).
 
     Args:
         channels: feature channels of the encoder's convolutions (the decoder mirrors them); NSA's U-Net has these
@@ -58,6 +61,7 @@ class BaselineConfig:
         nsa_epochs: NSA's epochs (``epochs`` is the AE's and VAE's): a segmentation network learning from random
             synthetic anomalies needs more steps than a reconstruction (tiny, 2D, clean data: AUROC 86.4 and best
             Dice 8.2 after 60 epochs, 99.5 and 59.3 after 300).
+        cutpaste_epochs: CutPaste's epochs (the paper: 256); its patch encoder's stages have ``channels``.
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
@@ -70,6 +74,7 @@ class BaselineConfig:
     residual: str = "positive"
     median_size: int = 3
     nsa_epochs: int = 300
+    cutpaste_epochs: int = 256
 
     @property
     def downsample_factor(self) -> int:
@@ -81,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "small": dict(channels=[32, 64, 128], latent_size=256, epochs=150, batch_size=8, learning_rate=5e-4),
     "tiny": dict(channels=[16, 32, 64], kernel_size=3, latent_size=64, epochs=60, batch_size=8,
-                 learning_rate=2e-3),
+                 learning_rate=2e-3, cutpaste_epochs=100),
 }
 
 
@@ -116,7 +121,7 @@ def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
         raise InputError(where, f"residual must be one of {', '.join(RESIDUALS)}, not '{cfg.residual}'")
     if not cfg.channels or any(int(c) < 1 for c in cfg.channels):
         raise InputError(where, f"channels {cfg.channels} must be a non-empty list of positive numbers")
-    for name in ("latent_size", "epochs", "nsa_epochs", "batch_size", "kernel_size"):
+    for name in ("latent_size", "epochs", "nsa_epochs", "cutpaste_epochs", "batch_size", "kernel_size"):
         if int(getattr(cfg, name)) < (0 if name.endswith("epochs") else 1):
             raise InputError(where, f"{name} must be positive (got {getattr(cfg, name)})")
     if cfg.beta < 0:
@@ -209,7 +214,8 @@ def loss_terms(model: DenseAutoencoder, x: torch.Tensor, beta: float) -> dict[st
 # -- a trained baseline ------------------------------------------------------------------------------------------
 
 class Baseline:
-    """A trained Dense AE / VAE or NSA with the preprocessing it was trained with; scores images on their own grid."""
+    """A trained Dense AE / VAE, NSA or CutPaste with the preprocessing it was trained with; scores images on their
+    own grid."""
 
     def __init__(self, method: str, model: nn.Module, cfg: BaselineConfig, data_cfg: DataConfig,
                  device: torch.device, extra: dict | None = None):
@@ -255,7 +261,12 @@ class Baseline:
 
     @torch.no_grad()
     def score_array(self, array: np.ndarray) -> np.ndarray:
-        """(1, *spatial) preprocessed image -> (*spatial) float32 score: the residual, or NSA's probability."""
+        """(1, *spatial) preprocessed image -> (*spatial) float32 score: the residual, NSA's probability or
+        CutPaste's patch distance."""
+        if self.method == "cutpaste":
+            from . import cutpaste
+
+            return cutpaste.score_map(self.model, array, self.extra, self.device)
         if self.method != "nsa":
             return self.residual_array(array)[0]
         x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(self.device)
@@ -277,13 +288,18 @@ def build(method: str, spatial_dims: int, in_shape: tuple[int, ...], cfg: Baseli
         net = nsa.build(spatial_dims, list(cfg.channels))
         net.spatial_dims, net.in_shape = spatial_dims, tuple(in_shape)  # what a checkpoint records, as for the AE
         return net
+    if method == "cutpaste":
+        from . import cutpaste
+
+        return cutpaste.build(spatial_dims, tuple(in_shape), list(cfg.channels))
     return DenseAutoencoder(spatial_dims, in_shape, list(cfg.channels), cfg.latent_size,
                             variational=method == "vae", kernel_size=cfg.kernel_size)
 
 
 def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: BaselineConfig, data: str | Path,
                    reporter: Reporter | None = None) -> Baseline:
-    """Train a Dense AE (``"ae"``), VAE (``"vae"``) or NSA (``"nsa"``) on the scans in ``data``, saved as ``out``.
+    """Train a Dense AE (``"ae"``), VAE (``"vae"``), NSA (``"nsa"``) or CutPaste (``"cutpaste"``) on the scans in
+    ``data``, saved as ``out``. CutPaste also fits its Gaussian of normal patch features on the training scans.
 
     Args:
         cfg: the run's config: its ``data`` section (intensity, spacing, augmentation), ``seed`` and ``device``
@@ -330,13 +346,24 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:
             return nsa.loss(model, x, rng, data_cfg.intensity_range)
+    elif method == "cutpaste":
+        from . import cutpaste
+
+        rng = np.random.default_rng(cfg.seed)
+
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            return cutpaste.loss(model, x, rng)
     else:
         def loss_of(x: torch.Tensor) -> torch.Tensor:
             return loss_terms(model, x, baseline_cfg.beta)["total"]
-    epochs = baseline_cfg.nsa_epochs if method == "nsa" else baseline_cfg.epochs
+    epochs = {"nsa": baseline_cfg.nsa_epochs, "cutpaste": baseline_cfg.cutpaste_epochs}.get(method,
+                                                                                        baseline_cfg.epochs)
     losses = fit(model, batches, loss_of, epochs, baseline_cfg.learning_rate, checkpoint, reporter,
                  f"train {NAMES[method]}", units=0.0)
-    baseline = Baseline(method, model, baseline_cfg, data_cfg, device)
+    extra = {}
+    if method == "cutpaste":  # the Gaussian of the training scans' patch features, after the pretext training
+        extra = cutpaste.fit_density(model, data_set.arrays, device)
+    baseline = Baseline(method, model, baseline_cfg, data_cfg, device, extra=extra)
     baseline.save(out, extra={"losses": losses, "train_seconds": time.perf_counter() - start,
                               "training_ids": [r.id for r in records]})
     checkpoint.unlink(missing_ok=True)

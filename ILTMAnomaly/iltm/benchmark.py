@@ -15,12 +15,12 @@ and score maps already on disk are reused.
     DIR/fraction_0.4/train/                  the training cohort with 40 % anomalous scans
     DIR/fraction_0.4/runs/iltm/              ILTM run folder (decreasing threshold; iteration 0 = no ILTM)
     DIR/fraction_0.4/runs/iltm_constant/     the same with a constant threshold (--constant-threshold-too)
-    DIR/fraction_0.4/runs/ae.pt, vae.pt      Dense AE / VAE (nsa.pt: NSA)
+    DIR/fraction_0.4/runs/ae.pt, vae.pt      Dense AE / VAE (nsa.pt: NSA, cutpaste.pt: CutPaste)
     DIR/fraction_0.4/scores/<method>/...     test-set score maps (<id>_score.nii.gz)
     DIR/figure3_iterations.png, figure4_metrics_vs_fraction.png, figure5_qualitative.png, table1.md
 
-Methods: ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` (self-supervised, :mod:`iltm.nsa`),
-``vqvae_transformer`` (iteration 0 of the ILTM
+Methods: ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` and ``cutpaste`` (self-supervised,
+:mod:`iltm.nsa`, :mod:`iltm.cutpaste`), ``vqvae_transformer`` (iteration 0 of the ILTM
 run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` (the run's last iteration).
 """
 
@@ -54,10 +54,11 @@ SWEEP_COLUMNS = ["method", "anomalous_fraction", "auroc", "aupro", "best_dice", 
                  "best_dice_std", "iteration", "seconds"]
 ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice",
                      "auroc_std", "aupro_std", "best_dice_std", "resampling_threshold", "masked_fraction"]
-METHODS = ("ae", "vae", "nsa", "vqvae_transformer", "iltm")
+METHODS = ("ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm")
 OWN_SETTINGS_KEYS = ("settings", "invocations", "preset", "dims")  # what a sweep process writes to benchmark.json
-BASELINES = ("ae", "vae", "nsa", "vqvae_transformer")  # what ILTM is compared with
+BASELINES = ("ae", "vae", "nsa", "cutpaste", "vqvae_transformer")  # what ILTM is compared with
 METHOD_NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA (self-supervised)",
+                "cutpaste": "CutPaste (self-supervised)",
                 "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
                 "iltm": "ILTM", "iltm_constant": "ILTM, constant threshold"}
 METRICS = (("auroc", "AUROC"), ("aupro", "AUPRO"), ("best_dice", "best Dice"))
@@ -534,6 +535,7 @@ class Sweep:
 
         test_dir = ensure_cohort(self.out / "test", self.s.dims, self.s.n_test, TEST_FRACTION, self.s.test_seed,
                                  self.s.size, self.inner)
+        from .baselines import METHODS as BASELINE_METHODS
         from .io import list_images
 
         self.test_records = list_images(test_dir / "images")
@@ -543,7 +545,7 @@ class Sweep:
         for f in self.s.fractions:
             tasks += [(f, "iltm")] if self.s.runs_iltm else []
             tasks += [(f, "iltm_constant")] if self.s.constant_threshold_too and f in constant else []
-            tasks += [(f, m) for m in ("ae", "vae", "nsa") if m in self.s.methods]
+            tasks += [(f, m) for m in BASELINE_METHODS if m in self.s.methods]
         self.reporter.units_total = float(len(tasks))
         self.reporter.emit("start", command="benchmark", out=str(self.out), tasks=len(tasks))
         self.reporter.log(f"benchmark: {len(tasks)} trainings over {len(self.s.fractions)} fractions into {self.out}")
@@ -679,6 +681,7 @@ def _method_order(methods) -> list[str]:
 
 def _style(method: str) -> dict[str, Any]:
     styles = {"ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"), "nsa": ("tab:green", "v", "-"),
+              "cutpaste": ("tab:purple", "P", "-"),
               "vqvae_transformer": ("tab:blue", "^", "-"), "iltm": ("tab:red", "o", "-"),
               "iltm_constant": ("tab:orange", "o", "--")}
     colour, marker, line = styles.get(method, (None, "x", ":"))
@@ -773,6 +776,8 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
             maps["Dense VAE residual"] = fdir / "scores" / "vae"
         if (fdir / "scores" / "nsa").is_dir():
             maps["NSA probability"] = fdir / "scores" / "nsa"
+        if (fdir / "scores" / "cutpaste").is_dir():
+            maps["CutPaste patch distance"] = fdir / "scores" / "cutpaste"
         if iltm and iltm[0].get("iteration") is not None:
             k = int(iltm[0]["iteration"])
             maps[f"ILTM score (iteration {k})"] = fdir / "scores" / "iltm" / f"iteration_{k:03d}"
@@ -1082,8 +1087,8 @@ def add_benchmark_parser(subparsers, common_parent: argparse.ArgumentParser) -> 
                         "or each iteration's own decayed t")
     p.add_argument("--cases", type=int, default=3, help="anomalous test scans shown in Figure 5 (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set vqvae.epochs=10; 'baselines.KEY' for the Dense AE/VAE "
-                        "and NSA (e.g. --set baselines.beta=0.5); repeatable")
+                   help="override a config value, e.g. --set vqvae.epochs=10; 'baselines.KEY' for the Dense AE/VAE, "
+                        "NSA and CutPaste (e.g. --set baselines.beta=0.5); repeatable")
     p.add_argument("--figures-only", action="store_true", help="only redraw figures and table from the CSVs in --out")
     p.add_argument("--combine", nargs="+", type=Path, metavar="SWEEP",
                    help="only combine finished sweeps that differ in --seed alone: mean and spread over seeds, and "
