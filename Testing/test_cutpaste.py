@@ -48,14 +48,14 @@ def test_training_pairs_are_each_patch_plain_and_pasted():
 
 
 def test_dense_corners_cover_every_voxel_and_end_flush():
-    shape, patch = (40, 24, 32), cutpaste.patch_shape((40, 24, 32))
-    assert patch == (20, 12, 16)
+    shape, patch = (80, 24, 64), cutpaste.patch_shape((80, 24, 64))
+    assert patch == (20, 8, 16)
     seen = np.zeros(shape, int)
     for corner in cutpaste.corners(shape, patch):
         seen[tuple(slice(c, c + p) for c, p in zip(corner, patch))] += 1
     assert seen.min() >= 1
-    assert max(c[0] for c in cutpaste.corners(shape, patch)) == 40 - 20
-    assert cutpaste.patch_shape((8, 12)) == (8, 8)                     # never below MIN_PATCH, never above the grid
+    assert max(c[0] for c in cutpaste.corners(shape, patch)) == 80 - 20
+    assert cutpaste.patch_shape((6, 12)) == (6, 8)                     # never below MIN_PATCH, never above the grid
 
 
 @pytest.mark.parametrize("dims, shape", [(2, (32, 32)), (3, (16, 16, 16))])

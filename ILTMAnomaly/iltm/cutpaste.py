@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-PATCH_FRACTION = 0.5        # patch side per axis as a fraction of the model grid (the paper: 64 of 256 pixels)
+PATCH_FRACTION = 0.25       # patch side per axis as a fraction of the model grid (the paper: 64 of 256 pixels)
 MIN_PATCH = 8               # voxels per axis, so that the encoder's three stride-2 stages keep at least one
 PATCHES_PER_IMAGE = 4       # random patch positions per training image and step, each also seen with a paste
 CUT_VOLUME = (0.02, 0.15)   # pasted box, as a fraction of the patch's voxels (the paper's area ratio)
@@ -32,7 +32,8 @@ SCORE_BATCH = 64            # patches per forward pass when scoring
 
 
 def patch_shape(in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The classifier's patch (numpy order) for a model grid ``in_shape``: half of each axis, at least MIN_PATCH."""
+    """The classifier's patch (numpy order) for a model grid ``in_shape``: a quarter of each axis, at least
+    MIN_PATCH (and at most the axis)."""
     return tuple(min(n, max(MIN_PATCH, int(n * PATCH_FRACTION))) for n in in_shape)
 
 
