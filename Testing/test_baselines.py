@@ -182,6 +182,12 @@ def test_training_saves_loads_and_scores(cohort, tmp_path, method):
     assert values.min() >= 0 and values.max() > 0
     if method == "nsa":  # a probability
         assert values.max() <= 1
+    if method == "cutpaste":  # a checkpoint that lost its Gaussian is a clear error, not a KeyError when scoring
+        payload = torch.load(path, weights_only=False)
+        del payload["gde_precision"]
+        torch.save(payload, tmp_path / "no_density.pt")
+        with pytest.raises(InputError, match="no_density.pt.*Gaussian of training patches"):
+            Baseline.load(tmp_path / "no_density.pt")
 
 
 def test_loading_a_foreign_or_damaged_file_names_it(tmp_path):

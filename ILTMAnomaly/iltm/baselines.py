@@ -11,8 +11,8 @@ The anomaly score is the residual between the input and its reconstruction. PET 
 what a model of normal uptake reconstructs), so by default only the positive residual max(x - recon, 0) counts,
 followed by Baur et al.'s median-filter post-processing; ``residual="absolute"`` gives their plain |x - recon|.
 NSA's score is its U-Net's voxel probability of a synthetic anomaly; CutPaste's is the Mahalanobis distance of
-the patches around a voxel to the Gaussian of the training patches' features. Scores are written as ``<id>_score.nii.gz``
-on each input's own grid, like ``iltm detect``'s.
+the patches around a voxel to the Gaussian of the training patches' features. Scores are written as
+``<id>_score.nii.gz`` on each input's own grid, like ``iltm detect``'s.
 """
 
 from __future__ import annotations
@@ -242,6 +242,9 @@ class Baseline:
             model.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:
             raise InputError(path, f"weights do not match the stored config ({str(exc).splitlines()[0]})") from None
+        if payload["method"] == "cutpaste" and not {"gde_mean", "gde_precision"} <= set(payload):
+            raise InputError(path, "CutPaste checkpoint without its Gaussian of training patches (gde_mean, "
+                                   "gde_precision): the training did not finish; train it again")
         known = {"format", "version", "method", "config", "data", "spatial_dims", "in_shape", "state_dict"}
         return cls(payload["method"], model, cfg, data_cfg, torch.device(device),
                    extra={k: v for k, v in payload.items() if k not in known})
