@@ -278,3 +278,40 @@ def test_the_tiny_vqvae_learns_3d_pet(tmp_path):
     trivial = float(x.abs().mean())  # the error of reconstructing every scan as zeros
     assert error < 0.7 * trivial
     assert torch.unique(encode_tokens(model, x)).numel() >= 2
+
+
+def test_dead_codes_are_moved_onto_encoder_outputs_of_the_batch():
+    from iltm.vqvae import DEAD_CODE_SHARE, DeadCodeRestarter, build_vqvae
+
+    torch.manual_seed(0)
+    vqvae = build_vqvae(config_mod.preset("tiny").vqvae, 2).train()
+    q = vqvae.quantizer.quantizer
+    restarter = DeadCodeRestarter(vqvae, until_step=1, seed=0)
+    q.ema_cluster_size.fill_(0.0)
+    q.ema_cluster_size[:3] = 100.0                                      # a codebook collapsed onto codes 0-2
+    seen = []
+    q.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    x = torch.rand(2, 1, 16, 16)
+    vqvae(x)                                                            # the EMA update may revive a code or two
+    dead = q.ema_cluster_size < DEAD_CODE_SHARE * q.ema_cluster_size.mean()
+    assert dead.sum() > q.num_embeddings // 2
+    live = q.embedding.weight[~dead].clone()
+    assert restarter.after_step() == int(dead.sum()) == restarter.restarted
+    inputs = seen[0].permute(0, 2, 3, 1).reshape(-1, q.embedding_dim)  # what the quantiser got (dropout and all)
+    moved = q.embedding.weight[dead]
+    # every restarted code now sits exactly on one of the batch's encoder outputs; the live ones did not move
+    assert torch.cdist(moved, inputs).min(dim=1).values.max() < 1e-3      # cdist rounding; codes lie ~0.2 apart
+    assert torch.equal(q.embedding.weight[~dead], live) and torch.equal(q.ema_w[dead], moved)
+    assert (q.ema_cluster_size[dead] == 1.0).all()
+    q.ema_cluster_size[dead] = 0.0
+    vqvae(x)
+    assert restarter.after_step() == 0                                  # past until_step: no more restarts
+    restarter.close()
+
+
+def test_a_run_with_dead_code_restarts_records_them(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
+                   "--set", "vqvae.restart_dead_codes=true", "--set", "vqvae.epochs=6", *FAST[2:]) == 0
+    vq = json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]
+    assert vq["codes_restarted"] > 0 and vq["codes_used"] >= 2

@@ -56,7 +56,14 @@ class DataConfig:
 
 @dataclass
 class VQVAEConfig:
-    """MONAI ``VQVAE`` shape and its training schedule. ``len(channels)`` is the number of downsamplings (each x2)."""
+    """MONAI ``VQVAE`` shape and its training schedule. ``len(channels)`` is the number of downsamplings (each x2).
+
+    Attributes:
+        restart_dead_codes: re-seed codebook vectors that the batches stopped using with encoder outputs of the
+            current batch, during the first half of the epochs (``iltm.vqvae.DeadCodeRestarter``). Off by default:
+            the committed results were made without it (README, "Results": a 3D tiny VQ-VAE whose codebook
+            collapsed to 9 codes).
+    """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
     num_res_layers: int = 2
@@ -69,6 +76,7 @@ class VQVAEConfig:
     epochs: int = 500
     batch_size: int = 8
     learning_rate: float = 1e-4
+    restart_dead_codes: bool = False
 
     @property
     def downsample_factor(self) -> int:

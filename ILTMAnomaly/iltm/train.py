@@ -28,7 +28,7 @@ from .preprocess import Preprocessor, augmentation
 from .progress import Reporter
 from .run import RUN_VERSION, RunFolder
 from .transformer import TokenTransformer
-from .vqvae import build_vqvae, encode_tokens, load_vqvae, save_vqvae
+from .vqvae import DeadCodeRestarter, build_vqvae, encode_tokens, load_vqvae, save_vqvae
 
 FIT_FORMAT = "iltm-fit-checkpoint"
 SAVE_EVERY_SECONDS = 30.0
@@ -179,9 +179,16 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, vq_cfg.batch_size, device)
+    restarter = None
+    if vq_cfg.restart_dead_codes:  # during the first half of the epochs (this process's steps, after a resume too)
+        steps_per_epoch = math.ceil(len(dist.shard(list(range(len(data))))) / vq_cfg.batch_size)
+        restarter = DeadCodeRestarter(model, until_step=steps_per_epoch * vq_cfg.epochs // 2, seed=cfg.seed)
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
-        return vqvae_loss(ddp, x)
+        loss = vqvae_loss(ddp, x)
+        if restarter is not None:
+            restarter.after_step()
+        return loss
 
     start = time.perf_counter()
     losses = fit(ddp, batches, loss_of, vq_cfg.epochs, vq_cfg.learning_rate, run.root / "vqvae_checkpoint.pt",
@@ -189,6 +196,9 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
     summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "epochs": vq_cfg.epochs, "seconds": time.perf_counter() - start}
+    if restarter is not None:
+        restarter.close()
+        summary["codes_restarted"] = restarter.restarted
     if dist.is_main():
         save_vqvae(model, vq_cfg, cfg.data.spatial_dims, run.vqvae_path,
                    extra={"latent_shape": list(latent), "losses": losses})

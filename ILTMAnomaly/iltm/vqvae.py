@@ -39,6 +39,59 @@ def build_vqvae(cfg: VQVAEConfig, spatial_dims: int) -> VQVAE:
     )
 
 
+DEAD_CODE_SHARE = 0.01  # a code is dead when its EMA usage is below this share of the mean code's usage
+
+
+class DeadCodeRestarter:
+    """Re-seeds dead codebook vectors with encoder outputs of the current batch while a VQ-VAE trains.
+
+    MONAI's EMA quantiser keeps a running count of how many latent vectors each code takes. A code whose count
+    falls below ``DEAD_CODE_SHARE`` of the mean is moved onto a random encoder output of the latest batch (the
+    "random restart" of Dhariwal et al., Jukebox, 2020), so a codebook that started to collapse onto a few codes
+    spreads out again. Call :meth:`after_step` after each training forward pass; it acts for ``until_step`` steps.
+    Under ``torchrun`` every rank sees the same counts (the quantiser syncs them), so all decide alike, and rank 0's
+    new vectors are broadcast.
+    """
+
+    def __init__(self, model: VQVAE, until_step: int, seed: int):
+        self.quantizer = model.quantizer.quantizer
+        self.until_step, self.seed = until_step, seed
+        self.step, self.restarted = 0, 0
+        self._inputs: torch.Tensor | None = None
+        self._hook = self.quantizer.register_forward_pre_hook(self._keep_inputs)
+
+    def _keep_inputs(self, module, args) -> None:
+        if module.training:
+            self._inputs = args[0].detach()
+
+    @torch.no_grad()
+    def after_step(self) -> int:
+        """Restart the dead codes now; returns how many."""
+        self.step += 1
+        q, inputs, self._inputs = self.quantizer, self._inputs, None
+        if self.step > self.until_step or inputs is None:
+            return 0
+        usage = q.ema_cluster_size
+        dead = usage < DEAD_CODE_SHARE * usage.mean()
+        count = int(dead.sum())
+        if count == 0:
+            return 0
+        flat = inputs.permute(q.flatten_permutation).reshape(-1, q.embedding_dim).float()
+        generator = torch.Generator(device="cpu").manual_seed(self.seed + self.step)
+        fresh = flat[torch.randint(0, flat.shape[0], (count,), generator=generator).to(flat.device)]
+        q.embedding.weight.data[dead] = fresh
+        q.ema_w.data[dead] = fresh            # with a count of 1, the EMA update keeps the vector where it is put
+        q.ema_cluster_size.data[dead] = 1.0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in (q.embedding.weight.data, q.ema_w.data, q.ema_cluster_size.data):
+                torch.distributed.broadcast(tensor, src=0)
+        self.restarted += count
+        return count
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
 @torch.no_grad()
 def encode_tokens(model: VQVAE, images: torch.Tensor) -> torch.Tensor:
     """Codebook indices of images.
