@@ -61,8 +61,8 @@ class VQVAEConfig:
     Attributes:
         restart_dead_codes: re-seed codebook vectors that the batches stopped using with encoder outputs of the
             current batch, during the first half of the epochs (``iltm.vqvae.DeadCodeRestarter``). Off by default:
-            the committed results were made without it (README, "Results": a 3D tiny VQ-VAE whose codebook
-            collapsed to 9 codes).
+            on a 3D tiny cohort it revived collapsed codebooks (9 -> 119 codes used) but did not raise best Dice
+            on average over three seeds (README, "Results", 3D), and the committed results were made without it.
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
