@@ -231,7 +231,7 @@ def test_encoding_keeps_the_decoders_dropout_on_in_detection_mode():
     assert not torch.equal(decode_tokens(vqvae, tokens), decode_tokens(vqvae, tokens))
 
 
-def test_a_collapsed_codebook_is_recorded_and_warned_about(cohort2d, tmp_path, capsys):
+def test_a_collapsed_codebook_is_recorded_and_warned_about(cohort2d, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
                    "--set", "vqvae.num_embeddings=1", *FAST) == 0
@@ -242,6 +242,19 @@ def test_a_collapsed_codebook_is_recorded_and_warned_about(cohort2d, tmp_path, c
                    "--set", "vqvae.epochs=40", *FAST[2:]) == 0
     assert json.loads((healthy / "history.json").read_text(encoding="utf-8"))["vqvae"]["codes_used"] >= 2
     assert "codebook collapsed" not in capsys.readouterr().err
+    real = train_mod.tokenize_stage
+
+    def four_codes(*args, **kwargs):  # a codebook that collapsed onto 4 of its 128 codes
+        tokens = real(*args, **kwargs)
+        return torch.arange(tokens.numel()).reshape(tokens.shape) % 4
+
+    monkeypatch.setattr(train_mod, "tokenize_stage", four_codes)
+    partly = tmp_path / "partly"
+    assert run_cli("train", "--data", cohort2d, "--out", partly, "--preset", "tiny", "--max-iterations", "0",
+                   *FAST) == 0
+    assert json.loads((partly / "history.json").read_text(encoding="utf-8"))["vqvae"]["codes_used"] == 4
+    err = capsys.readouterr().err
+    assert "uses only 4 of its 128 codes" in err and "every position" not in err
 
 
 def test_the_tiny_vqvae_learns_3d_pet(tmp_path):
