@@ -270,48 +270,48 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 # -- the pieces of one sweep ------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def folder_lock(folder: Path):
-    """Hold an exclusive lock on ``folder`` (a hidden file beside it) against other processes sharing the sweep."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with (folder.parent / f".{folder.name}.lock").open("a") as f:
+def _locked_file(path: Path, blocking: bool = True):
+    """Open ``path`` ("a+") and hold an exclusive POSIX lock on it; yields the file, or None where there are no
+    POSIX locks (Windows: processes must not share a sweep folder there). Not blocking: BlockingIOError if held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as f:
         try:
             import fcntl
-        except ImportError:  # no POSIX locks (Windows): processes must not share a sweep folder there
-            yield
+        except ImportError:
+            yield None
             return
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
-            yield
+            yield f
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (a hidden file beside it) against other processes sharing the sweep."""
+    with _locked_file(folder.parent / f".{folder.name}.lock"):
+        yield
 
 
 @contextlib.contextmanager
 def fraction_claim(out: Path, fraction: float):
     """Claim one fraction of the sweep in ``out`` for this process while it runs; another process sharing the folder
     and given the same fraction gets a clear error at once instead of training the same models beside it."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / f".fraction_{fraction_text(fraction)}.lock").open("a+", encoding="utf-8") as f:
+    path = out / f".fraction_{fraction_text(fraction)}.lock"
+    with contextlib.ExitStack() as stack:
         try:
-            import fcntl
-        except ImportError:  # no POSIX locks (Windows): processes must not share a sweep folder there
-            yield
-            return
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f = stack.enter_context(_locked_file(path, blocking=False))
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise InputError(out, f"fraction {fraction:g} is being run by {holder}; processes sharing a sweep folder "
-                                  "need different --fractions") from None
-        try:
+            holder = path.read_text(encoding="utf-8").strip() or "another process"
+            raise InputError(out, f"fraction {fraction:g} is being run by {holder}; processes sharing a sweep "
+                                  "folder need different --fractions") from None
+        if f is not None:
             f.seek(0)
             f.truncate()
             f.write(f"process {os.getpid()} on {socket.gethostname()}")
             f.flush()
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
@@ -498,7 +498,6 @@ class Sweep:
             others = [i for i in on_disk.get("invocations", []) if _invocation_key(i) not in mine]
             state["invocations"] = sorted(others + self.own_invocations, key=lambda i: str(i.get("started", "")))
             merged = {**on_disk, **{k: state[k] for k in OWN_SETTINGS_KEYS if k in state}}
-            state.update({k: v for k, v in merged.items() if k not in OWN_SETTINGS_KEYS})
             atomic_write_text(path, json.dumps(merged, indent=2, default=str) + "\n")
 
     def start_invocation(self, command: str) -> tuple[dict[str, Any], dict[str, Any]]:
