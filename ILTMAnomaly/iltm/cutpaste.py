@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .nsa import box_slices, random_corner
+
 PATCH_FRACTION = 0.25       # patch side per axis as a fraction of the model grid (the paper: 64 of 256 pixels)
 MIN_PATCH = 8               # voxels per axis, so that the encoder's three stride-2 stages keep at least one
 PATCHES_PER_IMAGE = 4       # random patch positions per training image and step, each also seen with a paste
@@ -82,10 +84,6 @@ def _cut_box(rng: np.random.Generator, patch: tuple[int, ...]) -> tuple[int, ...
     return tuple(int(min(p - 1, max(1, round(side * math.exp(r))))) for p, r in zip(patch, logs))
 
 
-def _corner(rng: np.random.Generator, shape: tuple[int, ...], box: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(int(rng.integers(0, n - b + 1)) for n, b in zip(shape, box))
-
-
 def cut_paste(image: np.ndarray, patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``patch`` with a box cut from a random place of ``image`` (its whole scan) pasted at a random place.
 
@@ -97,8 +95,8 @@ def cut_paste(image: np.ndarray, patch: np.ndarray, rng: np.random.Generator) ->
         a new (*patch) array; the box's intensities are scaled by 1 +- BRIGHTNESS.
     """
     box = _cut_box(rng, patch.shape)
-    src = tuple(slice(c, c + b) for c, b in zip(_corner(rng, image.shape, box), box))
-    dst = tuple(slice(c, c + b) for c, b in zip(_corner(rng, patch.shape, box), box))
+    src = box_slices(random_corner(rng, image.shape, box), box)
+    dst = box_slices(random_corner(rng, patch.shape, box), box)
     out = patch.copy()
     out[dst] = image[src] * rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
     return out
@@ -117,7 +115,7 @@ def training_pairs(images: np.ndarray, patch: tuple[int, ...], rng: np.random.Ge
     patches, labels = [], []
     for image in images:
         for _ in range(PATCHES_PER_IMAGE):
-            at = tuple(slice(c, c + p) for c, p in zip(_corner(rng, image.shape, patch), patch))
+            at = box_slices(random_corner(rng, image.shape, patch), patch)
             normal = image[at]
             patches += [normal, cut_paste(image, normal, rng)]
             labels += [0, 1]
@@ -165,7 +163,7 @@ def corners(in_shape: tuple[int, ...], patch: tuple[int, ...]) -> list[tuple[int
 def dense_features(model: CutPasteNet, array: np.ndarray, device: torch.device) -> torch.Tensor:
     """(1, *spatial) preprocessed image -> (P, width) features of its dense patches (``corners`` order)."""
     image = torch.from_numpy(np.ascontiguousarray(array[0], dtype=np.float32))
-    patches = torch.stack([image[tuple(slice(c, c + p) for c, p in zip(corner, model.patch_shape))]
+    patches = torch.stack([image[box_slices(corner, model.patch_shape)]
                            for corner in corners(image.shape, model.patch_shape)])[:, None]
     return torch.cat([model.embed(patches[i:i + SCORE_BATCH].to(device)).cpu()
                       for i in range(0, len(patches), SCORE_BATCH)])
@@ -194,7 +192,7 @@ def score_map(model: CutPasteNet, array: np.ndarray, density: dict[str, torch.Te
     shape = array.shape[1:]
     total, count = np.zeros(shape), np.zeros(shape)
     for d, corner in zip(distance, corners(shape, model.patch_shape)):
-        window = tuple(slice(c, c + p) for c, p in zip(corner, model.patch_shape))
+        window = box_slices(corner, model.patch_shape)
         total[window] += d
         count[window] += 1
     smooth = ndimage.gaussian_filter(total / np.maximum(count, 1), sigma=[p / 4 for p in model.patch_shape],

@@ -71,7 +71,12 @@ def _box(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(max(3, round(rng.uniform(*PATCH_SIDE) * n))) for n in shape)
 
 
-def _corner(rng: np.random.Generator, shape, box, inside: np.ndarray | None = None) -> tuple[int, ...]:
+def box_slices(corner, box) -> tuple[slice, ...]:
+    """The index of a box of sides ``box`` whose first voxel is ``corner``."""
+    return tuple(slice(c, c + n) for c, n in zip(corner, box))
+
+
+def random_corner(rng: np.random.Generator, shape, box, inside: np.ndarray | None = None) -> tuple[int, ...]:
     """A random corner for ``box``; with ``inside``, one whose box centre lies in it when any of 10 draws does."""
     corner = tuple(int(rng.integers(0, n - b + 1)) for n, b in zip(shape, box))
     for _ in range(10 if inside is not None else 0):
@@ -104,8 +109,8 @@ def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: fl
         inside = images[b] > BODY_LEVEL * intensity_range
         for _ in range(int(rng.integers(1, MAX_PATCHES + 1))):
             box = _box(rng, shape)
-            src = tuple(slice(c, c + n) for c, n in zip(_corner(rng, shape, box), box))
-            dst = tuple(slice(c, c + n) for c, n in zip(_corner(rng, shape, box, inside), box))
+            src = box_slices(random_corner(rng, shape, box), box)
+            dst = box_slices(random_corner(rng, shape, box, inside), box)
             before = out[b][dst].copy()
             out[b][dst] = poisson_blend(before, source[src].astype(np.float64))
             change = np.abs(out[b][dst] - before) / intensity_range

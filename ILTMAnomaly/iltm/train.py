@@ -351,8 +351,12 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
         with atomic_path(token_path) as tmp:
             np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
     dist.barrier()
-    masks = torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, r.id))) for r in data.records])
-    return masks, time.perf_counter() - start
+    return load_token_masks(run, k, [r.id for r in data.records]), time.perf_counter() - start
+
+
+def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
+    """(M, L) bool: iteration k's stored training-scan token masks, one row per scan id (True = masked)."""
+    return torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, i))).reshape(-1) for i in scan_ids])
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
@@ -442,8 +446,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     previous_masks: torch.Tensor | None = None
     for k in range(max_k + 1):
         if k in done:
-            previous_masks = torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, r.id)))
-                                          for r in records])
+            previous_masks = load_token_masks(run, k, [r.id for r in records])
             reporter.units_done += per_iteration
             continue
         if history.get("finished"):

@@ -43,7 +43,7 @@ from iltm.io import atomic_write_text, list_images, read_label
 from iltm.progress import Reporter
 from iltm.run import RunFolder
 from iltm.checkpoint import load_checkpoint
-from iltm.train import train_transformer_stage
+from iltm.train import load_token_masks, train_transformer_stage
 
 VARIANTS = ("truth", "none", "right", "wrong")
 DEFAULT_VARIANTS = ("truth", "none")
@@ -69,8 +69,7 @@ def truth_token_masks(run: RunFolder, labels: Path) -> torch.Tensor:
 
 def own_token_masks(run: RunFolder) -> torch.Tensor:
     """(M, L) bool: the run's iteration-0 training masks (what its iteration 1 was fitted with)."""
-    return torch.stack([torch.from_numpy(np.load(run.token_mask_path(0, rec["id"]))).reshape(-1).bool()
-                        for rec in run.manifest()["images"]])
+    return load_token_masks(run, 0, [rec["id"] for rec in run.manifest()["images"]]).bool()
 
 
 def variant_masks(variant: str, truth: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
