@@ -41,6 +41,32 @@ def test_each_fold_transformer_is_fitted_without_its_fold(tmp_path, monkeypatch)
     assert seen == {}
 
 
+@pytest.mark.parametrize("same_seed", [True, False])
+def test_same_transformer_seed_makes_iterations_differ_by_their_masks_alone(tmp_path, same_seed):
+    cfg = config_mod.preset("tiny")
+    cfg.transformer.n_layer, cfg.transformer.n_embd, cfg.transformer.epochs = 1, 16, 2
+    cfg.iltm.same_transformer_seed = same_seed
+    tokens = torch.randint(0, 8, (6, 12), generator=torch.Generator().manual_seed(0))
+    run = RunFolder(tmp_path / "run")
+
+    def fitted(k, masks=None, fold=None):
+        train_mod.train_transformer_stage(run, cfg, k, tokens, masks, 8, torch.device("cpu"), Reporter("none"), 1.0,
+                                          fold=fold)
+        path = run.transformer_path(k) if fold is None else run.fold_transformer_path(k, fold)
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+    def same(a, b):
+        return all(torch.equal(a[name], b[name]) for name in a)
+
+    first = fitted(0)
+    assert same(first, fitted(1)) is same_seed          # no masks: iteration 1 is iteration 0 exactly
+    if same_seed:
+        masks = torch.zeros_like(tokens, dtype=torch.bool)
+        masks[:, 5] = True
+        assert not same(first, fitted(2, masks))        # the masks alone change it
+        assert same(fitted(0, fold=1), fitted(3, fold=1))
+
+
 class _RecordingDetector:
     """Stands in for a Detector: remembers which scans it scored; flags everything or nothing."""
 

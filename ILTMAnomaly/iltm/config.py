@@ -139,6 +139,10 @@ class ILTMConfig:
             (whole-body PET cropped or padded alike) and bright anomalies, so it acts only when
             ``data.intensity`` is ``"pet"`` (a dark anomaly would always be spared). May differ per dimension:
             ``{"2d": q2, "3d": q3}`` (a missing key = off); a run's ``config.yaml`` records the value it used.
+        same_transformer_seed: every iteration's Transformers (and fold Transformers) start from iteration 0's
+            initialisation and see their batches in iteration 0's order, so iterations differ by their masks
+            alone and the per-iteration history (Figure 3) measures what the masks did rather than seed noise.
+            Off by default (each iteration its own seed), as the committed results were made.
     """
 
     max_iterations: int = 5
@@ -148,6 +152,7 @@ class ILTMConfig:
     cross_fit_folds: int = 0
     mask_density_threshold: float | None = None
     spare_shared_uptake: float | dict[str, float | None] | None = None
+    same_transformer_seed: bool = False
 
     def spare_share(self, dims: int | None) -> float | None:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""

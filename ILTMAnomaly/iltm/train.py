@@ -236,14 +236,15 @@ def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.T
     ``fold`` j fits the cross-fitting Transformer of fold j instead (the caller passes the other folds' rows).
     """
     t_cfg = cfg.transformer
-    seed_everything(cfg.seed + 7919 * (k + 1) + (0 if fold is None else 104729 * (fold + 1)))
+    seed_k = 0 if cfg.iltm.same_transformer_seed else k
+    seed_everything(cfg.seed + 7919 * (seed_k + 1) + (0 if fold is None else 104729 * (fold + 1)))
     model = TokenTransformer(t_cfg, num_codes=num_codes, seq_len=tokens.shape[1]).to(device)
     ddp = dist.wrap(model)
     tokens = tokens.to(device)
     masks = token_masks.to(device) if token_masks is not None else None
 
     def batches(epoch: int):
-        for idx in shuffled_batches(tokens.shape[0], t_cfg.batch_size, epoch, cfg.seed + k):
+        for idx in shuffled_batches(tokens.shape[0], t_cfg.batch_size, epoch, cfg.seed + seed_k):
             yield idx
 
     def loss_of(idx: list[int]) -> torch.Tensor:
