@@ -319,6 +319,24 @@ def test_the_tiny_vqvae_learns_3d_pet(tmp_path):
     assert torch.unique(encode_tokens(model, x)).numel() >= 2
 
 
+def test_the_vqvae_activation_is_configurable_and_stored_with_its_weights(tmp_path):
+    from iltm.vqvae import build_vqvae, load_vqvae, save_vqvae
+
+    def activations(model):
+        return {type(m).__name__ for m in model.modules() if type(m).__name__ in ("ReLU", "LeakyReLU", "PReLU")}
+
+    cfg = config_mod.preset("tiny").vqvae
+    assert activations(build_vqvae(cfg, 2)) == {"ReLU"}                  # MONAI's default, the paper's
+    cfg.act = "leakyrelu"
+    model = build_vqvae(cfg, 3)
+    assert activations(model) == {"LeakyReLU"}
+    save_vqvae(model, cfg, 3, tmp_path / "vqvae.pt")
+    assert activations(load_vqvae(tmp_path / "vqvae.pt")[0]) == {"LeakyReLU"}
+    cfg.act = "relux"
+    with pytest.raises(InputError, match="vqvae.act.*relux"):
+        build_vqvae(cfg, 2)
+
+
 def test_dead_codes_are_moved_onto_encoder_outputs_of_the_batch():
     from iltm.vqvae import DEAD_CODE_SHARE, DeadCodeRestarter, build_vqvae
 

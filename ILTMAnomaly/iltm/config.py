@@ -63,6 +63,10 @@ class VQVAEConfig:
             current batch, during the first half of the epochs (``iltm.vqvae.DeadCodeRestarter``). Off by default:
             on a 3D tiny cohort it revived collapsed codebooks (9 -> 119 codes used) but did not raise best Dice
             on average over three seeds (README, "Results", 3D), and the committed results were made without it.
+        act: the activation of the encoder and decoder blocks, a MONAI ``Act`` name (``"relu"``, MONAI's and
+            the paper's, or ``"leakyrelu"``, ``"prelu"``, ...). A ReLU channel that no input switches on stops
+            learning for good; in the 3D ``tiny`` runs whose codebook partly collapsed most channels of the second
+            encoder block were dead (Testing/Benchmarks/results/README.md).
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -77,6 +81,7 @@ class VQVAEConfig:
     batch_size: int = 8
     learning_rate: float = 1e-4
     restart_dead_codes: bool = False
+    act: str = "relu"
 
     @property
     def downsample_factor(self) -> int:
