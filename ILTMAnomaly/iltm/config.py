@@ -64,9 +64,9 @@ class VQVAEConfig:
             on a 3D tiny cohort it revived collapsed codebooks (9 -> 119 codes used) but did not raise best Dice
             on average over three seeds (README, "Results", 3D), and the committed results were made without it.
         act: the activation of the encoder and decoder blocks, a MONAI ``Act`` name (``"relu"``, MONAI's and
-            the paper's, or ``"leakyrelu"``, ``"prelu"``, ...). A ReLU channel that no input switches on stops
-            learning for good; in the 3D ``tiny`` runs whose codebook partly collapsed most channels of the second
-            encoder block were dead (Testing/Benchmarks/results/README.md).
+            the paper's, or ``"leakyrelu"``, ``"prelu"``, ...). In the 3D ``tiny`` runs whose codebook partly
+            collapsed most ReLU channels of the second encoder block never switched on; ``"leakyrelu"`` did not
+            prevent the collapse there (Testing/Benchmarks/results/README.md, "VQ-VAE"), so the default stays.
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
