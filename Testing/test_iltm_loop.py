@@ -337,6 +337,41 @@ def test_the_vqvae_activation_is_configurable_and_stored_with_its_weights(tmp_pa
         build_vqvae(cfg, 2)
 
 
+def test_the_vqvae_initialisation_with_the_lowest_early_loss_is_the_one_trained(tmp_path, monkeypatch):
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_dims, cfg.data.augment = 2, False
+    cfg.vqvae.channels, cfg.vqvae.num_res_channels, cfg.vqvae.embedding_dim = [8, 8], 8, 4
+    cfg.vqvae.epochs, cfg.vqvae.init_epochs, cfg.vqvae.batch_size = 3, 2, 2
+    rng = np.random.default_rng(0)
+    data = _Scans(4)
+    data.arrays = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(4)]
+
+    def trained(name, candidates):
+        cfg.vqvae.init_candidates = candidates
+        run = RunFolder(tmp_path / name)
+        run.root.mkdir()
+        train_mod.seed_everything(cfg.seed)
+        summary = train_mod.train_vqvae_stage(run, cfg, data, torch.device("cpu"), Reporter("none"), 1.0)
+        return run, summary, torch.load(run.vqvae_path, map_location="cpu", weights_only=False)["state_dict"]
+
+    _, plain, plain_weights = trained("plain", 1)
+    assert "init_trials" not in plain
+    run, summary, weights = trained("chosen", 3)
+    trials = summary["init_trials"]
+    assert len(trials["losses"]) == 3 and trials["chosen"] == int(np.argmin(trials["losses"]))
+    assert len(set(trials["losses"])) == 3                     # three different initialisations
+    same = all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+    assert same == (trials["chosen"] == 0)                      # the run's own initialisation, trained as usual
+    assert not list(run.root.glob("vqvae_init*_checkpoint.pt"))
+    # A resumed run reads the trials back instead of repeating them.
+    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("trials repeated"))
+    assert train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"),
+                                       train_mod._rng_states()) == trials
+    cfg.vqvae.init_candidates = 0
+    with pytest.raises(InputError, match="vqvae.init_candidates"):
+        train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"), train_mod._rng_states())
+
+
 def test_dead_codes_are_moved_onto_encoder_outputs_of_the_batch():
     from iltm.vqvae import DEAD_CODE_SHARE, DeadCodeRestarter, build_vqvae
 

@@ -67,6 +67,11 @@ class VQVAEConfig:
             the paper's, or ``"leakyrelu"``, ``"prelu"``, ...). In the 3D ``tiny`` runs whose codebook partly
             collapsed most ReLU channels of the second encoder block never switched on; ``"leakyrelu"`` did not
             prevent the collapse there (Testing/Benchmarks/results/README.md, "VQ-VAE"), so the default stays.
+        init_candidates: 1 = train the VQ-VAE from the run's initialisation (the paper). N > 1 = first train N
+            initialisations (the run's and N - 1 others) for ``init_epochs`` epochs each, then train the one with
+            the lowest last-epoch loss for the full schedule, exactly as a run with that initialisation would. On
+            small 3D cohorts the VQ-VAE's quality depends on its initialisation, and the early loss ranks them.
+        init_epochs: epochs of each trial when ``init_candidates`` > 1.
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -82,6 +87,8 @@ class VQVAEConfig:
     learning_rate: float = 1e-4
     restart_dead_codes: bool = False
     act: str = "relu"
+    init_candidates: int = 1
+    init_epochs: int = 25
 
     @property
     def downsample_factor(self) -> int:

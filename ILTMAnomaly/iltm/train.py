@@ -7,6 +7,7 @@ interrupted training stage restarts from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -173,9 +174,70 @@ def vqvae_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(recon, x) + quantization_loss
 
 
+INIT_TRIALS_JSON = "vqvae_init_trials.json"
+
+
+def _rng_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_states(states: tuple) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
+def _seed_init(cfg: Config, candidate: int, states: tuple) -> None:
+    """Set the RNGs so the next ``build_vqvae`` draws initialisation ``candidate`` (0 = the run's own)."""
+    if candidate == 0:
+        _set_rng_states(states)
+    else:
+        seed_everything(cfg.seed + 7727 * candidate)
+
+
+def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
+                      states: tuple) -> dict[str, Any] | None:
+    """Train ``vqvae.init_candidates`` initialisations for ``vqvae.init_epochs`` each; keep the lowest last loss.
+
+    Returns None when there is one candidate, else ``{"losses": [...], "chosen": c, "epochs": E}``, also written
+    to the run folder so that a resumed run does not repeat the trials.
+    """
+    vq_cfg = cfg.vqvae
+    for key in ("init_candidates", "init_epochs"):
+        value = getattr(vq_cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"vqvae.{key}", f"must be a whole number of at least 1, not {value!r}")
+    if vq_cfg.init_candidates == 1:
+        return None
+    path = run.root / INIT_TRIALS_JSON
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    losses = []
+    for c in range(vq_cfg.init_candidates):
+        _seed_init(cfg, c, states)
+        ddp = dist.wrap(build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device))
+        checkpoint = run.root / f"vqvae_init{c}_checkpoint.pt"
+        trial = fit(ddp, image_batches(data, cfg, vq_cfg.batch_size, device), lambda x: vqvae_loss(ddp, x),
+                    vq_cfg.init_epochs, vq_cfg.learning_rate, checkpoint, reporter,
+                    f"VQ-VAE initialisation {c + 1}/{vq_cfg.init_candidates}", 0.0)
+        losses.append(trial[-1])
+        if dist.is_main():
+            checkpoint.unlink(missing_ok=True)
+    record = {"losses": losses, "chosen": int(np.argmin(losses)), "epochs": vq_cfg.init_epochs}
+    if dist.is_main():
+        run.write_json(path, record)
+    dist.barrier()
+    reporter.log(f"VQ-VAE initialisation {record['chosen'] + 1} of {len(losses)} chosen (last-epoch losses "
+                 + ", ".join(f"{x:.4g}" for x in losses) + ")")
+    return record
+
+
 def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
                       units: float) -> dict[str, Any]:
     vq_cfg = cfg.vqvae
+    states = _rng_states()
+    trials = choose_vqvae_init(run, cfg, data, device, reporter, states)
+    _seed_init(cfg, trials["chosen"] if trials else 0, states)
     model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, vq_cfg.batch_size, device)
@@ -199,6 +261,8 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     if restarter is not None:
         restarter.close()
         summary["codes_restarted"] = restarter.restarted
+    if trials:
+        summary["init_trials"] = trials
     if dist.is_main():
         save_vqvae(model, vq_cfg, cfg.data.spatial_dims, run.vqvae_path,
                    extra={"latent_shape": list(latent), "losses": losses})
