@@ -90,6 +90,18 @@ class VQVAEConfig:
     init_candidates: int = 1
     init_epochs: int = 25
 
+    def check(self) -> None:
+        """InputError naming the setting for an activation MONAI does not know or a trial count below 1."""
+        from monai.networks.layers.factories import Act
+
+        if not isinstance(self.act, str) or self.act.upper() not in Act.names:
+            raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
+                                          f"leakyrelu, prelu)")
+        for key in ("init_candidates", "init_epochs"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"vqvae.{key}", f"must be a whole number of at least 1, not {value!r}")
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** len(self.channels)

@@ -203,10 +203,7 @@ def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     to the run folder so that a resumed run does not repeat the trials.
     """
     vq_cfg = cfg.vqvae
-    for key in ("init_candidates", "init_epochs"):
-        value = getattr(vq_cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"vqvae.{key}", f"must be a whole number of at least 1, not {value!r}")
+    vq_cfg.check()
     if vq_cfg.init_candidates == 1:
         return None
     path = run.root / INIT_TRIALS_JSON
@@ -448,9 +445,11 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
         cfg.iltm.check(len(records), where=str(run.config_path))
+        cfg.vqvae.check()
     else:
         if run.root.exists() and any(run.root.iterdir()):
             raise InputError(run.root, "output folder is not empty (use --resume to continue a run there)")
+        cfg.vqvae.check()  # before reading the scans, which may take long
         dist.barrier()  # every rank has checked the folder before rank 0 fills it
         records = gather_inputs(data, cfg, skip_unreadable, reporter)
         cfg.iltm.check(len(records), where="config")

@@ -21,12 +21,8 @@ FORMAT_VERSION = 1
 
 def build_vqvae(cfg: VQVAEConfig, spatial_dims: int) -> VQVAE:
     """A MONAI VQVAE with ``len(cfg.channels)`` stride-2 downsamplings, one input and one output channel."""
-    from monai.networks.layers.factories import Act
-
+    cfg.check()
     levels = len(cfg.channels)
-    if not isinstance(cfg.act, str) or cfg.act.upper() not in Act.names:
-        raise InputError("vqvae.act", f"unknown activation {cfg.act!r} (MONAI's Act names, e.g. relu, leakyrelu, "
-                                      f"prelu)")
     return VQVAE(
         spatial_dims=spatial_dims,
         in_channels=1,
