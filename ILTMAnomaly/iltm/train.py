@@ -503,8 +503,8 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     elif codes_used < cfg.vqvae.num_embeddings * PARTIAL_COLLAPSE_SHARE:
         reporter.warn(f"the VQ-VAE uses only {codes_used} of its {cfg.vqvae.num_embeddings} codes on the training "
                       f"scans (a partly collapsed codebook); on 3D tiny cohorts such runs scored 20-30 best-Dice "
-                      f"points below runs with a full codebook (README, Results, 3D). Try another seed or "
-                      f"vqvae.restart_dead_codes=true.")
+                      f"points below runs with a full codebook (README, Results, 3D). Try "
+                      f"vqvae.init_candidates=4 (best of four initialisations) or another seed.")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
     previous_masks: torch.Tensor | None = None
