@@ -38,6 +38,46 @@ def test_a_paste_changes_one_box_with_content_of_the_same_scan(shape):
     assert patch.max() == 0                                             # the input is not modified
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (16, 12, 20)])
+def test_a_scar_is_a_thin_rotated_rod_of_the_same_scan(shape):
+    rng = np.random.default_rng(11)
+    image = rng.uniform(1.0, 2.0, size=tuple(2 * s for s in shape)).astype(np.float32)
+    patch = np.zeros(shape, np.float32)
+    longest = cutpaste.SCAR_LENGTH[1] * max(shape)
+    widest = max(1.0, cutpaste.SCAR_WIDTH[1] * max(shape))
+    rotated = 0
+    for seed in range(20):
+        out = cutpaste.scar(image, patch, np.random.default_rng(seed))
+        changed = out != patch
+        assert changed.any()
+        # no more voxels than the largest rod (rotation's resampling adds at most a voxel's rim per side)
+        assert changed.sum() <= (longest + 2) * (widest + 2) ** (len(shape) - 1)
+        box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(changed))
+        rotated += not changed[box].all()                               # a tilted rod does not fill its bounding box
+        # interpolated, brightness-jittered image content (not darkened by the rotation's edges)
+        assert out[changed].min() >= 1.0 * (1 - cutpaste.BRIGHTNESS) - 1e-6
+        assert out[changed].max() <= 2.0 * (1 + cutpaste.BRIGHTNESS) + 1e-6
+    assert rotated >= 5                                                 # small rods at small angles look straight
+    assert patch.max() == 0
+
+
+@pytest.mark.parametrize("variant, classes", [("binary", 2), ("scar", 2), ("3way", 3)])
+def test_each_variant_has_its_pastes_and_classes(variant, classes):
+    images = np.random.default_rng(12).uniform(size=(2, 24, 32)).astype(np.float32)
+    patches, labels = cutpaste.training_pairs(images, (12, 16), np.random.default_rng(13), variant)
+    assert labels.tolist() == list(range(classes)) * (2 * cutpaste.PATCHES_PER_IMAGE)
+    assert patches.shape == (classes * 2 * cutpaste.PATCHES_PER_IMAGE, 12, 16)
+    plain = patches[labels == 0]
+    for label in range(1, classes):
+        assert (patches[labels == label] != plain).any(axis=(1, 2)).all()      # every paste changed its patch
+    net = cutpaste.build(2, (48, 64), [4, 8, 8], variant)
+    assert net(torch.from_numpy(patches[:, None])).shape == (len(labels), classes)
+    loss = cutpaste.loss(net, torch.from_numpy(images[:, None]), np.random.default_rng(14))
+    assert loss.ndim == 0 and np.isfinite(float(loss.detach()))
+    with pytest.raises(ValueError, match="unknown CutPaste variant 'four'"):
+        cutpaste.build(2, (48, 64), [4, 8, 8], "four")
+
+
 def test_training_pairs_are_each_patch_plain_and_pasted():
     images = np.random.default_rng(2).uniform(size=(3, 24, 32)).astype(np.float32)
     patches, labels = cutpaste.training_pairs(images, (12, 16), np.random.default_rng(3))
@@ -77,14 +117,16 @@ def test_the_score_is_highest_where_patches_differ_from_the_training_patches(dim
     assert plain.max() < score.max()
 
 
-def test_the_classifier_learns_to_spot_pastes():
-    """A few hundred steps on smooth images: pasted patches (with a visible box edge) become separable."""
+@pytest.mark.parametrize("variant", ["binary", "scar"])
+def test_the_classifier_learns_to_spot_pastes(variant):
+    """A few hundred steps on smooth images: pasted boxes or scars (with a visible edge) become separable. (A
+    scar that changed nothing would leave the loss at ln 2.)"""
     torch.manual_seed(0)
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[0:32, 0:32]
     images = np.stack([np.exp(-((yy - rng.uniform(8, 24)) ** 2 + (xx - rng.uniform(8, 24)) ** 2) / 60.0)
                        for _ in range(8)]).astype(np.float32)[:, None]
-    net = cutpaste.build(2, (32, 32), [8, 16, 16])
+    net = cutpaste.build(2, (32, 32), [8, 16, 16], variant)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):

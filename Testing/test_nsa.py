@@ -58,6 +58,30 @@ def test_synthesize_labels_follow_the_change(shape):
     assert np.array_equal(again[0], changed) and np.array_equal(again[1], labels)
 
 
+@pytest.mark.parametrize("scale", [0.7, 1.3])
+def test_a_resized_source_is_a_box_of_another_size_resampled_to_the_target_box(scale):
+    shape, box = (40, 36, 44), (10, 8, 12)
+    ramp = np.indices(shape).astype(float)[2] * 0.5                # intensity grows by 0.5 per voxel along x
+    patch = nsa.resized_source(ramp, box, np.random.default_rng(0), bounds=(scale, scale))
+    assert patch.shape == box
+    # The source box was round(12 * scale) voxels along x, squeezed or stretched to 12: the slope scales with it.
+    slope = np.diff(patch[..., 2:-2], axis=-1).mean()              # away from the clamped edges
+    assert slope == pytest.approx(0.5 * round(12 * scale) / 12, rel=0.05)
+    same = nsa.resized_source(ramp, box, np.random.default_rng(0), bounds=(1.0, 1.0))
+    assert np.allclose(np.diff(same, axis=-1), 0.5)                # scale 1: a plain cut
+
+
+def test_resizing_changes_the_synthetic_anomalies_and_keeps_the_labels_consistent():
+    images = np.random.default_rng(7).random((3, 40, 48)).astype(np.float32)
+    plain = nsa.synthesize(images, np.random.default_rng(8))
+    resized = nsa.synthesize(images, np.random.default_rng(8), resize=True)
+    assert not np.array_equal(plain[0], resized[0])
+    changed, labels = resized
+    change = np.abs(changed - images)
+    assert (change > 0).any() and (labels[change == 0] < 0.01).all()
+    assert (labels[change > 2 * nsa.LABEL_OFFSET] > 0.98).all()
+
+
 def test_a_single_image_takes_patches_from_itself_and_tiny_images_are_refused():
     image = np.random.default_rng(4).random((1, 32, 32)).astype(np.float32)
     changed = [nsa.synthesize(image, np.random.default_rng(s))[0] for s in range(8)]

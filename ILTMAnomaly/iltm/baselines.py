@@ -62,6 +62,13 @@ class BaselineConfig:
             synthetic anomalies needs more steps than a reconstruction (tiny, 2D, clean data: AUROC 86.4 and best
             Dice 8.2 after 60 epochs, 99.5 and 59.3 after 300).
         cutpaste_epochs: CutPaste's epochs (the paper: 256); its patch encoder's stages have ``channels``.
+        cutpaste_variant: CutPaste's pretext task: ``"binary"`` (plain vs. pasted box), ``"scar"`` (plain vs. pasted
+            scar) or ``"3way"`` (plain vs. box vs. scar); see :mod:`iltm.cutpaste`.
+        nsa_resize: NSA cuts its source patches at a random scale and resamples them (the paper's patch rescaling;
+            see :mod:`iltm.nsa`).
+
+    ``cutpaste_variant`` and ``nsa_resize`` are off the paper's best by default (binary, no rescaling) only so
+    that the committed sweeps stay what their commands make.
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
@@ -75,6 +82,8 @@ class BaselineConfig:
     median_size: int = 3
     nsa_epochs: int = 300
     cutpaste_epochs: int = 256
+    cutpaste_variant: str = "binary"
+    nsa_resize: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -110,15 +119,24 @@ def set_value(cfg: BaselineConfig, key: str, value: Any, where: str = "--set") -
     known = {f.name for f in dataclasses.fields(cfg)}
     if key not in known:
         raise InputError(where, f"unknown baseline setting '{key}' (known: {', '.join(sorted(known))})")
-    if isinstance(value, str) and key != "residual":
+    if isinstance(value, str) and key not in ("residual", "cutpaste_variant"):
         value = yaml.safe_load(value)
-    setattr(cfg, key, copy.deepcopy(value))
-    check(cfg, where)
+    trial = copy.deepcopy(cfg)  # a refused value leaves ``cfg`` as it was
+    setattr(trial, key, copy.deepcopy(value))
+    check(trial, where)
+    setattr(cfg, key, getattr(trial, key))
 
 
 def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
+    from .cutpaste import VARIANTS
+
     if cfg.residual not in RESIDUALS:
         raise InputError(where, f"residual must be one of {', '.join(RESIDUALS)}, not '{cfg.residual}'")
+    if cfg.cutpaste_variant not in VARIANTS:
+        raise InputError(where, f"cutpaste_variant must be one of {', '.join(VARIANTS)}, not "
+                                f"'{cfg.cutpaste_variant}'")
+    if not isinstance(cfg.nsa_resize, bool):
+        raise InputError(where, f"nsa_resize must be true or false, not '{cfg.nsa_resize}'")
     if not cfg.channels or any(int(c) < 1 for c in cfg.channels):
         raise InputError(where, f"channels {cfg.channels} must be a non-empty list of positive numbers")
     for name in ("latent_size", "epochs", "nsa_epochs", "cutpaste_epochs", "batch_size", "kernel_size"):
@@ -294,7 +312,7 @@ def build(method: str, spatial_dims: int, in_shape: tuple[int, ...], cfg: Baseli
     if method == "cutpaste":
         from . import cutpaste
 
-        return cutpaste.build(spatial_dims, tuple(in_shape), list(cfg.channels))
+        return cutpaste.build(spatial_dims, tuple(in_shape), list(cfg.channels), cfg.cutpaste_variant)
     return DenseAutoencoder(spatial_dims, in_shape, list(cfg.channels), cfg.latent_size,
                             variational=method == "vae", kernel_size=cfg.kernel_size)
 
@@ -348,7 +366,7 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
         rng = np.random.default_rng(cfg.seed)
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:
-            return nsa.loss(model, x, rng, data_cfg.intensity_range)
+            return nsa.loss(model, x, rng, data_cfg.intensity_range, baseline_cfg.nsa_resize)
     elif method == "cutpaste":
         from . import cutpaste
 

@@ -8,8 +8,10 @@ patches that cover it, smoothed with a Gaussian of a quarter patch (the paper's 
 Training scans that hold lesions put lesion patches into the Gaussian, which is what the contamination sweep
 measures.
 
-Left out from the paper: the "scar" variant and the 3-way classifier, colour jitter beyond brightness (PET has one
-channel), and the ImageNet-pretrained ResNet-18 (a small MONAI ResNet is trained from scratch here).
+Three pretext tasks, as in the paper (``variant``): ``"binary"`` (plain vs. a pasted box; the default), ``"scar"``
+(plain vs. a pasted scar: a thin rod of the scan, rotated) and ``"3way"`` (plain vs. box vs. scar, the paper's
+best). Left out from the paper: colour jitter beyond brightness (PET has one channel) and the ImageNet-pretrained
+ResNet-18 (a small MONAI ResNet is trained from scratch here).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ PATCHES_PER_IMAGE = 4       # random patch positions per training image and step
 CUT_VOLUME = (0.02, 0.15)   # pasted box, as a fraction of the patch's voxels (the paper's area ratio)
 CUT_ASPECT = (0.3, 3.3)     # ratio of the box's sides (the paper's aspect ratio), drawn per axis
 BRIGHTNESS = 0.1            # the pasted box's intensities are scaled by 1 +- this
+# The scar: a rod SCAR_LENGTH of the patch long (one random axis) and SCAR_WIDTH wide (the other axes), rotated by
+# up to SCAR_ANGLE degrees in a random plane; the paper's 10-25 by 2-16 pixels on 64-pixel patches, +-45 degrees.
+SCAR_LENGTH = (10 / 64, 25 / 64)
+SCAR_WIDTH = (2 / 64, 16 / 64)
+SCAR_ANGLE = 45.0
+VARIANTS = {"binary": ("cutpaste",), "scar": ("scar",), "3way": ("cutpaste", "scar")}  # the pastes of each task
 STRIDE_FRACTION = 0.25      # dense scoring: patch stride per axis as a fraction of the patch
 SCORE_BATCH = 64            # patches per forward pass when scoring
 
@@ -46,31 +54,36 @@ class CutPasteNet(nn.Module):
         spatial_dims: 2 or 3.
         in_shape: the model grid (numpy order); patches are ``patch_shape(in_shape)``.
         channels: feature channels of the stages (three or more; the last is repeated to make MONAI's four).
+        variant: the pretext task (a key of VARIANTS); ``"3way"`` has three classes, the others two.
     """
 
-    def __init__(self, spatial_dims: int, in_shape: tuple[int, ...], channels: list[int]):
+    def __init__(self, spatial_dims: int, in_shape: tuple[int, ...], channels: list[int], variant: str = "binary"):
         super().__init__()
         from monai.networks.nets import ResNet
 
         planes = (list(channels) + [channels[-1]] * 4)[:4]
-        self.spatial_dims, self.in_shape = spatial_dims, tuple(in_shape)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown CutPaste variant '{variant}' (choose from {', '.join(VARIANTS)})")
+        self.spatial_dims, self.in_shape, self.variant = spatial_dims, tuple(in_shape), variant
         self.patch_shape = patch_shape(self.in_shape)
         self.encoder = ResNet("basic", [1, 1, 1, 1], planes, spatial_dims=spatial_dims, n_input_channels=1,
                               conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, feed_forward=False)
         width = planes[-1]
-        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 2))
+        classes = 1 + len(VARIANTS[variant])
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, classes))
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, 1, *patch) -> (N, width) pooled encoder features."""
         return self.encoder(patches)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, 1, *patch) -> (N, 2) logits: not pasted, pasted."""
+        """(N, 1, *patch) -> (N, classes) logits: not pasted, then each of the variant's pastes."""
         return self.head(self.embed(patches))
 
 
-def build(spatial_dims: int, in_shape: tuple[int, ...], channels: list[int]) -> CutPasteNet:
-    return CutPasteNet(spatial_dims, in_shape, channels)
+def build(spatial_dims: int, in_shape: tuple[int, ...], channels: list[int], variant: str = "binary"
+          ) -> CutPasteNet:
+    return CutPasteNet(spatial_dims, in_shape, channels, variant)
 
 
 # -- the pretext task --------------------------------------------------------------------------------------------
@@ -102,29 +115,72 @@ def cut_paste(image: np.ndarray, patch: np.ndarray, rng: np.random.Generator) ->
     return out
 
 
-def training_pairs(images: np.ndarray, patch: tuple[int, ...], rng: np.random.Generator
+def scar(image: np.ndarray, patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``patch`` with a scar pasted at a random place: a thin rod cut from a random place of ``image``, its
+    intensities scaled by 1 +- BRIGHTNESS, rotated by up to SCAR_ANGLE degrees in a random plane.
+
+    Args:
+        image: (*spatial) the scan the patch comes from.
+        patch: (*patch) array, every side at least 2.
+
+    Returns:
+        a new (*patch) array.
+    """
+    from scipy import ndimage
+
+    ndim = patch.ndim
+    long_axis = int(rng.integers(ndim))
+    width = rng.uniform(*SCAR_WIDTH)
+    rod = tuple(int(min(p - 1, n, max(2, round(rng.uniform(*SCAR_LENGTH) * p)))) if a == long_axis
+                else int(min(p - 1, n, max(1, round(width * p))))
+                for a, (p, n) in enumerate(zip(patch.shape, image.shape)))
+    content = image[box_slices(random_corner(rng, image.shape, rod), rod)].astype(np.float64)
+    content = content * rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
+    plane = (long_axis, int((long_axis + 1 + rng.integers(ndim - 1)) % ndim))
+    angle = rng.uniform(-SCAR_ANGLE, SCAR_ANGLE)
+    inside = ndimage.rotate(np.ones(rod), angle, axes=plane, reshape=True, order=1) > 0.5
+    if inside.any():
+        content = ndimage.rotate(content, angle, axes=plane, reshape=True, order=1, mode="nearest")
+    else:  # a rod too thin to survive the rotation's resampling stays axis-aligned
+        inside = np.ones(rod, bool)
+    margins = [(s - min(s, p)) // 2 for s, p in zip(inside.shape, patch.shape)]  # a rotated rod wider than the
+    keep = tuple(slice(m, m + min(s, p)) for m, s, p in zip(margins, inside.shape, patch.shape))  # patch: its middle
+    inside, content = inside[keep], content[keep]
+    dst = box_slices(random_corner(rng, patch.shape, inside.shape), inside.shape)
+    out = patch.copy()
+    window = out[dst]
+    window[inside] = content[inside]
+    return out
+
+
+PASTES = {"cutpaste": cut_paste, "scar": scar}
+
+
+def training_pairs(images: np.ndarray, patch: tuple[int, ...], rng: np.random.Generator, variant: str = "binary"
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """PATCHES_PER_IMAGE random patches of each image, each as it is (label 0) and with a paste (label 1).
+    """PATCHES_PER_IMAGE random patches of each image, each as it is (label 0) and with each of the variant's
+    pastes (labels 1, 2: see VARIANTS).
 
     Args:
         images: (B, *spatial).
 
     Returns:
-        (patches (N, *patch) float32, labels (N,) int64), N = 2 x B x PATCHES_PER_IMAGE.
+        (patches (N, *patch) float32, labels (N,) int64), N = (1 + pastes) x B x PATCHES_PER_IMAGE.
     """
+    pastes = [PASTES[name] for name in VARIANTS[variant]]
     patches, labels = [], []
     for image in images:
         for _ in range(PATCHES_PER_IMAGE):
             at = box_slices(random_corner(rng, image.shape, patch), patch)
             normal = image[at]
-            patches += [normal, cut_paste(image, normal, rng)]
-            labels += [0, 1]
+            patches += [normal] + [paste(image, normal, rng) for paste in pastes]
+            labels += list(range(1 + len(pastes)))
     return np.stack(patches).astype(np.float32), np.array(labels, np.int64)
 
 
 def loss(model: CutPasteNet, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Cross-entropy of pasted vs. not on patches of the batch ``x`` (B, 1, *spatial)."""
-    patches, labels = training_pairs(x[:, 0].detach().cpu().numpy(), model.patch_shape, rng)
+    """Cross-entropy of the model's pretext task (plain vs. its pastes) on patches of the batch ``x`` (B, 1, ...)."""
+    patches, labels = training_pairs(x[:, 0].detach().cpu().numpy(), model.patch_shape, rng, model.variant)
     logits = model(torch.from_numpy(patches)[:, None].to(x.device))
     return nn.functional.cross_entropy(logits, torch.from_numpy(labels).to(x.device))
 

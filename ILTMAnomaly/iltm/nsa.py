@@ -6,7 +6,9 @@ surface), and the target is a logistic function of how much each voxel changed. 
 probability is the anomaly score. Training scans that already hold lesions teach it that lesions are normal, which
 is what the contamination sweep measures.
 
-Left out from the paper: the random rescaling of the source patch and the mixed-gradient variant.
+The paper's random rescaling of the source patch is an option (``resize``, off by default so that the committed
+sweeps stay what their commands make): the source box is drawn larger or smaller than the box it is blended into,
+by one factor for every axis, and resampled to it. Left out from the paper: the mixed-gradient variant.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ NO_PATCH_PROBABILITY = 0.25
 # by twice that about 0.99. 5 % of the range is also the KDE's bandwidth regulariser: smaller changes are noise.
 LABEL_OFFSET, LABEL_SLOPE = 0.05, 100.0
 BODY_LEVEL = 0.02  # a box is centred where the scan is above this fraction of its intensity range (inside the body)
+# With resizing, the source box's sides are the target box's times one factor drawn from N(1, 0.5) and clipped to
+# these bounds: about 45 % of the patches are scaled by less than 30 %, the others by exactly 30 %, up or down.
+# The paper rescales its source patches but the distribution here is this project's choice.
+RESIZE_BOUNDS = (0.7, 1.3)
 
 
 def harmonic_fill(shell: np.ndarray) -> np.ndarray:
@@ -86,13 +92,36 @@ def random_corner(rng: np.random.Generator, shape, box, inside: np.ndarray | Non
     return corner
 
 
-def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: float = 1.0
-               ) -> tuple[np.ndarray, np.ndarray]:
+def resized_source(source: np.ndarray, box: tuple[int, ...], rng: np.random.Generator,
+                   bounds: tuple[float, float] = RESIZE_BOUNDS) -> np.ndarray:
+    """A box of ``source`` whose sides are ``box``'s times one random factor, resampled (linearly) to ``box``.
+
+    Args:
+        source: (*spatial) scan the patch is cut from.
+        box: sides of the box it will be blended into.
+        bounds: the factor is drawn from N(1, 0.5) and clipped to these.
+
+    Returns:
+        (*box) float64 array.
+    """
+    scale = float(np.clip(rng.normal(1.0, 0.5), *bounds))
+    side = tuple(int(min(n, max(3, round(b * scale)))) for b, n in zip(box, source.shape))
+    cut = source[box_slices(random_corner(rng, source.shape, side), side)]
+    if side == tuple(box):
+        return cut.astype(np.float64)
+    mode = "bilinear" if len(box) == 2 else "trilinear"
+    tensor = torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float64))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=tuple(box), mode=mode, align_corners=False)[0, 0].numpy()
+
+
+def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: float = 1.0,
+               resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Blend up to MAX_PATCHES boxes from other images of the batch into each image.
 
     Args:
         images: (B, *spatial) float array; image b takes its patches from image b + 1 (itself when B = 1).
         intensity_range: 1 for intensities in [0, 1], 255 for 0..255.
+        resize: cut each source box at a random scale (RESIZE_BOUNDS) and resample it to the target box.
 
     Returns:
         (changed images (B, *spatial), labels (B, *spatial) in [0, 1]).
@@ -109,20 +138,24 @@ def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: fl
         inside = images[b] > BODY_LEVEL * intensity_range
         for _ in range(int(rng.integers(1, MAX_PATCHES + 1))):
             box = _box(rng, shape)
-            src = box_slices(random_corner(rng, shape, box), box)
+            if resize:
+                patch = resized_source(source, box, rng)
+            else:
+                patch = source[box_slices(random_corner(rng, shape, box), box)].astype(np.float64)
             dst = box_slices(random_corner(rng, shape, box, inside), box)
             before = out[b][dst].copy()
-            out[b][dst] = poisson_blend(before, source[src].astype(np.float64))
+            out[b][dst] = poisson_blend(before, patch)
             change = np.abs(out[b][dst] - before) / intensity_range
             label = 1.0 / (1.0 + np.exp(-LABEL_SLOPE * (change - LABEL_OFFSET)))
             labels[b][dst] = np.maximum(labels[b][dst], label)
     return out.astype(np.float32), labels.astype(np.float32)
 
 
-def loss(model: torch.nn.Module, x: torch.Tensor, rng: np.random.Generator, intensity_range: float = 1.0
-         ) -> torch.Tensor:
-    """Binary cross-entropy of the network's voxel logits against the synthetic labels of batch ``x`` (B, 1, ...)."""
-    changed, labels = synthesize(x[:, 0].detach().cpu().numpy(), rng, intensity_range)
+def loss(model: torch.nn.Module, x: torch.Tensor, rng: np.random.Generator, intensity_range: float = 1.0,
+         resize: bool = False) -> torch.Tensor:
+    """Binary cross-entropy of the network's voxel logits against the synthetic labels of batch ``x`` (B, 1, ...)
+    (``resize``: see ``synthesize``)."""
+    changed, labels = synthesize(x[:, 0].detach().cpu().numpy(), rng, intensity_range, resize)
     changed_t = torch.from_numpy(changed)[:, None].to(x.device)
     labels_t = torch.from_numpy(labels)[:, None].to(x.device)
     return torch.nn.functional.binary_cross_entropy_with_logits(model(changed_t), labels_t)
