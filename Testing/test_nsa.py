@@ -58,6 +58,14 @@ def test_synthesize_labels_follow_the_change(shape):
     assert np.array_equal(again[0], changed) and np.array_equal(again[1], labels)
 
 
+def test_a_3d_box_fills_about_as_much_of_a_volume_as_a_2d_box_of_an_image():
+    rng = np.random.default_rng(9)
+    area = np.mean([np.prod(nsa.box_sides(rng, (60, 60))) / 60 ** 2 for _ in range(4000)])
+    volume = np.mean([np.prod(nsa.box_sides(rng, (60, 60, 60))) / 60 ** 3 for _ in range(4000)])
+    assert area == pytest.approx(np.mean(nsa.PATCH_SIDE) ** 2, rel=0.15)   # 2D: the sides as drawn
+    assert volume == pytest.approx(area, rel=0.25)
+
+
 @pytest.mark.parametrize("scale", [0.7, 1.3])
 def test_a_resized_source_is_a_box_of_another_size_resampled_to_the_target_box(scale):
     shape, box = (40, 36, 44), (10, 8, 12)
