@@ -372,6 +372,45 @@ def test_the_vqvae_initialisation_with_the_lowest_early_loss_is_the_one_trained(
         train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"), train_mod._rng_states())
 
 
+def test_an_encoder_initialised_codebook_starts_with_every_code_in_use():
+    """MONAI's N(0, 1) codebook sends every latent of a fresh encoder to one code; k-means centroids of the encoder's
+    outputs start every code in use, and the run's training uses them when vqvae.codebook_init is "encoder"."""
+    from iltm.vqvae import init_codebook_from_encoder
+
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_dims, cfg.vqvae.batch_size = 2, 3
+    data = _Scans(6)
+    rng = np.random.default_rng(1)
+    data.arrays = [rng.random((1, 32, 32), dtype=np.float32) for _ in range(6)]
+    x = torch.from_numpy(np.stack(data.arrays))
+
+    def codes_used(model):
+        with torch.no_grad():
+            return torch.unique(model.eval().index_quantize(x)).numel()
+
+    torch.manual_seed(0)
+    normal = train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
+    assert codes_used(normal) <= 2                                    # 6 x 8 x 8 latents, (almost) all one code
+    cfg.vqvae.codebook_init = "encoder"
+    torch.manual_seed(0)
+    encoder = train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
+    assert codes_used(encoder) >= 0.9 * cfg.vqvae.num_embeddings      # 384 latents, 128 codes
+    q = encoder.quantizer.quantizer
+    assert torch.equal(q.ema_w, q.embedding.weight) and (q.ema_cluster_size == 1.0).all()
+    # the same weights apart from the codebook; the same seed gives the same codebook
+    same = {k: v for k, v in encoder.state_dict().items() if "quantizer" not in k}
+    assert all(torch.equal(v, normal.state_dict()[k]) for k, v in same.items())
+    torch.manual_seed(0)
+    again = train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
+    assert torch.equal(again.quantizer.quantizer.embedding.weight, q.embedding.weight)
+    # Fewer latents than codes: every latent becomes a code.
+    few = train_mod.build_vqvae(cfg.vqvae, 2)
+    assert init_codebook_from_encoder(few, [x[:1, :, :16, :16]], seed=0) == 16
+    cfg.vqvae.codebook_init = "kmeans"
+    with pytest.raises(InputError, match="vqvae.codebook_init.*'kmeans'"):
+        train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
+
+
 def test_dead_codes_are_moved_onto_encoder_outputs_of_the_batch():
     from iltm.vqvae import DEAD_CODE_SHARE, DeadCodeRestarter, build_vqvae
 

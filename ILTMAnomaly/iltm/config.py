@@ -54,6 +54,9 @@ class DataConfig:
         return 255.0 if self.intensity == "8bit" else 1.0
 
 
+CODEBOOK_INITS = ("normal", "encoder")
+
+
 @dataclass
 class VQVAEConfig:
     """MONAI ``VQVAE`` shape and its training schedule. ``len(channels)`` is the number of downsamplings (each x2).
@@ -72,6 +75,11 @@ class VQVAEConfig:
             the lowest last-epoch loss for the full schedule, exactly as a run with that initialisation would. On
             small 3D cohorts the VQ-VAE's quality depends on its initialisation, and the early loss ranks them.
         init_epochs: epochs of each trial when ``init_candidates`` > 1.
+        codebook_init: ``"normal"`` = MONAI's codebook, drawn from N(0, 1) (the paper's); ``"encoder"`` = k-means
+            centroids of the fresh encoder's outputs on the training scans (``iltm.vqvae.init_codebook_from_encoder``).
+            With MONAI's draw every latent takes one code at the start (the codebook's norms are about 50 times
+            the encoder outputs'), and in the 3D ``tiny`` runs whether training spread it out again depended on the
+            initialisation.
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -89,9 +97,11 @@ class VQVAEConfig:
     act: str = "relu"
     init_candidates: int = 1
     init_epochs: int = 25
+    codebook_init: str = "normal"
 
     def check(self) -> None:
-        """InputError naming the setting for an activation MONAI does not know or a trial count below 1."""
+        """InputError naming the setting for an activation MONAI does not know, a trial count below 1 or an unknown
+        codebook initialisation."""
         from monai.networks.layers.factories import Act
 
         if not isinstance(self.act, str) or self.act.upper() not in Act.names:
@@ -101,6 +111,9 @@ class VQVAEConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"vqvae.{key}", f"must be a whole number of at least 1, not {value!r}")
+        if self.codebook_init not in CODEBOOK_INITS:
+            raise InputError("vqvae.codebook_init", f"must be one of {', '.join(CODEBOOK_INITS)}, not "
+                                                    f"{self.codebook_init!r}")
 
     @property
     def downsample_factor(self) -> int:

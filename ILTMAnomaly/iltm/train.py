@@ -29,7 +29,8 @@ from .preprocess import Preprocessor, augmentation
 from .progress import Reporter
 from .run import RUN_VERSION, RunFolder
 from .transformer import TokenTransformer
-from .vqvae import DeadCodeRestarter, build_vqvae, encode_tokens, load_vqvae, save_vqvae
+from .vqvae import (DeadCodeRestarter, build_vqvae, encode_tokens, init_codebook_from_encoder, load_vqvae,
+                    save_vqvae)
 
 FIT_FORMAT = "iltm-fit-checkpoint"
 SAVE_EVERY_SECONDS = 30.0
@@ -195,6 +196,18 @@ def _seed_init(cfg: Config, candidate: int, states: tuple) -> None:
         seed_everything(cfg.seed + 7727 * candidate)
 
 
+def fresh_vqvae(cfg: Config, data: TrainingSet, device: torch.device) -> torch.nn.Module:
+    """An untrained VQ-VAE on ``device``, its codebook placed on its encoder's outputs when
+    ``vqvae.codebook_init`` is ``"encoder"`` (one pass over the training scans)."""
+    vq_cfg = cfg.vqvae
+    model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
+    if vq_cfg.codebook_init == "encoder":
+        size = vq_cfg.batch_size
+        images = (torch.from_numpy(np.stack(data.arrays[i:i + size])).to(device) for i in range(0, len(data), size))
+        init_codebook_from_encoder(model, images, cfg.seed)
+    return model
+
+
 def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
                       states: tuple) -> dict[str, Any] | None:
     """Train ``vqvae.init_candidates`` initialisations for ``vqvae.init_epochs`` each; keep the lowest last loss.
@@ -212,7 +225,7 @@ def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     losses = []
     for c in range(vq_cfg.init_candidates):
         _seed_init(cfg, c, states)
-        ddp = dist.wrap(build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device))
+        ddp = dist.wrap(fresh_vqvae(cfg, data, device))
         checkpoint = run.root / f"vqvae_init{c}_checkpoint.pt"
         trial = fit(ddp, image_batches(data, cfg, vq_cfg.batch_size, device), lambda x: vqvae_loss(ddp, x),
                     vq_cfg.init_epochs, vq_cfg.learning_rate, checkpoint, reporter,
@@ -235,7 +248,7 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     states = _rng_states()
     trials = choose_vqvae_init(run, cfg, data, device, reporter, states)
     _seed_init(cfg, trials["chosen"] if trials else 0, states)
-    model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
+    model = fresh_vqvae(cfg, data, device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, vq_cfg.batch_size, device)
     restarter = None

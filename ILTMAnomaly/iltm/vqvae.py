@@ -42,6 +42,62 @@ def build_vqvae(cfg: VQVAEConfig, spatial_dims: int) -> VQVAE:
 
 
 DEAD_CODE_SHARE = 0.01  # a code is dead when its EMA usage is below this share of the mean code's usage
+KMEANS_MAX_VECTORS = 65536  # encoder outputs the codebook's k-means sees at most (a random subset beyond that)
+
+
+def _set_codebook(quantizer, vectors: torch.Tensor, which: torch.Tensor | slice = slice(None)) -> None:
+    """Put codebook vectors ``which`` at ``vectors`` with an EMA usage of 1, so that MONAI's EMA update keeps
+    them there until latents are assigned to them; rank 0's values are broadcast under ``torchrun``."""
+    q = quantizer
+    q.embedding.weight.data[which] = vectors
+    q.ema_w.data[which] = vectors
+    q.ema_cluster_size.data[which] = 1.0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in (q.embedding.weight.data, q.ema_w.data, q.ema_cluster_size.data):
+            torch.distributed.broadcast(tensor, src=0)
+
+
+@torch.no_grad()
+def init_codebook_from_encoder(model: VQVAE, images, seed: int) -> int:
+    """Place the codebook at k-means centroids of the encoder's outputs on ``images`` (before any training).
+
+    MONAI draws the codebook from N(0, 1), a norm of about sqrt(embedding_dim), while a fresh encoder's outputs
+    have norms near 0.1: every latent then takes the same code, and whether training ever spreads the codebook out
+    depends on the initialisation (the 3D ``tiny`` runs that did not kept a few codes). Centroids of the encoder's
+    outputs start every code in use (k-means++ seeding and Lloyd iterations, ``scipy.cluster.vq.kmeans2``).
+
+    Args:
+        images: iterable of (B, 1, *spatial) tensors on the model's device (the training batches).
+        seed: seeds the subset and the k-means, so every rank computes the same codebook.
+
+    Returns:
+        the number of distinct codes the encoder outputs take afterwards.
+    """
+    import warnings
+
+    import numpy as np
+    from scipy.cluster.vq import kmeans2
+
+    q = model.quantizer.quantizer
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    flat = torch.cat([model.encode(x).permute(q.flatten_permutation).reshape(-1, q.embedding_dim).float().cpu()
+                      for x in images])
+    for m, mode in modes:
+        m.training = mode
+    rng = np.random.default_rng(seed)
+    if flat.shape[0] > KMEANS_MAX_VECTORS:
+        flat = flat[torch.from_numpy(rng.choice(flat.shape[0], KMEANS_MAX_VECTORS, replace=False))]
+    if flat.shape[0] <= q.num_embeddings:  # no more latents than codes: each latent is a code, the rest repeat them
+        extra = torch.from_numpy(rng.integers(0, flat.shape[0], q.num_embeddings - flat.shape[0]))
+        centroids = torch.cat([flat, flat[extra]])
+    else:
+        with warnings.catch_warnings():  # a cluster left empty keeps its k-means++ seed, a latent: that is fine
+            warnings.filterwarnings("ignore", "One of the clusters is empty")
+            centroids = torch.from_numpy(kmeans2(flat.double().numpy(), q.num_embeddings, iter=20, minit="++",
+                                                 seed=rng)[0])
+    _set_codebook(q, centroids.to(q.embedding.weight))
+    return int(torch.cdist(flat, centroids.float()).argmin(dim=1).unique().numel())
 
 
 class DeadCodeRestarter:
@@ -80,13 +136,7 @@ class DeadCodeRestarter:
             return 0
         flat = inputs.permute(q.flatten_permutation).reshape(-1, q.embedding_dim).float()
         generator = torch.Generator(device="cpu").manual_seed(self.seed + self.step)
-        fresh = flat[torch.randint(0, flat.shape[0], (count,), generator=generator).to(flat.device)]
-        q.embedding.weight.data[dead] = fresh
-        q.ema_w.data[dead] = fresh            # with a count of 1, the EMA update keeps the vector where it is put
-        q.ema_cluster_size.data[dead] = 1.0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for tensor in (q.embedding.weight.data, q.ema_w.data, q.ema_cluster_size.data):
-                torch.distributed.broadcast(tensor, src=0)
+        _set_codebook(q, flat[torch.randint(0, flat.shape[0], (count,), generator=generator).to(flat.device)], dead)
         self.restarted += count
         return count
 
