@@ -372,6 +372,33 @@ def test_the_vqvae_initialisation_with_the_lowest_early_loss_is_the_one_trained(
         train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"), train_mod._rng_states())
 
 
+def test_the_learning_rate_warms_up_then_follows_the_cosine(tmp_path, monkeypatch):
+    import math
+
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 20)) for e in range(20)]
+    assert [train_mod.lr_factor(e, 20) for e in range(20)] == pytest.approx(cosine)       # no warm-up: as before
+    warm = [train_mod.lr_factor(e, 20, warmup_epochs=4) for e in range(20)]
+    assert warm[:5] == pytest.approx([cosine[e] * (e + 1) / 5 for e in range(5)])
+    assert warm[4:] == pytest.approx(cosine[4:])
+    # fit uses it: the rate of each epoch's steps, as the optimiser saw them
+    model = torch.nn.Linear(2, 1)
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_mod.fit(model, lambda epoch: [torch.ones(1, 2)], lambda x: model(x).sum(), 6, 1e-3, tmp_path / "fit.pt",
+                  Reporter("none"), "warm-up", 0.0, warmup_epochs=3)
+    assert seen == pytest.approx([1e-3 * train_mod.lr_factor(e, 6, 3) for e in range(6)])
+    cfg = config_mod.preset("tiny").vqvae
+    cfg.warmup_epochs = -1
+    with pytest.raises(InputError, match="vqvae.warmup_epochs"):
+        cfg.check()
+
+
 def test_an_encoder_initialised_codebook_starts_with_every_code_in_use():
     """MONAI's N(0, 1) codebook sends every latent of a fresh encoder to one code; k-means centroids of the encoder's
     outputs start every code in use, and the run's training uses them when vqvae.codebook_init is "encoder"."""

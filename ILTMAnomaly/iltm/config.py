@@ -80,6 +80,7 @@ class VQVAEConfig:
             With MONAI's draw every latent takes one code at the start (the codebook's norms are about 50 times
             the encoder outputs'), and in the 3D ``tiny`` runs whether training spread it out again depended on the
             initialisation.
+        warmup_epochs: W > 0 = the learning rate rises linearly over the first W epochs (``iltm.train.fit``).
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -98,6 +99,7 @@ class VQVAEConfig:
     init_candidates: int = 1
     init_epochs: int = 25
     codebook_init: str = "normal"
+    warmup_epochs: int = 0
 
     def check(self) -> None:
         """InputError naming the setting for an activation MONAI does not know, a trial count below 1 or an unknown
@@ -107,10 +109,10 @@ class VQVAEConfig:
         if not isinstance(self.act, str) or self.act.upper() not in Act.names:
             raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
                                           f"leakyrelu, prelu)")
-        for key in ("init_candidates", "init_epochs"):
+        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0)):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"vqvae.{key}", f"must be a whole number of at least 1, not {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InputError(f"vqvae.{key}", f"must be a whole number of at least {least}, not {value!r}")
         if self.codebook_init not in CODEBOOK_INITS:
             raise InputError("vqvae.codebook_init", f"must be one of {', '.join(CODEBOOK_INITS)}, not "
                                                     f"{self.codebook_init!r}")

@@ -50,9 +50,16 @@ def seed_everything(seed: int) -> None:
 
 # -- one generic, resumable optimisation loop ------------------------------------------------------------------
 
+def lr_factor(epoch: int, epochs: int, warmup_epochs: int = 0) -> float:
+    """The learning rate of ``epoch`` as a fraction of the initial one: a cosine decay to 10 % over ``epochs`` (small
+    cohorts need the late, gentle steps to settle), times (epoch + 1) / (warmup_epochs + 1) while that is below 1."""
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
+    return cosine * min(1.0, (epoch + 1) / (warmup_epochs + 1))
+
+
 def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of: Callable[[Any], torch.Tensor],
         epochs: int, learning_rate: float, checkpoint: Path, reporter: Reporter, stage: str, units: float,
-        weight_decay: float = 0.0) -> list[float]:
+        weight_decay: float = 0.0, warmup_epochs: int = 0) -> list[float]:
     """AdamW with a cosine schedule over ``epochs``, checkpointed at least every 30 s to ``checkpoint``.
 
     Args:
@@ -60,6 +67,7 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
         batches: epoch -> iterable of batches (this rank's share).
         loss_of: batch -> scalar loss.
         checkpoint: where the epoch state goes; when it exists the loop resumes from it.
+        warmup_epochs: W > 0 scales epoch e's rate by (e + 1) / (W + 1) while that is below 1 (a linear warm-up).
 
     Returns:
         mean loss per epoch (all epochs, including those before a resume).
@@ -67,9 +75,7 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
     inner = getattr(model, "module", model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                             weight_decay=weight_decay)
-    # Cosine decay to 10 % of the initial rate: small cohorts need the late, gentle steps to settle.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, epochs, warmup_epochs))
     start, losses = 0, []
     if checkpoint.is_file():
         state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model))
@@ -229,7 +235,8 @@ def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: to
         checkpoint = run.root / f"vqvae_init{c}_checkpoint.pt"
         trial = fit(ddp, image_batches(data, cfg, vq_cfg.batch_size, device), lambda x: vqvae_loss(ddp, x),
                     vq_cfg.init_epochs, vq_cfg.learning_rate, checkpoint, reporter,
-                    f"VQ-VAE initialisation {c + 1}/{vq_cfg.init_candidates}", 0.0)
+                    f"VQ-VAE initialisation {c + 1}/{vq_cfg.init_candidates}", 0.0,
+                    warmup_epochs=vq_cfg.warmup_epochs)
         losses.append(trial[-1])
         if dist.is_main():
             checkpoint.unlink(missing_ok=True)
@@ -264,7 +271,7 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
 
     start = time.perf_counter()
     losses = fit(ddp, batches, loss_of, vq_cfg.epochs, vq_cfg.learning_rate, run.root / "vqvae_checkpoint.pt",
-                 reporter, "train VQ-VAE", units)
+                 reporter, "train VQ-VAE", units, warmup_epochs=vq_cfg.warmup_epochs)
     latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
     summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "epochs": vq_cfg.epochs, "seconds": time.perf_counter() - start}
