@@ -27,7 +27,7 @@ FAST = ["--set", "vqvae.epochs=3", "--set", "transformer.epochs=3", "--set", "de
         "--set", "detection.dropout_passes=2", "--set", "data.augment=false", "--set", "baselines.epochs=3",
         "--set", "baselines.nsa_epochs=3", "--set", "baselines.cutpaste_epochs=3",
         "--device", "cpu"]
-ALL_METHODS = ["ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm", "iltm_constant"]
+ALL_METHODS = ["intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm", "iltm_constant"]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -79,12 +79,30 @@ def test_sweep_csv_has_the_columns_and_one_row_per_method_and_fraction(sweep):
             assert 0.0 <= float(r[key]) <= 1.0, r
             assert float(r[key + "_std"]) >= 0.0
         assert float(r["seconds"]) > 0
-        if r["method"] in ("ae", "vae", "nsa", "cutpaste"):
+        if r["method"] in ("intensity", "ae", "vae", "nsa", "cutpaste"):
             assert r["iteration"] == ""
         elif r["method"] == "vqvae_transformer":
             assert r["iteration"] == "0"
         else:
             assert int(r["iteration"]) >= 0
+
+
+def test_the_intensity_reference_scores_each_test_scan_by_its_own_intensity(sweep):
+    import SimpleITK as sitk
+
+    from iltm.commands import summarise
+    from iltm.io import list_images
+
+    _, rows = read_csv(sweep / SWEEP_CSV)
+    mine = {r["anomalous_fraction"]: r for r in rows if r["method"] == "intensity"}
+    records = list_images(sweep / "test" / "images")
+    images = [sitk.GetArrayFromImage(sitk.ReadImage(str(r.image))) for r in records]
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(sweep / "test" / "labels" / Path(r.image).name))) > 0.5
+              for r in records]
+    expected = summarise(images, labels)
+    for key in ("auroc", "aupro", "best_dice"):
+        assert float(mine["0"][key]) == float(mine["1"][key]) == pytest.approx(float(expected[key]), abs=1e-6)
+    assert len(list((sweep / "test" / "scores_intensity").glob("*_score.nii.gz"))) == len(records)
 
 
 def test_iteration_csv_matches_the_runs_and_the_sweep_rows(sweep):

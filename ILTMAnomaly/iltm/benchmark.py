@@ -17,9 +17,11 @@ and score maps already on disk are reused.
     DIR/fraction_0.4/runs/iltm_constant/     the same with a constant threshold (--constant-threshold-too)
     DIR/fraction_0.4/runs/ae.pt, vae.pt      Dense AE / VAE (nsa.pt: NSA, cutpaste.pt: CutPaste)
     DIR/fraction_0.4/scores/<method>/...     test-set score maps (<id>_score.nii.gz)
+    DIR/test/scores_intensity/               the test scans' own intensities as score maps (method ``intensity``)
     DIR/figure3_iterations.png, figure4_metrics_vs_fraction.png, figure5_qualitative.png, table1.md
 
-Methods: ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` and ``cutpaste`` (self-supervised,
+Methods: ``intensity`` (no model: the scan's own intensity is the score, the same at every fraction; what a
+method must beat on hot lesions), ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` and ``cutpaste`` (self-supervised,
 :mod:`iltm.nsa`, :mod:`iltm.cutpaste`), ``vqvae_transformer`` (iteration 0 of the ILTM
 run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` (the run's last iteration).
 """
@@ -54,10 +56,10 @@ SWEEP_COLUMNS = ["method", "anomalous_fraction", "auroc", "aupro", "best_dice", 
                  "best_dice_std", "iteration", "seconds"]
 ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice",
                      "auroc_std", "aupro_std", "best_dice_std", "resampling_threshold", "masked_fraction"]
-METHODS = ("ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm")
+METHODS = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm")
 OWN_SETTINGS_KEYS = ("settings", "invocations", "preset", "dims")  # what a sweep process writes to benchmark.json
-BASELINES = ("ae", "vae", "nsa", "cutpaste", "vqvae_transformer")  # what ILTM is compared with
-METHOD_NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA (self-supervised)",
+BASELINES = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer")  # what ILTM is compared with
+METHOD_NAMES = {"intensity": "Intensity (no model)", "ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA (self-supervised)",
                 "cutpaste": "CutPaste (self-supervised)",
                 "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
                 "iltm": "ILTM", "iltm_constant": "ILTM, constant threshold"}
@@ -545,6 +547,7 @@ class Sweep:
             tasks += [(f, "iltm")] if self.s.runs_iltm else []
             tasks += [(f, "iltm_constant")] if self.s.constant_threshold_too and f in constant else []
             tasks += [(f, m) for m in BASELINE_METHODS if m in self.s.methods]
+            tasks += [(f, "intensity")] if "intensity" in self.s.methods else []
         self.reporter.units_total = float(len(tasks))
         self.reporter.emit("start", command="benchmark", out=str(self.out), tasks=len(tasks))
         self.reporter.log(f"benchmark: {len(tasks)} trainings over {len(self.s.fractions)} fractions into {self.out}")
@@ -555,6 +558,8 @@ class Sweep:
                 self.iltm_task(fraction, train_dir)
             elif group == "iltm_constant":
                 self.constant_task(fraction, train_dir)
+            elif group == "intensity":
+                self.intensity_task(fraction)
             else:
                 self.baseline_task(group, fraction, train_dir)
             fraction_done = i < len(tasks) - 1 and tasks[i + 1][0] != fraction
@@ -654,6 +659,25 @@ class Sweep:
         self.add_row(method="iltm_constant", anomalous_fraction=fraction, iteration=last, **metrics,
                      seconds=self._training_seconds(run, last, with_last_detection=True) + seconds)
 
+    def intensity_task(self, fraction: float) -> None:
+        """The test scans' own intensities as their scores: no training, so the same row at every fraction."""
+        import SimpleITK as sitk
+
+        from .commands import SCORE_SUFFIX
+        from .io import read_image, write_image
+
+        if self.sweep.get(method="intensity", anomalous_fraction=fraction):
+            return
+        scores_dir = self.out / "test" / "scores_intensity"
+
+        def write(missing):
+            for rec in missing:
+                write_image(sitk.Cast(read_image(rec.image), sitk.sitkFloat32), scores_dir / f"{rec.id}{SCORE_SUFFIX}")
+
+        seconds = _timed_scores(scores_dir, self.test_records, write)
+        self.add_row(method="intensity", anomalous_fraction=fraction, iteration=None,
+                     **_metric_row(metrics_of(scores_dir, self.labels_dir)), seconds=seconds)
+
     def baseline_task(self, method: str, fraction: float, train_dir: Path) -> None:
         from .baselines import score_files, train_baseline
 
@@ -679,7 +703,7 @@ def _method_order(methods) -> list[str]:
 
 
 def _style(method: str) -> dict[str, Any]:
-    styles = {"ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"), "nsa": ("tab:green", "v", "-"),
+    styles = {"intensity": ("black", "", ":"), "ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"), "nsa": ("tab:green", "v", "-"),
               "cutpaste": ("tab:purple", "P", "-"),
               "vqvae_transformer": ("tab:blue", "^", "-"), "iltm": ("tab:red", "o", "-"),
               "iltm_constant": ("tab:orange", "o", "--")}
