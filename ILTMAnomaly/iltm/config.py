@@ -73,13 +73,15 @@ class VQVAEConfig:
         init_candidates: 1 = train the VQ-VAE from the run's initialisation (the paper). N > 1 = first train N
             initialisations (the run's and N - 1 others) for ``init_epochs`` epochs each, then train the one with
             the lowest last-epoch loss for the full schedule, exactly as a run with that initialisation would. On
-            small 3D cohorts the VQ-VAE's quality depends on its initialisation, and the early loss ranks them.
+            small 3D cohorts the VQ-VAE's quality depends on luck; the early loss ranked four initialisations on
+            one cohort, but in a sweep the chosen one still collapsed on two of four cohorts, because runs escape
+            their early plateau (or not) only after 30-100 epochs (Testing/Benchmarks/results/README.md).
         init_epochs: epochs of each trial when ``init_candidates`` > 1.
         codebook_init: ``"normal"`` = MONAI's codebook, drawn from N(0, 1) (the paper's); ``"encoder"`` = k-means
             centroids of the fresh encoder's outputs on the training scans (``iltm.vqvae.init_codebook_from_encoder``).
             With MONAI's draw every latent takes one code at the start (the codebook's norms are about 50 times
-            the encoder outputs'), and in the 3D ``tiny`` runs whether training spread it out again depended on the
-            initialisation.
+            the encoder outputs'). Starting with every code in use did not stop the 3D ``tiny`` codebook collapsing
+            in training (one run seed: 9 codes either way), so the default stays.
         warmup_epochs: W > 0 = the learning rate rises linearly over the first W epochs (``iltm.train.fit``).
     """
 

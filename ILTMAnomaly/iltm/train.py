@@ -518,13 +518,15 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
             run.write_json(run.history_path, history)
     if codes_used < 2:
         reporter.warn(f"the VQ-VAE's codebook collapsed: every position of every training scan is code "
-                     f"{int(tokens.flatten()[0])}, so the Transformer has nothing to learn and detection scores "
-                     f"the distance to one blurred average scan. Train longer or lower vqvae.learning_rate.")
+                     f"{int(tokens.flatten()[0])}, so the Transformer has nothing to learn and detection ranks "
+                     f"voxels by their intensity alone (on 3D tiny cohorts such runs scored exactly what the scans' "
+                     f"own intensity scores). Train again with another --seed or a lower vqvae.learning_rate.")
     elif codes_used < cfg.vqvae.num_embeddings * PARTIAL_COLLAPSE_SHARE:
         reporter.warn(f"the VQ-VAE uses only {codes_used} of its {cfg.vqvae.num_embeddings} codes on the training "
                       f"scans (a partly collapsed codebook); on 3D tiny cohorts such runs scored 20-30 best-Dice "
-                      f"points below runs with a full codebook (README, Results, 3D). Try "
-                      f"vqvae.init_candidates=4 (best of four initialisations) or another seed.")
+                      f"points below runs with a full codebook (README, Results, 3D). Train again with another "
+                      f"--seed; vqvae.init_candidates=4 (the best of four initialisations by their early loss) "
+                      f"rescued two of four such 3D cohorts and collapsed on the other two.")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
     previous_masks: torch.Tensor | None = None
