@@ -62,9 +62,9 @@ def init_codebook_from_encoder(model: VQVAE, images, seed: int) -> int:
     """Place the codebook at k-means centroids of the encoder's outputs on ``images`` (before any training).
 
     MONAI draws the codebook from N(0, 1), a norm of about sqrt(embedding_dim), while a fresh encoder's outputs
-    have norms near 0.1: every latent then takes the same code, and whether training ever spreads the codebook out
-    depends on the initialisation (the 3D ``tiny`` runs that did not kept a few codes). Centroids of the encoder's
-    outputs start every code in use (k-means++ seeding and Lloyd iterations, ``scipy.cluster.vq.kmeans2``).
+    have norms near 0.1: every latent then takes the same code. Centroids of the encoder's outputs start every code
+    in use (k-means++ seeding and Lloyd iterations, ``scipy.cluster.vq.kmeans2``). That alone did not stop the 3D
+    ``tiny`` codebook from collapsing later in training (Testing/Benchmarks/results/README.md, "3D: the VQ-VAE").
 
     Args:
         images: iterable of (B, 1, *spatial) tensors on the model's device (the training batches).
