@@ -21,9 +21,9 @@ and score maps already on disk are reused.
     DIR/figure3_iterations.png, figure4_metrics_vs_fraction.png, figure5_qualitative.png, table1.md
 
 Methods: ``intensity`` (no model: the scan's own intensity is the score, the same at every fraction; what a
-method must beat on hot lesions), ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` and ``cutpaste`` (self-supervised,
-:mod:`iltm.nsa`, :mod:`iltm.cutpaste`), ``vqvae_transformer`` (iteration 0 of the ILTM
-run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` (the run's last iteration).
+method must beat on hot lesions), ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` and
+``cutpaste`` (self-supervised, :mod:`iltm.nsa`, :mod:`iltm.cutpaste`), ``vqvae_transformer`` (iteration 0 of the
+ILTM run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` (the run's last iteration).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "a
 METHODS = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm")
 OWN_SETTINGS_KEYS = ("settings", "invocations", "preset", "dims")  # what a sweep process writes to benchmark.json
 BASELINES = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer")  # what ILTM is compared with
-METHOD_NAMES = {"intensity": "Intensity (no model)", "ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA (self-supervised)",
-                "cutpaste": "CutPaste (self-supervised)",
+METHOD_NAMES = {"intensity": "Intensity (no model)", "ae": "Dense AE", "vae": "Dense VAE",
+                "nsa": "NSA (self-supervised)", "cutpaste": "CutPaste (self-supervised)",
                 "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
                 "iltm": "ILTM", "iltm_constant": "ILTM, constant threshold"}
 METRICS = (("auroc", "AUROC"), ("aupro", "AUPRO"), ("best_dice", "best Dice"))
@@ -661,8 +661,6 @@ class Sweep:
 
     def intensity_task(self, fraction: float) -> None:
         """The test scans' own intensities as their scores: no training, so the same row at every fraction."""
-        import SimpleITK as sitk
-
         from .commands import SCORE_SUFFIX
         from .io import read_image, write_image
 
@@ -672,7 +670,7 @@ class Sweep:
 
         def write(missing):
             for rec in missing:
-                write_image(sitk.Cast(read_image(rec.image), sitk.sitkFloat32), scores_dir / f"{rec.id}{SCORE_SUFFIX}")
+                write_image(read_image(rec.image), scores_dir / f"{rec.id}{SCORE_SUFFIX}")  # float32, as read
 
         seconds = _timed_scores(scores_dir, self.test_records, write)
         self.add_row(method="intensity", anomalous_fraction=fraction, iteration=None,
@@ -703,8 +701,8 @@ def _method_order(methods) -> list[str]:
 
 
 def _style(method: str) -> dict[str, Any]:
-    styles = {"intensity": ("black", "", ":"), "ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"), "nsa": ("tab:green", "v", "-"),
-              "cutpaste": ("tab:purple", "P", "-"),
+    styles = {"intensity": ("black", "", ":"), "ae": ("tab:gray", "s", "-"), "vae": ("tab:brown", "D", "-"),
+              "nsa": ("tab:green", "v", "-"), "cutpaste": ("tab:purple", "P", "-"),
               "vqvae_transformer": ("tab:blue", "^", "-"), "iltm": ("tab:red", "o", "-"),
               "iltm_constant": ("tab:orange", "o", "--")}
     colour, marker, line = styles.get(method, (None, "x", ":"))
