@@ -459,17 +459,16 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         raise ValueError("train() needs data and cfg unless resuming")
     # Join the process group first: under torchrun every rank runs this function, and only rank 0 writes.
     device = dist.init_from_env(resolve_device(cfg.device))
+    cfg.vqvae.check()  # before reading the scans, which may take long
     if resume:
         records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in run.manifest()["images"]]
         missing = [str(r.image) for r in records if not r.image.is_file()]
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
         cfg.iltm.check(len(records), where=str(run.config_path))
-        cfg.vqvae.check()
     else:
         if run.root.exists() and any(run.root.iterdir()):
             raise InputError(run.root, "output folder is not empty (use --resume to continue a run there)")
-        cfg.vqvae.check()  # before reading the scans, which may take long
         dist.barrier()  # every rank has checked the folder before rank 0 fills it
         records = gather_inputs(data, cfg, skip_unreadable, reporter)
         cfg.iltm.check(len(records), where="config")

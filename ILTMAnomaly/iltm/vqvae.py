@@ -6,6 +6,7 @@ Tokens are the codebook indices of the latent grid, flattened in raster (C) orde
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -45,6 +46,19 @@ DEAD_CODE_SHARE = 0.01  # a code is dead when its EMA usage is below this share 
 KMEANS_MAX_VECTORS = 65536  # encoder outputs the codebook's k-means sees at most (a random subset beyond that)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode for the block, then every submodule back in its own mode, not just the top one's: in
+    detection mode the decoder alone trains (dropout), and ``model.train(False)`` afterwards would switch it off."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _set_codebook(quantizer, vectors: torch.Tensor, which: torch.Tensor | slice = slice(None)) -> None:
     """Put codebook vectors ``which`` at ``vectors`` with an EMA usage of 1, so that MONAI's EMA update keeps
     them there until latents are assigned to them; rank 0's values are broadcast under ``torchrun``."""
@@ -79,12 +93,9 @@ def init_codebook_from_encoder(model: VQVAE, images, seed: int) -> int:
     from scipy.cluster.vq import kmeans2
 
     q = model.quantizer.quantizer
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    flat = torch.cat([model.encode(x).permute(q.flatten_permutation).reshape(-1, q.embedding_dim).float().cpu()
-                      for x in images])
-    for m, mode in modes:
-        m.training = mode
+    with eval_mode(model):
+        flat = torch.cat([model.encode(x).permute(q.flatten_permutation).reshape(-1, q.embedding_dim).float().cpu()
+                          for x in images])
     rng = np.random.default_rng(seed)
     if flat.shape[0] > KMEANS_MAX_VECTORS:
         flat = flat[torch.from_numpy(rng.choice(flat.shape[0], KMEANS_MAX_VECTORS, replace=False))]
@@ -154,14 +165,8 @@ def encode_tokens(model: VQVAE, images: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, *latent) long, latent = spatial / 2**levels.
     """
-    # eval: no EMA codebook update, no dropout in the encoder. Each submodule's mode is restored, not just the
-    # top one's: in detection mode the decoder alone trains (dropout), and model.train(False) would switch it off.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    tokens = model.index_quantize(images)
-    for m, mode in modes:
-        m.training = mode
-    return tokens
+    with eval_mode(model):  # no EMA codebook update, no dropout in the encoder
+        return model.index_quantize(images)
 
 
 def set_detection_mode(model: VQVAE) -> None:
