@@ -366,10 +366,38 @@ def test_the_vqvae_initialisation_with_the_lowest_early_loss_is_the_one_trained(
     # A resumed run reads the trials back instead of repeating them.
     monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("trials repeated"))
     assert train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"),
-                                       train_mod._rng_states()) == trials
+                                       train_mod._rng_states(), 2) == trials
     cfg.vqvae.init_candidates = 0
     with pytest.raises(InputError, match="vqvae.init_candidates"):
-        train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"), train_mod._rng_states())
+        train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"), train_mod._rng_states(), 2)
+
+
+def test_a_small_cohort_trains_the_vqvae_in_smaller_batches_to_make_min_steps(tmp_path, monkeypatch):
+    size = train_mod.stage_batch_size
+    assert size(24, 8, 200, 0) == 8                   # off: the configured batch
+    assert size(24, 8, 200, 2400) == 2                # 24 / 2 x 200 = 2400 steps
+    assert size(48, 8, 200, 1200) == 8                # already enough steps
+    assert size(5, 8, 10, 20) == 4                    # ceil(5 / 4) x 10 = 20; a batch of 5 makes only 10
+    assert size(24, 8, 200, 10 ** 6) == 1             # never below one scan
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_dims, cfg.data.augment = 2, False
+    cfg.vqvae.channels, cfg.vqvae.num_res_channels, cfg.vqvae.embedding_dim = [8, 8], 8, 4
+    cfg.vqvae.epochs, cfg.vqvae.batch_size = 3, 4
+    data = _Scans(4)
+    data.arrays = [np.random.default_rng(i).random((1, 16, 16), dtype=np.float32) for i in range(4)]
+    batches = []
+    loss = train_mod.vqvae_loss
+    monkeypatch.setattr(train_mod, "vqvae_loss", lambda model, x: batches.append(x.shape[0]) or loss(model, x))
+    for min_steps, expected in ((0, [4] * 3), (6, [3, 1] * 3)):      # 2 batches an epoch of at most 3 scans
+        cfg.vqvae.min_steps = min_steps
+        batches.clear()
+        run = RunFolder(tmp_path / f"min{min_steps}")
+        run.root.mkdir()
+        summary = train_mod.train_vqvae_stage(run, cfg, data, torch.device("cpu"), Reporter("none"), 1.0)
+        assert batches == expected and summary["batch_size"] == expected[0]
+    cfg.vqvae.min_steps = -1
+    with pytest.raises(InputError, match="vqvae.min_steps"):
+        cfg.vqvae.check()
 
 
 def test_the_learning_rate_warms_up_then_follows_the_cosine(tmp_path, monkeypatch):

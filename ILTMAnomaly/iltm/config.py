@@ -83,6 +83,12 @@ class VQVAEConfig:
             the encoder outputs'). Starting with every code in use did not stop the 3D ``tiny`` codebook collapsing
             in training (one run seed: 9 codes either way), so the default stays.
         warmup_epochs: W > 0 = the learning rate rises linearly over the first W epochs (``iltm.train.fit``).
+        min_steps: S > 0 = on a cohort too small for ``epochs`` epochs of ``batch_size`` scans to make S optimiser
+            steps, the batch is made smaller (down to 1 scan) until they do (``iltm.train.stage_batch_size``); a
+            run's ``history.json`` records the batch size used. 0 = always ``batch_size`` (the paper's). The
+            paper trains on thousands of scans; on 24 3D ``tiny`` volumes a batch of 8 makes 600 steps, and the
+            codebook of some run seeds collapsed on a plateau that 2400 steps (a batch of 2, the same compute)
+            left behind (Testing/Benchmarks/results/README.md, "3D: the VQ-VAE").
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -102,6 +108,7 @@ class VQVAEConfig:
     init_epochs: int = 25
     codebook_init: str = "normal"
     warmup_epochs: int = 0
+    min_steps: int = 0
 
     def check(self) -> None:
         """InputError naming the setting for an activation MONAI does not know, a trial count below 1 or an unknown
@@ -111,7 +118,7 @@ class VQVAEConfig:
         if not isinstance(self.act, str) or self.act.upper() not in Act.names:
             raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
                                           f"leakyrelu, prelu)")
-        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0)):
+        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0), ("min_steps", 0)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InputError(f"vqvae.{key}", f"must be a whole number of at least {least}, not {value!r}")

@@ -115,6 +115,16 @@ def shuffled_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[lis
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def stage_batch_size(n_scans: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """The batch size a stage trains with: ``batch_size``, made smaller (not below 1) until ``epochs`` epochs over
+    this rank's share of ``n_scans`` scans make at least ``min_steps`` optimiser steps (0: never smaller)."""
+    share = n_scans // dist.world_size()  # shuffled_batches gives every rank the same number of scans
+    size = batch_size
+    while size > 1 and math.ceil(share / size) * epochs < min_steps:
+        size -= 1
+    return size
+
+
 # -- data ------------------------------------------------------------------------------------------------------
 
 class TrainingSet:
@@ -215,7 +225,7 @@ def fresh_vqvae(cfg: Config, data: TrainingSet, device: torch.device) -> torch.n
 
 
 def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
-                      states: tuple) -> dict[str, Any] | None:
+                      states: tuple, batch_size: int) -> dict[str, Any] | None:
     """Train ``vqvae.init_candidates`` initialisations for ``vqvae.init_epochs`` each; keep the lowest last loss.
 
     Returns None when there is one candidate, else ``{"losses": [...], "chosen": c, "epochs": E}``, also written
@@ -233,7 +243,7 @@ def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: to
         _seed_init(cfg, c, states)
         ddp = dist.wrap(fresh_vqvae(cfg, data, device))
         checkpoint = run.root / f"vqvae_init{c}_checkpoint.pt"
-        trial = fit(ddp, image_batches(data, cfg, vq_cfg.batch_size, device), lambda x: vqvae_loss(ddp, x),
+        trial = fit(ddp, image_batches(data, cfg, batch_size, device), lambda x: vqvae_loss(ddp, x),
                     vq_cfg.init_epochs, vq_cfg.learning_rate, checkpoint, reporter,
                     f"VQ-VAE initialisation {c + 1}/{vq_cfg.init_candidates}", 0.0,
                     warmup_epochs=vq_cfg.warmup_epochs)
@@ -253,14 +263,18 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
                       units: float) -> dict[str, Any]:
     vq_cfg = cfg.vqvae
     states = _rng_states()
-    trials = choose_vqvae_init(run, cfg, data, device, reporter, states)
+    batch_size = stage_batch_size(len(data), vq_cfg.batch_size, vq_cfg.epochs, vq_cfg.min_steps)
+    if batch_size != vq_cfg.batch_size:
+        reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_size}, so that {vq_cfg.epochs} "
+                     f"epochs over {len(data)} scans make at least {vq_cfg.min_steps} steps (vqvae.min_steps)")
+    trials = choose_vqvae_init(run, cfg, data, device, reporter, states, batch_size)
     _seed_init(cfg, trials["chosen"] if trials else 0, states)
     model = fresh_vqvae(cfg, data, device)
     ddp = dist.wrap(model)
-    batches = image_batches(data, cfg, vq_cfg.batch_size, device)
+    batches = image_batches(data, cfg, batch_size, device)
     restarter = None
     if vq_cfg.restart_dead_codes:  # during the first half of the epochs (this process's steps, after a resume too)
-        steps_per_epoch = math.ceil(len(dist.shard(list(range(len(data))))) / vq_cfg.batch_size)
+        steps_per_epoch = math.ceil(len(dist.shard(list(range(len(data))))) / batch_size)
         restarter = DeadCodeRestarter(model, until_step=steps_per_epoch * vq_cfg.epochs // 2, seed=cfg.seed)
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +288,7 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
                  reporter, "train VQ-VAE", units, warmup_epochs=vq_cfg.warmup_epochs)
     latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
     summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "epochs": vq_cfg.epochs, "seconds": time.perf_counter() - start}
+               "epochs": vq_cfg.epochs, "batch_size": batch_size, "seconds": time.perf_counter() - start}
     if restarter is not None:
         restarter.close()
         summary["codes_restarted"] = restarter.restarted
