@@ -212,8 +212,10 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     record = json.loads((run / "history.json").read_text(encoding="utf-8"))["iterations"][0]
     assert "fold_train_seconds" not in record and not (run / "iteration_000" / "folds").exists()
     assert len(list((run / "iteration_000" / "masks").glob("*_mask.nii.gz"))) == 8
-    # The tiny preset's per-dimension setting is resolved for these 2D scans and recorded as such.
-    assert config_mod.load(run / "config.yaml").iltm.spare_shared_uptake is None
+    # The tiny preset's per-dimension settings are resolved for these 2D scans and recorded as such.
+    recorded = config_mod.load(run / "config.yaml")
+    assert recorded.iltm.spare_shared_uptake is None and recorded.vqvae.min_steps == 0
+    assert json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]["batch_size"] == 8
 
 
 def test_a_run_sparing_every_shared_token_masks_nothing(cohort2d, tmp_path):
@@ -388,16 +390,21 @@ def test_a_small_cohort_trains_the_vqvae_in_smaller_batches_to_make_min_steps(tm
     batches = []
     loss = train_mod.vqvae_loss
     monkeypatch.setattr(train_mod, "vqvae_loss", lambda model, x: batches.append(x.shape[0]) or loss(model, x))
-    for min_steps, expected in ((0, [4] * 3), (6, [3, 1] * 3)):      # 2 batches an epoch of at most 3 scans
+    tiny = config_mod.preset("tiny").vqvae
+    assert (tiny.steps_for(2), tiny.steps_for(3)) == (0, 2400)
+    cases = ((0, [4] * 3), (6, [3, 1] * 3),      # 2 batches an epoch of at most 3 scans
+             ({"3d": 6}, [4] * 3), ({"2d": 6}, [3, 1] * 3))   # one per dimension: these scans are 2D
+    for case, (min_steps, expected) in enumerate(cases):
         cfg.vqvae.min_steps = min_steps
         batches.clear()
-        run = RunFolder(tmp_path / f"min{min_steps}")
+        run = RunFolder(tmp_path / f"case{case}")
         run.root.mkdir()
         summary = train_mod.train_vqvae_stage(run, cfg, data, torch.device("cpu"), Reporter("none"), 1.0)
         assert batches == expected and summary["batch_size"] == expected[0]
-    cfg.vqvae.min_steps = -1
-    with pytest.raises(InputError, match="vqvae.min_steps"):
-        cfg.vqvae.check()
+    for bad in (-1, {"4d": 10}, {"3d": 1.5}):
+        cfg.vqvae.min_steps = bad
+        with pytest.raises(InputError, match="vqvae.min_steps"):
+            cfg.vqvae.check()
 
 
 def test_the_learning_rate_warms_up_then_follows_the_cosine(tmp_path, monkeypatch):

@@ -85,10 +85,12 @@ class VQVAEConfig:
         warmup_epochs: W > 0 = the learning rate rises linearly over the first W epochs (``iltm.train.fit``).
         min_steps: S > 0 = on a cohort too small for ``epochs`` epochs of ``batch_size`` scans to make S optimiser
             steps, the batch is made smaller (down to 1 scan) until they do (``iltm.train.stage_batch_size``); a
-            run's ``history.json`` records the batch size used. 0 = always ``batch_size`` (the paper's). The
-            paper trains on thousands of scans; on 24 3D ``tiny`` volumes a batch of 8 makes 600 steps, and the
-            codebook of some run seeds collapsed on a plateau that 2400 steps (a batch of 2, the same compute)
-            left behind (Testing/Benchmarks/results/README.md, "3D: the VQ-VAE").
+            run's ``history.json`` records the batch size used. 0 = always ``batch_size`` (the paper's). May differ
+            per dimension, ``{"2d": s2, "3d": s3}`` (a missing key = 0); a run's ``config.yaml`` records the value
+            that applied. The paper trains on thousands of scans; on 24 3D ``tiny`` volumes a batch of 8 makes 600
+            steps, and the codebook of some run seeds collapsed on a plateau that 2400 steps (a batch of 2, the
+            same compute) left behind; in 2D the ``tiny`` VQ-VAE never collapsed and 2400 steps did not help
+            (Testing/Benchmarks/results/README.md, "3D: the VQ-VAE").
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -108,7 +110,12 @@ class VQVAEConfig:
     init_epochs: int = 25
     codebook_init: str = "normal"
     warmup_epochs: int = 0
-    min_steps: int = 0
+    min_steps: int | dict[str, int] = 0
+
+    def steps_for(self, dims: int | None) -> int:
+        """The ``min_steps`` that applies to ``dims``-D scans (it may be one per dimension)."""
+        s = self.min_steps
+        return s.get(f"{dims}d", 0) if isinstance(s, dict) else s
 
     def check(self) -> None:
         """InputError naming the setting for an activation MONAI does not know, a trial count below 1 or an unknown
@@ -118,10 +125,18 @@ class VQVAEConfig:
         if not isinstance(self.act, str) or self.act.upper() not in Act.names:
             raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
                                           f"leakyrelu, prelu)")
-        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0), ("min_steps", 0)):
+        def whole(value, least: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0)):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if not whole(value, least):
                 raise InputError(f"vqvae.{key}", f"must be a whole number of at least {least}, not {value!r}")
+        s = self.min_steps
+        if not (whole(s, 0) or (isinstance(s, dict) and set(s) <= {"2d", "3d"}
+                                and all(whole(v, 0) for v in s.values()))):
+            raise InputError("vqvae.min_steps", f"must be a whole number of at least 0, or one per dimension such "
+                                                f"as {{2d: 0, 3d: 2400}}, not {s!r}")
         if self.codebook_init not in CODEBOOK_INITS:
             raise InputError("vqvae.codebook_init", f"must be one of {', '.join(CODEBOOK_INITS)}, not "
                                                     f"{self.codebook_init!r}")
@@ -295,8 +310,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         # At 2e-3 the 3D VQ-VAE's ReLUs died within a few steps and its codebook collapsed to one code (synthetic
         # PET, 24 scans of 32x24x40, 200 epochs); 5e-4 learns in 2D and 3D (Testing/test_iltm_loop.py).
+        # min_steps: 24 3D volumes make 600 steps in batches of 8, too few for some run seeds' codebooks to leave
+        # their early plateau; 2400 (batches of 2) lowered the loss of every 3D run seed tried. The 2D VQ-VAE never
+        # collapsed and 2400 steps did not raise its best Dice (Testing/Benchmarks/results/README.md).
         "vqvae": dict(channels=[32, 64], num_res_layers=1, num_res_channels=32, num_embeddings=128,
-                      embedding_dim=32, epochs=200, batch_size=8, learning_rate=5e-4),
+                      embedding_dim=32, epochs=200, batch_size=8, learning_rate=5e-4, min_steps={"3d": 2400}),
         "transformer": dict(n_layer=3, n_head=4, n_embd=64, epochs=80, batch_size=16, learning_rate=2e-3),
         # A small model trained on a small cohort spreads its probability over more codes than the paper's, so
         # the paper's t = 0.005 flags too few lesion tokens. Chosen on validation cohorts (synth seed 99, 60 % and
