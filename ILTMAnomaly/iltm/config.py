@@ -118,13 +118,14 @@ class VQVAEConfig:
         return s.get(f"{dims}d", 0) if isinstance(s, dict) else s
 
     def check(self) -> None:
-        """InputError naming the setting for an activation MONAI does not know, a trial count below 1 or an unknown
-        codebook initialisation."""
+        """InputError naming the setting for an activation MONAI does not know, a trial count below 1, a step count
+        that is not a whole number of at least 0 (or one per dimension) or an unknown codebook initialisation."""
         from monai.networks.layers.factories import Act
 
         if not isinstance(self.act, str) or self.act.upper() not in Act.names:
             raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
                                           f"leakyrelu, prelu)")
+
         def whole(value, least: int) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
