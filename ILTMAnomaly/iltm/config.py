@@ -55,6 +55,13 @@ class DataConfig:
 
 
 CODEBOOK_INITS = ("normal", "encoder")
+DIMENSION_KEYS = {"2d", "3d"}  # the keys of a setting given one per dimension, such as {"2d": a, "3d": b}
+
+
+def per_dimension(value: Any, dims: int | None, missing: Any = None) -> Any:
+    """What a setting that may be one per dimension (``{"2d": a, "3d": b}``) is for ``dims``-D scans; ``missing``
+    when it is per dimension without a value for them."""
+    return value.get(f"{dims}d", missing) if isinstance(value, dict) else value
 
 
 @dataclass
@@ -114,8 +121,7 @@ class VQVAEConfig:
 
     def steps_for(self, dims: int | None) -> int:
         """The ``min_steps`` that applies to ``dims``-D scans (it may be one per dimension)."""
-        s = self.min_steps
-        return s.get(f"{dims}d", 0) if isinstance(s, dict) else s
+        return per_dimension(self.min_steps, dims, missing=0)
 
     def check(self) -> None:
         """InputError naming the setting for an activation MONAI does not know, a trial count below 1, a step count
@@ -134,7 +140,7 @@ class VQVAEConfig:
             if not whole(value, least):
                 raise InputError(f"vqvae.{key}", f"must be a whole number of at least {least}, not {value!r}")
         s = self.min_steps
-        if not (whole(s, 0) or (isinstance(s, dict) and set(s) <= {"2d", "3d"}
+        if not (whole(s, 0) or (isinstance(s, dict) and set(s) <= DIMENSION_KEYS
                                 and all(whole(v, 0) for v in s.values()))):
             raise InputError("vqvae.min_steps", f"must be a whole number of at least 0, or one per dimension such "
                                                 f"as {{2d: 0, 3d: 2400}}, not {s!r}")
@@ -220,8 +226,7 @@ class ILTMConfig:
 
     def spare_share(self, dims: int | None) -> float | None:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""
-        q = self.spare_shared_uptake
-        return q.get(f"{dims}d") if isinstance(q, dict) else q
+        return per_dimension(self.spare_shared_uptake, dims)
 
     def check(self, n_scans: int, where: str = "config") -> None:
         """InputError for settings the loop cannot run with."""
@@ -236,7 +241,7 @@ class ILTMConfig:
             raise InputError(where, f"iltm.mask_density_threshold must be a positive number or null, not {tau!r}")
         q = self.spare_shared_uptake
         shares = list(q.values()) if isinstance(q, dict) else [q]
-        if (isinstance(q, dict) and not set(q) <= {"2d", "3d"}) or not all(
+        if (isinstance(q, dict) and not set(q) <= DIMENSION_KEYS) or not all(
                 v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1) for v in shares):
             raise InputError(where, "iltm.spare_shared_uptake must be a share between 0 and 1, null, or one per "
                                     f"dimension such as {{2d: null, 3d: 0.25}}, not {q!r}")
