@@ -161,6 +161,52 @@ def test_sparing_acts_only_on_pet_intensities(tmp_path):
     assert bool(masks.all())
 
 
+class _OneVoxelDetector(_RecordingDetector):
+    """Flags voxel (4, 8) of every scan alone: token (1, 2) of the 4 x 4 latent grid."""
+
+    def detect_array(self, image, threshold, generator):
+        log_density = torch.zeros(image.shape[1:])
+        log_density[4, 8] = -10.0
+        return type("R", (), {"log_density": log_density})()
+
+
+@pytest.mark.parametrize("dilation, expected_rows", [
+    (0, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),
+    (1, [[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]]),
+    ({"2d": 2}, [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]),
+    ({"3d": 1}, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),   # no value for 2D scans: off
+])
+def test_mask_dilation_also_masks_the_neighbours_of_every_flagged_token(tmp_path, dilation, expected_rows):
+    cfg = config_mod.preset("tiny")
+    cfg.iltm.mask_density_threshold, cfg.iltm.spare_shared_uptake = 0.5, None
+    cfg.iltm.mask_dilation = dilation
+    scans = _Scans(2)
+    scans.arrays = [np.zeros((1, 16, 16), np.float32) for _ in range(2)]
+    run = RunFolder(tmp_path / "run")
+    masks, _ = train_mod.detect_stage(run, cfg, 0, scans, [_OneVoxelDetector()], 0.02, Reporter("none"), 1.0)
+    assert masks.shape == (2, 16)
+    assert masks[0].reshape(4, 4).int().tolist() == expected_rows and torch.equal(masks[0], masks[1])
+    import SimpleITK as sitk
+    # The image-space masks stay what the detector flagged; the dilation is of the Transformer's token masks.
+    assert int(sitk.GetArrayFromImage(sitk.ReadImage(str(run.mask_path(0, "s0")))).sum()) == 1
+
+
+def test_mask_dilation_grows_3d_token_masks_by_a_cube_and_bad_values_are_clear_errors():
+    mask = torch.zeros(4, 5, 6, dtype=torch.bool)
+    mask[0, 2, 5] = True                                            # at a corner of two faces: the cube is cut
+    grown = train_mod.dilate_tokens(mask, 1)
+    assert int(grown.sum()) == 2 * 3 * 2 and bool(grown[1, 3, 4]) and not bool(grown[2, 2, 5])
+    assert torch.equal(train_mod.dilate_tokens(mask, 0), mask)
+    cfg = config_mod.preset("tiny").iltm
+    for bad in (-1, 1.5, True, {"4d": 1}, {"3d": -2}):
+        cfg.mask_dilation = bad
+        with pytest.raises(InputError, match="mask_dilation"):
+            cfg.check(10)
+    cfg.mask_dilation = {"2d": 0, "3d": 2}
+    cfg.check(10)
+    assert cfg.dilation_for(2) == 0 and cfg.dilation_for(3) == 2
+
+
 def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(cohort2d, tmp_path):
     run = tmp_path / "run"
     assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",

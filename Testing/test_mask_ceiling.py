@@ -9,6 +9,7 @@ import torch
 
 from cli_helpers import FAST, load_benchmark_script, run_cli
 from iltm.errors import InputError
+from iltm.progress import Reporter
 from iltm.run import RunFolder
 
 
@@ -80,3 +81,36 @@ def test_right_and_wrong_split_the_runs_own_masks_by_the_labels(mask_ceiling, sw
     assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "wrong"]) == 0
     table = capsys.readouterr().out
     assert f"| iteration 1, its own masks' normal tokens only | {int(wrong.sum())} |" in table
+
+
+def test_dilated_and_clean_fit_the_labels_grown_by_a_token_and_the_same_subjects_without_lesions(mask_ceiling, sweep,
+                                                                                                  monkeypatch):
+    from iltm.checkpoint import load_checkpoint
+    from iltm.synth import make_cohort
+    with pytest.raises(InputError, match="0 % cohort"):
+        mask_ceiling.ceiling(sweep, 1.0, ["clean"], "cpu", Reporter("none"))
+    # The sweep's 0 % cohort as 'iltm benchmark --fractions 0' draws it: same seed, so the same subjects.
+    make_cohort(sweep / "fraction_0" / "train", dims=2, n=6, anomalous_fraction=0.0, seed=0, size=(32, 32))
+    encoded = []
+    tokenize = mask_ceiling.tokenize_stage
+
+    def recording_tokenize(run, data, *args):
+        encoded.extend(rec.image for rec in data.records)
+        return tokenize(run, data, *args)
+
+    monkeypatch.setattr(mask_ceiling, "tokenize_stage", recording_tokenize)
+    assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "dilated", "clean"]) == 0
+    table = (sweep / "mask_ceiling_1.md").read_text(encoding="utf-8")
+    source = RunFolder(sweep / "fraction_1" / "runs" / "iltm")
+    truth = mask_ceiling.truth_token_masks(source, sweep / "fraction_1" / "train" / "labels")
+    dilated = mask_ceiling.variant_masks("dilated", truth, latent=mask_ceiling.latent_shape(source))
+    assert mask_ceiling.latent_shape(source) == [8, 8]
+    assert (dilated & truth).sum() == truth.sum() and dilated.sum() > truth.sum()
+    assert f"| iteration 1, the labels' tokens and their neighbours | {int(dilated.sum())} |" in table
+    assert "| iteration 1, no masks, the same subjects without lesions | 0 |" in table
+    # The clean fit encoded the 0 % cohort's images (the same ids), with the run's VQ-VAE, into its own folder.
+    assert [Path(p).parent for p in encoded] == [sweep / "fraction_0" / "train" / "images"] * 6
+    assert [Path(p).name for p in encoded] == [f"{rec['id']}.nii.gz" for rec in source.manifest()["images"]]
+    clean_run = RunFolder(sweep / "fraction_1" / "ceiling" / "clean" / "run")
+    assert load_checkpoint(clean_run.tokens_path, "iltm-tokens", 1)["tokens"].shape == (6, 64)
+    assert clean_run.transformer_path(1).is_file() and source.tokens_path.is_file()

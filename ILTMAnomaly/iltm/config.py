@@ -58,6 +58,16 @@ CODEBOOK_INITS = ("normal", "encoder")
 DIMENSION_KEYS = {"2d", "3d"}  # the keys of a setting given one per dimension, such as {"2d": a, "3d": b}
 
 
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _whole_per_dimension(value: Any) -> bool:
+    """A whole number of at least 0, or one per dimension (``{"2d": a, "3d": b}``)."""
+    return _whole(value, 0) or (isinstance(value, dict) and set(value) <= DIMENSION_KEYS
+                                and all(_whole(v, 0) for v in value.values()))
+
+
 def per_dimension(value: Any, dims: int | None, missing: Any = None) -> Any:
     """What a setting that may be one per dimension (``{"2d": a, "3d": b}``) is for ``dims``-D scans; ``missing``
     when it is per dimension without a value for them."""
@@ -132,16 +142,12 @@ class VQVAEConfig:
             raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
                                           f"leakyrelu, prelu)")
 
-        def whole(value, least: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
         for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0)):
             value = getattr(self, key)
-            if not whole(value, least):
+            if not _whole(value, least):
                 raise InputError(f"vqvae.{key}", f"must be a whole number of at least {least}, not {value!r}")
         s = self.min_steps
-        if not (whole(s, 0) or (isinstance(s, dict) and set(s) <= DIMENSION_KEYS
-                                and all(whole(v, 0) for v in s.values()))):
+        if not _whole_per_dimension(s):
             raise InputError("vqvae.min_steps", f"must be a whole number of at least 0, or one per dimension such "
                                                 f"as {{2d: 0, 3d: 2400}}, not {s!r}")
         if self.codebook_init not in CODEBOOK_INITS:
@@ -209,6 +215,18 @@ class ILTMConfig:
             (whole-body PET cropped or padded alike) and bright anomalies, so it acts only when
             ``data.intensity`` is ``"pet"`` (a dark anomaly would always be spared). May differ per dimension:
             ``{"2d": q2, "3d": q3}`` (a missing key = off); a run's ``config.yaml`` records the value it used.
+        mask_dilation: r > 0 = every masked token also masks the tokens within r of it on the latent grid (a cube
+            of side 2r + 1: 26 neighbours in 3D, 8 in 2D, at r = 1); 0 = only the tokens whose footprint holds a
+            flagged voxel (the paper). The encoder's receptive field and the scanner's blur reach past a lesion's
+            footprint, so its neighbours' codes are unusual too, and left unmasked they teach the Transformer that
+            they are normal: on a 3D tiny cohort (100 % anomalous, 2400 VQ-VAE steps) masking the labels' tokens
+            raised best Dice only from 47.9 to 53.3, the labels dilated by one token to 63.4, near the 65.0 of a
+            Transformer fitted on the same subjects without lesions (Testing/Benchmarks/mask_ceiling.py). But
+            ILTM's own masks are not the labels: dilated, they also grow their normal tokens 14-fold, and a 3D
+            sweep with r = 1 ended 2.6-7.2 best-Dice points below its iteration 0 at 0-100 % (without: -4.2 to
+            +1.4), so it is off by default (Testing/Benchmarks/results/README.md, "3D: a lesion's neighbours").
+            May differ per dimension, ``{"2d": r2, "3d": r3}`` (a missing key = 0); a run's ``config.yaml``
+            records the value that applied.
         same_transformer_seed: every iteration's Transformers (and fold Transformers) start from iteration 0's
             initialisation and see their batches in iteration 0's order, so iterations differ by their masks
             alone and the per-iteration history (Figure 3) measures what the masks did rather than seed noise.
@@ -222,7 +240,12 @@ class ILTMConfig:
     cross_fit_folds: int = 0
     mask_density_threshold: float | None = None
     spare_shared_uptake: float | dict[str, float | None] | None = None
+    mask_dilation: int | dict[str, int] = 0
     same_transformer_seed: bool = False
+
+    def dilation_for(self, dims: int | None) -> int:
+        """The ``mask_dilation`` that applies to ``dims``-D scans (it may be one per dimension)."""
+        return per_dimension(self.mask_dilation, dims, missing=0)
 
     def spare_share(self, dims: int | None) -> float | None:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""
@@ -245,6 +268,10 @@ class ILTMConfig:
                 v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1) for v in shares):
             raise InputError(where, "iltm.spare_shared_uptake must be a share between 0 and 1, null, or one per "
                                     f"dimension such as {{2d: null, 3d: 0.25}}, not {q!r}")
+        r = self.mask_dilation
+        if not _whole_per_dimension(r):
+            raise InputError(where, "iltm.mask_dilation must be a whole number of tokens of at least 0, or one per "
+                                    f"dimension such as {{2d: 0, 3d: 1}}, not {r!r}")
         if any(v is not None for v in shares) and n_scans < 2:
             raise InputError(where, "iltm.spare_shared_uptake compares training scans with each other: "
                                     f"it needs at least 2, there are {n_scans}")

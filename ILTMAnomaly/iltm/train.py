@@ -414,6 +414,15 @@ def spare_footprints(log_density: torch.Tensor, spared: torch.Tensor, factor: in
     return torch.where(up, torch.clamp(log_density, min=math.log(tau) + 1.0), log_density)
 
 
+def dilate_tokens(token_mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """(*latent) bool: ``token_mask`` grown by ``radius`` tokens along every axis and diagonal (a cube of side
+    2 radius + 1; ``iltm.mask_dilation``)."""
+    if radius <= 0:
+        return token_mask
+    pool = F.max_pool2d if token_mask.dim() == 2 else F.max_pool3d
+    return pool(token_mask.float()[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+
+
 def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detectors: list[Detector],
                  threshold: float, reporter: Reporter, units: float) -> tuple[torch.Tensor, float]:
     """Binary maps of every training scan with iteration k's detector(s); returns token masks (M, L) and seconds.
@@ -427,6 +436,7 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
     dims = data.arrays[0].ndim - 1 if len(data) else None
     share = cfg.iltm.spare_share(dims) if cfg.data.intensity == "pet" else None  # bright anomalies only
     factor = cfg.vqvae.downsample_factor
+    radius = cfg.iltm.dilation_for(dims)
     uptake = token_uptake(data.arrays, factor) if share is not None else None
     mine = dist.shard(list(range(len(data))))
     for i in reporter.track(mine, f"iteration {k}: detect on training scans", units=units, iteration=k):
@@ -446,7 +456,7 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
         _, mask_img = detector.maps_on_input_grid(result, data.infos[i], tau)
         write_image(mask_img, mask_path)
         with atomic_path(token_path) as tmp:
-            np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
+            np.save(tmp, dilate_tokens(detector.token_mask(binary), radius).numpy().reshape(-1))
     dist.barrier()
     return load_token_masks(run, k, [r.id for r in data.records]), time.perf_counter() - start
 
@@ -493,6 +503,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         cfg.data.spatial_dims = dims
         cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)  # config.yaml records the values that apply
         cfg.vqvae.min_steps = cfg.vqvae.steps_for(dims)
+        cfg.iltm.mask_dilation = cfg.iltm.dilation_for(dims)
         if cfg.data.spatial_size is None:
             cfg.data.spatial_size = model_grid_size(records, cfg)
         if dist.is_main():

@@ -1,6 +1,7 @@
 """How much could ILTM's training masks gain at best, on a finished sweep? The ceiling of one iteration.
 
-    python Testing/Benchmarks/mask_ceiling.py SWEEP --fraction 1 [--variants truth none right wrong] [--device cpu]
+    python Testing/Benchmarks/mask_ceiling.py SWEEP --fraction 1 [--variants truth dilated clean none right wrong]
+                                              [--device cpu]
 
 SWEEP is an ``iltm benchmark --out`` folder whose ILTM run at ``--fraction`` has finished iteration 0. For every
 variant, iteration 1's Transformer is fitted again, exactly as the loop fits it (same seed, same code), from the
@@ -9,6 +10,11 @@ run's VQ-VAE tokens with iteration 0's training masks replaced by:
 - ``truth``: every token whose footprint holds a lesion voxel of the cohort's labels, and nothing else: perfect
   masks, the most an iteration can gain;
 - ``none``: no mask at all: the Transformer fitted once more, which measures what refitting alone changes;
+- ``dilated``: ``truth`` grown by one token along every axis and diagonal (``iltm.mask_dilation`` = 1): a lesion
+  changes the codes of its footprint's neighbours too (the encoder's receptive field, the scanner's blur);
+- ``clean``: no masks, but the tokens of the same subjects without their lesions: the sweep's 0 % cohort (drawn
+  with the same seed, so the same anatomy; ``iltm synth``) encoded by this run's VQ-VAE. The most any mask can give:
+  what the Transformer would learn from lesion-free scans of the same patients, the VQ-VAE unchanged;
 - ``right``: the run's own iteration-0 masks, only the tokens that hold a lesion voxel (what they got right);
 - ``wrong``: the run's own iteration-0 masks, only the tokens that hold none (normal tokens masked).
 
@@ -43,11 +49,14 @@ from iltm.io import atomic_write_text, list_images, read_label
 from iltm.progress import Reporter
 from iltm.run import RunFolder
 from iltm.checkpoint import load_checkpoint
-from iltm.train import load_token_masks, train_transformer_stage
+from iltm.preprocess import Preprocessor
+from iltm.train import TrainingSet, dilate_tokens, load_token_masks, tokenize_stage, train_transformer_stage
+from iltm.vqvae import load_vqvae
 
-VARIANTS = ("truth", "none", "right", "wrong")
+VARIANTS = ("truth", "dilated", "clean", "none", "right", "wrong")
 DEFAULT_VARIANTS = ("truth", "none")
-LABELS = {"truth": "perfect masks (the labels)", "none": "no masks",
+LABELS = {"truth": "perfect masks (the labels)", "dilated": "the labels' tokens and their neighbours",
+          "clean": "no masks, the same subjects without lesions", "none": "no masks",
           "right": "its own masks' lesion tokens only", "wrong": "its own masks' normal tokens only"}
 
 
@@ -72,10 +81,21 @@ def own_token_masks(run: RunFolder) -> torch.Tensor:
     return load_token_masks(run, 0, [rec["id"] for rec in run.manifest()["images"]]).bool()
 
 
-def variant_masks(variant: str, truth: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+def latent_shape(run: RunFolder) -> list[int]:
+    """The token grid (numpy order) of the run's model grid."""
+    cfg = run.config()
+    return [int(s) // cfg.vqvae.downsample_factor for s in cfg.data.spatial_size][::-1]
+
+
+def variant_masks(variant: str, truth: torch.Tensor, own: torch.Tensor | None = None,
+                  latent: list[int] | None = None) -> torch.Tensor:
     if variant == "truth":
         return truth.clone()
-    if variant == "none":
+    if variant == "dilated":
+        if latent is None:
+            raise InputError("--variants", "variant 'dilated' needs the token grid")
+        return torch.stack([dilate_tokens(m.reshape(latent), 1).reshape(-1) for m in truth])
+    if variant in ("none", "clean"):
         return torch.zeros_like(truth)
     if variant in ("right", "wrong"):
         if own is None:
@@ -96,6 +116,19 @@ def prepare_run(source: RunFolder, root: Path) -> RunFolder:
         shutil.rmtree(root, ignore_errors=True)
         partial.rename(root)
     return run
+
+
+def clean_tokens(run: RunFolder, clean: Path, device: str, reporter: Reporter) -> torch.Tensor:
+    """(M, L): the run's VQ-VAE's tokens of ``clean``'s images (the same subjects without lesions), cached in
+    ``run``'s own tokens file."""
+    want = [rec["id"] for rec in run.manifest()["images"]]
+    if not (clean / "images").is_dir() or [rec.id for rec in list_images(clean / "images")] != want:
+        raise InputError(clean, "variant 'clean' needs the sweep's 0 % cohort with the same scan ids as this "
+                                "fraction's (run the sweep at fraction 0 with the same --seed and --n-train)")
+    cfg = run.config()
+    data = TrainingSet(list_images(clean / "images"), Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
+    vqvae, _ = load_vqvae(run.vqvae_path, map_location=resolve_device(device))
+    return tokenize_stage(run, data, vqvae, resolve_device(device), reporter)
 
 
 def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, reporter: Reporter) -> list[dict]:
@@ -123,11 +156,14 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
         own = own_token_masks(source)
     rows = []
     for variant in variants:
-        masks = variant_masks(variant, truth, own)
+        masks = variant_masks(variant, truth, own, latent_shape(source))
         run = prepare_run(source, folder / "ceiling" / variant / "run")
+        fitted_on = tokens
+        if variant == "clean":
+            fitted_on = clean_tokens(run, sweep / "fraction_0" / "train", device, reporter)
         if not run.transformer_path(1).is_file():
             reporter.log(f"{variant}: fitting iteration 1's Transformer with {int(masks.sum())} masked tokens")
-            train_transformer_stage(run, cfg, 1, tokens, masks, cfg.vqvae.num_embeddings, resolve_device(device),
+            train_transformer_stage(run, cfg, 1, fitted_on, masks, cfg.vqvae.num_embeddings, resolve_device(device),
                                     reporter, units=1.0)
         reporter.log(f"{variant}: scoring the test set")
         metrics, _ = evaluate_iteration(run, 1, settings, test_records, labels, folder / "ceiling" / variant / "scores",
