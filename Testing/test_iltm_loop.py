@@ -554,3 +554,54 @@ def test_a_run_with_dead_code_restarts_records_them(cohort2d, tmp_path):
                    "--set", "vqvae.restart_dead_codes=true", "--set", "vqvae.epochs=6", *FAST[2:]) == 0
     vq = json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]
     assert vq["codes_restarted"] > 0 and vq["codes_used"] >= 2
+
+
+@pytest.mark.parametrize("codes, retries, kept, set_aside", [
+    ([10, 50], 1, 1, [0]),              # the retry uses enough codes: kept
+    ([10, 5], 1, 0, [1]),               # the retry is worse: the first one is put back
+    ([10, 20, 50, 90], 2, 2, [0, 1]),   # up to two retries; a third is never trained
+    ([10, 20], 0, 0, []),               # off: a partly collapsed VQ-VAE is kept as it is
+    ([60, 90], 3, 0, []),               # 60 of 128 codes is not a collapse (a quarter is 32)
+])
+def test_a_partly_collapsed_vqvae_is_trained_again_and_the_one_using_most_codes_kept(tmp_path, monkeypatch, codes,
+                                                                                       retries, kept, set_aside):
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    trained = []
+
+    def fake_trained_vqvae(run, cfg, data, history, device, reporter, units):
+        if not run.vqvae_path.is_file():                             # train attempt n: its file holds n
+            n = len(trained)
+            run.vqvae_path.write_text(str(n))
+            history["vqvae"] = {"attempt": n, "codes_used": codes[n]}
+            trained.append(n)
+        current = int(run.vqvae_path.read_text())
+        return current, {}, None, codes[current]
+
+    monkeypatch.setattr(train_mod, "_trained_vqvae", fake_trained_vqvae)
+    cfg = config_mod.preset("tiny")
+    cfg.vqvae.collapse_retries = retries
+    history = {"iterations": []}
+    model, _, _, used = train_mod.vqvae_stage(run, cfg, None, history, torch.device("cpu"), Reporter("none"))
+    assert trained == sorted([kept, *set_aside]) and model == kept and used == codes[kept]
+    assert history["vqvae"] == {"attempt": kept, "codes_used": codes[kept]}
+    assert [a["attempt"] for a in history.get("vqvae_attempts", [])] == set_aside
+    for a in history.get("vqvae_attempts", []):                      # each set-aside model is where its record says
+        assert int((run.root / a["file"]).read_text()) == a["attempt"]
+    if set_aside:                                                    # what was set aside is on disk at once
+        assert json.loads(run.history_path.read_text(encoding="utf-8"))["vqvae_attempts"] == history["vqvae_attempts"]
+
+
+def test_a_run_retrains_its_collapsed_vqvae_from_another_initialisation(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    # Four epochs leave the tiny codebook collapsed on these scans: one retry, then the run goes on as usual.
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
+                   "--set", "vqvae.collapse_retries=1", *FAST) == 0
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
+    assert len(history["vqvae_attempts"]) == 1 and history["vqvae_attempts"][0]["codes_used"] < 32
+    kept, aside = history["vqvae"], history["vqvae_attempts"][0]
+    assert {kept.get("attempt", 0), aside.get("attempt", 0)} == {0, 1}
+    assert (run / aside["file"]).is_file() and (run / "vqvae.pt").is_file() and (run / "tokens.pt").is_file()
+    assert kept["codes_used"] >= aside["codes_used"]
+    assert not list(run.glob("vqvae_swap.pt")) and not list(run.glob("*_checkpoint.pt"))
+    assert history["iterations"][0]["iteration"] == 0

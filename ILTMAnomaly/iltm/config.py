@@ -108,6 +108,11 @@ class VQVAEConfig:
             steps, and the codebook of some run seeds collapsed on a plateau that 2400 steps (a batch of 2, the
             same compute) left behind; in 2D the ``tiny`` VQ-VAE never collapsed and 2400 steps did not help
             (Testing/Benchmarks/results/README.md, "3D: the VQ-VAE").
+        collapse_retries: R > 0 = when the trained VQ-VAE uses fewer than a quarter of its codes on the training
+            scans (a partly collapsed codebook, ``iltm.train.PARTIAL_COLLAPSE_SHARE``), train it again from
+            another initialisation, up to R times, and keep the one that uses the most codes; the ones set aside
+            stay in the run folder (``vqvae_attempt<n>.pt``) and in ``history.json`` (``vqvae_attempts``). Each
+            retry costs one more VQ-VAE training, and only when the codebook collapsed.
     """
 
     channels: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -128,6 +133,7 @@ class VQVAEConfig:
     codebook_init: str = "normal"
     warmup_epochs: int = 0
     min_steps: int | dict[str, int] = 0
+    collapse_retries: int = 0
 
     def steps_for(self, dims: int | None) -> int:
         """The ``min_steps`` that applies to ``dims``-D scans (it may be one per dimension)."""
@@ -142,7 +148,7 @@ class VQVAEConfig:
             raise InputError("vqvae.act", f"unknown activation {self.act!r} (MONAI's Act names, e.g. relu, "
                                           f"leakyrelu, prelu)")
 
-        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0)):
+        for key, least in (("init_candidates", 1), ("init_epochs", 1), ("warmup_epochs", 0), ("collapse_retries", 0)):
             value = getattr(self, key)
             if not _whole(value, least):
                 raise InputError(f"vqvae.{key}", f"must be a whole number of at least {least}, not {value!r}")

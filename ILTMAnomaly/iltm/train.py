@@ -260,7 +260,9 @@ def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: to
 
 
 def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
-                      units: float) -> dict[str, Any]:
+                      units: float, attempt: int = 0) -> dict[str, Any]:
+    """Train the VQ-VAE into ``run.vqvae_path``. ``attempt`` n > 0 (``vqvae.collapse_retries``) starts from an
+    initialisation that neither the run's own nor any ``init_candidates`` trial drew."""
     vq_cfg = cfg.vqvae
     states = _rng_states()
     min_steps = vq_cfg.steps_for(cfg.data.spatial_dims)
@@ -268,8 +270,8 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     if batch_size != vq_cfg.batch_size:
         reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_size}, so that {vq_cfg.epochs} "
                      f"epochs over {len(data)} scans make at least {min_steps} steps (vqvae.min_steps)")
-    trials = choose_vqvae_init(run, cfg, data, device, reporter, states, batch_size)
-    _seed_init(cfg, trials["chosen"] if trials else 0, states)
+    trials = choose_vqvae_init(run, cfg, data, device, reporter, states, batch_size) if attempt == 0 else None
+    _seed_init(cfg, vq_cfg.init_candidates - 1 + attempt if attempt else trials["chosen"] if trials else 0, states)
     model = fresh_vqvae(cfg, data, device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, batch_size, device)
@@ -295,6 +297,8 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
         summary["codes_restarted"] = restarter.restarted
     if trials:
         summary["init_trials"] = trials
+    if attempt:
+        summary["attempt"] = attempt
     if dist.is_main():
         save_vqvae(model, vq_cfg, cfg.data.spatial_dims, run.vqvae_path,
                    extra={"latent_shape": list(latent), "losses": losses})
@@ -461,6 +465,79 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
     return load_token_masks(run, k, [r.id for r in data.records]), time.perf_counter() - start
 
 
+def _trained_vqvae(run: RunFolder, cfg: Config, data: TrainingSet, history: dict[str, Any], device: torch.device,
+                   reporter: Reporter, units: float) -> tuple[Any, dict, torch.Tensor, int]:
+    """The run's VQ-VAE (trained now unless there) and its stored payload, its training-scan tokens and the number
+    of codes they use."""
+    if not run.vqvae_path.is_file():
+        attempt = len(history.get("vqvae_attempts", []))
+        history["vqvae"] = train_vqvae_stage(run, cfg, data, device, reporter, units=units, attempt=attempt)
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+            (run.root / "vqvae_checkpoint.pt").unlink(missing_ok=True)
+    else:
+        reporter.units_done += units
+    vqvae, payload = load_vqvae(run.vqvae_path, map_location=device)
+    tokens = tokenize_stage(run, data, vqvae, device, reporter)
+    codes_used = int(torch.unique(tokens).numel())
+    if isinstance(history.get("vqvae"), dict) and "codes_used" not in history["vqvae"]:
+        history["vqvae"]["codes_used"] = codes_used
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+    return vqvae, payload, tokens, codes_used
+
+
+def _set_aside(run: RunFolder, history: dict[str, Any], keep: int | None) -> None:
+    """Move the current VQ-VAE (and its tokens) to ``vqvae_attempt<n>.pt``, recorded in ``vqvae_attempts``; with
+    ``keep``, put set-aside attempt ``keep`` back in its place."""
+    attempts = history.setdefault("vqvae_attempts", [])
+    if dist.is_main():
+        n = len(attempts) if keep is None else keep
+        aside = run.root / f"vqvae_attempt{n}.pt"
+        swap = run.root / "vqvae_swap.pt"
+        if keep is not None:
+            aside.replace(swap)
+        run.vqvae_path.replace(aside)
+        if keep is not None:
+            swap.replace(run.vqvae_path)
+        run.tokens_path.unlink(missing_ok=True)
+    record = dict(history["vqvae"], file=f"vqvae_attempt{len(attempts) if keep is None else keep}.pt")
+    if keep is None:
+        attempts.append(record)
+    else:
+        history["vqvae"], attempts[keep] = {k: v for k, v in attempts[keep].items() if k != "file"}, record
+    if dist.is_main():
+        run.write_json(run.history_path, history)
+    dist.barrier()
+
+
+def vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, history: dict[str, Any], device: torch.device,
+                reporter: Reporter) -> tuple[Any, dict, torch.Tensor, int]:
+    """Train (or load) the VQ-VAE and tokenise the training scans; retrain a partly collapsed one from other
+    initialisations up to ``vqvae.collapse_retries`` times and keep the one that uses the most codes."""
+    enough = cfg.vqvae.num_embeddings * PARTIAL_COLLAPSE_SHARE
+    trained = _trained_vqvae(run, cfg, data, history, device, reporter, units=3.0)
+    codes_used = trained[3]
+    while codes_used < enough and len(history.get("vqvae_attempts", [])) < cfg.vqvae.collapse_retries:
+        attempt = len(history.get("vqvae_attempts", [])) + 1
+        reporter.warn(f"the VQ-VAE uses only {codes_used} of its {cfg.vqvae.num_embeddings} codes on the training "
+                      f"scans; training it again from another initialisation (vqvae.collapse_retries, attempt "
+                      f"{attempt + 1} of {cfg.vqvae.collapse_retries + 1})")
+        _set_aside(run, history, keep=None)
+        if reporter.units_total is not None:
+            reporter.units_total += 3.0
+        trained = _trained_vqvae(run, cfg, data, history, device, reporter, units=3.0)
+        codes_used = trained[3]
+        if codes_used >= enough or len(history["vqvae_attempts"]) == cfg.vqvae.collapse_retries:
+            best = max(range(len(history["vqvae_attempts"])), key=lambda n: history["vqvae_attempts"][n]["codes_used"])
+            if history["vqvae_attempts"][best]["codes_used"] > codes_used:
+                reporter.log(f"keeping VQ-VAE attempt {best + 1}: it uses more codes than the last one")
+                _set_aside(run, history, keep=best)
+                trained = _trained_vqvae(run, cfg, data, history, device, reporter, units=0.0)
+            break
+    return trained
+
+
 def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
     """(M, L) bool: iteration k's stored training-scan token masks, one row per scan id (True = masked)."""
     return torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, i))).reshape(-1) for i in scan_ids])
@@ -528,32 +605,20 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     reporter.emit("start", command="train", run=str(run.root), iterations=max_k + 1)
 
     data_set = TrainingSet(records, Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
-    if not run.vqvae_path.is_file():
-        history["vqvae"] = train_vqvae_stage(run, cfg, data_set, device, reporter, units=3.0)
-        if dist.is_main():
-            run.write_json(run.history_path, history)
-            (run.root / "vqvae_checkpoint.pt").unlink(missing_ok=True)
-    else:
-        reporter.units_done += 3.0
-    vqvae, payload = load_vqvae(run.vqvae_path, map_location=device)
-    tokens = tokenize_stage(run, data_set, vqvae, device, reporter)
-    codes_used = int(torch.unique(tokens).numel())
-    if isinstance(history.get("vqvae"), dict) and "codes_used" not in history["vqvae"]:
-        history["vqvae"]["codes_used"] = codes_used
-        if dist.is_main():
-            run.write_json(run.history_path, history)
+    vqvae, payload, tokens, codes_used = vqvae_stage(run, cfg, data_set, history, device, reporter)
     if codes_used < 2:
         reporter.warn(f"the VQ-VAE's codebook collapsed: every position of every training scan is code "
                      f"{int(tokens.flatten()[0])}, so the Transformer has nothing to learn and detection ranks "
                      f"voxels by their intensity alone (on 3D tiny cohorts such runs scored exactly what the scans' "
-                     f"own intensity scores). Train again with another --seed or more optimiser steps (a higher "
-                     f"vqvae.min_steps: smaller batches).")
+                     f"own intensity scores). Train again with another --seed, more optimiser steps (a higher "
+                     f"vqvae.min_steps: smaller batches) or vqvae.collapse_retries=1.")
     elif codes_used < cfg.vqvae.num_embeddings * PARTIAL_COLLAPSE_SHARE:
         reporter.warn(f"the VQ-VAE uses only {codes_used} of its {cfg.vqvae.num_embeddings} codes on the training "
                       f"scans (a partly collapsed codebook); on 3D tiny cohorts such runs scored 20-30 best-Dice "
                       f"points below runs with a full codebook (README, Results, 3D). Train again with another "
-                      f"--seed or more optimiser steps (a higher vqvae.min_steps: smaller batches); 2400 steps "
-                      f"instead of 600 brought 3D tiny cohorts from 28-40 codes to 102-120 on most, not all.")
+                      f"--seed, more optimiser steps (a higher vqvae.min_steps: smaller batches; 2400 steps "
+                      f"instead of 600 brought 3D tiny cohorts from 28-40 codes to 102-120 on most, not all) or "
+                      f"vqvae.collapse_retries=1 (another initialisation when this happens).")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
     previous_masks: torch.Tensor | None = None
