@@ -605,3 +605,15 @@ def test_a_run_retrains_its_collapsed_vqvae_from_another_initialisation(cohort2d
     assert kept["codes_used"] >= aside["codes_used"]
     assert not list(run.glob("vqvae_swap.pt")) and not list(run.glob("*_checkpoint.pt"))
     assert history["iterations"][0]["iteration"] == 0
+
+
+def test_collapse_retries_may_differ_per_dimension_and_bad_values_are_clear_errors():
+    vq = config_mod.preset("tiny").vqvae
+    assert vq.retries_for(3) == 1 and vq.retries_for(2) == 0       # the 2D tiny VQ-VAE never collapsed
+    for bad in (-1, 0.5, {"3d": -1}, {"1d": 1}):
+        vq.collapse_retries = bad
+        with pytest.raises(InputError, match="collapse_retries"):
+            vq.check()
+    vq.collapse_retries = 2
+    vq.check()
+    assert vq.retries_for(2) == vq.retries_for(3) == 2

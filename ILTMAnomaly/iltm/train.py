@@ -516,19 +516,20 @@ def vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, history: dict[st
     """Train (or load) the VQ-VAE and tokenise the training scans; retrain a partly collapsed one from other
     initialisations up to ``vqvae.collapse_retries`` times and keep the one that uses the most codes."""
     enough = cfg.vqvae.num_embeddings * PARTIAL_COLLAPSE_SHARE
+    retries = cfg.vqvae.retries_for(cfg.data.spatial_dims)
     trained = _trained_vqvae(run, cfg, data, history, device, reporter, units=3.0)
     codes_used = trained[3]
-    while codes_used < enough and len(history.get("vqvae_attempts", [])) < cfg.vqvae.collapse_retries:
+    while codes_used < enough and len(history.get("vqvae_attempts", [])) < retries:
         attempt = len(history.get("vqvae_attempts", [])) + 1
         reporter.warn(f"the VQ-VAE uses only {codes_used} of its {cfg.vqvae.num_embeddings} codes on the training "
                       f"scans; training it again from another initialisation (vqvae.collapse_retries, attempt "
-                      f"{attempt + 1} of {cfg.vqvae.collapse_retries + 1})")
+                      f"{attempt + 1} of {retries + 1})")
         _set_aside(run, history, keep=None)
         if reporter.units_total is not None:
             reporter.units_total += 3.0
         trained = _trained_vqvae(run, cfg, data, history, device, reporter, units=3.0)
         codes_used = trained[3]
-        if codes_used >= enough or len(history["vqvae_attempts"]) == cfg.vqvae.collapse_retries:
+        if codes_used >= enough or len(history["vqvae_attempts"]) == retries:
             best = max(range(len(history["vqvae_attempts"])), key=lambda n: history["vqvae_attempts"][n]["codes_used"])
             if history["vqvae_attempts"][best]["codes_used"] > codes_used:
                 reporter.log(f"keeping VQ-VAE attempt {best + 1}: it uses more codes than the last one")
@@ -580,6 +581,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         cfg.data.spatial_dims = dims
         cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)  # config.yaml records the values that apply
         cfg.vqvae.min_steps = cfg.vqvae.steps_for(dims)
+        cfg.vqvae.collapse_retries = cfg.vqvae.retries_for(dims)
         cfg.iltm.mask_dilation = cfg.iltm.dilation_for(dims)
         if cfg.data.spatial_size is None:
             cfg.data.spatial_size = model_grid_size(records, cfg)
