@@ -5,6 +5,7 @@
     RUN/config.yaml                       full config (preset + overrides), written first
     RUN/manifest.json                     training scans (id, path) and the model's input geometry
     RUN/vqvae.pt                          the trained VQ-VAE (vqvae_checkpoint.pt while it trains)
+    RUN/vqvae_attempt<n>.pt               with vqvae.collapse_retries: a partly collapsed VQ-VAE set aside
     RUN/tokens.pt                         token rasters of every training scan (computed once)
     RUN/history.json                      one record per finished ILTM iteration (+ VQ-VAE summary)
     RUN/iteration_000/transformer.pt      that iteration's Transformer (the one ``detect`` uses)
