@@ -14,7 +14,7 @@ from iltm import config as config_mod
 from iltm import train as train_mod
 from iltm.errors import InputError
 from iltm.progress import Reporter
-from iltm.run import RunFolder
+from iltm.run import RUN_VERSION, RunFolder
 
 
 def test_each_fold_transformer_is_fitted_without_its_fold(tmp_path, monkeypatch):
@@ -617,3 +617,33 @@ def test_collapse_retries_may_differ_per_dimension_and_bad_values_are_clear_erro
     vq.collapse_retries = 2
     vq.check()
     assert vq.retries_for(2) == vq.retries_for(3) == 2
+
+
+def test_an_interrupted_vqvae_retry_resumes_with_the_retry(tmp_path, monkeypatch):
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    codes, trained = [10, 50], []
+
+    def fake_trained_vqvae(run, cfg, data, history, device, reporter, units):
+        if not run.vqvae_path.is_file():
+            n = len(history.get("vqvae_attempts", []))              # as the real one numbers its attempts
+            if n == 1 and not trained[1:]:
+                trained.append("interrupted")
+                raise KeyboardInterrupt
+            run.vqvae_path.write_text(str(n))
+            history["vqvae"] = {"attempt": n, "codes_used": codes[n]}
+            run.write_json(run.history_path, history)
+            trained.append(n)
+        current = int(run.vqvae_path.read_text())
+        return current, {}, None, codes[current]
+
+    monkeypatch.setattr(train_mod, "_trained_vqvae", fake_trained_vqvae)
+    cfg = config_mod.preset("tiny")
+    cfg.vqvae.collapse_retries = 1
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.vqvae_stage(run, cfg, None, {"version": RUN_VERSION, "iterations": []}, torch.device("cpu"),
+                              Reporter("none"))
+    history = run.history()                                          # what a resumed run reads back
+    model, _, _, used = train_mod.vqvae_stage(run, cfg, None, history, torch.device("cpu"), Reporter("none"))
+    assert trained == [0, "interrupted", 1] and model == 1 and used == 50
+    assert [a["attempt"] for a in history["vqvae_attempts"]] == [0]
