@@ -228,19 +228,18 @@ class ILTMConfig:
             (whole-body PET cropped or padded alike) and bright anomalies, so it acts only when
             ``data.intensity`` is ``"pet"`` (a dark anomaly would always be spared). May differ per dimension:
             ``{"2d": q2, "3d": q3}`` (a missing key = off); a run's ``config.yaml`` records the value it used.
-        mask_dilation: r > 0 = every masked token also masks the tokens within r of it on the latent grid (a cube
-            of side 2r + 1: 26 neighbours in 3D, 8 in 2D, at r = 1); 0 = only the tokens whose footprint holds a
+        mask_dilation: r > 0 = every masked token also masks the tokens within r of it on the latent grid (a cube of
+            side 2r + 1: 26 neighbours in 3D, 8 in 2D, at r = 1); 0 = only the tokens whose footprint holds a
             flagged voxel (the paper). The encoder's receptive field and the scanner's blur reach past a lesion's
             footprint, so its neighbours' codes can be unusual too, and left unmasked they teach the Transformer
-            that they are normal: on a 3D tiny cohort (seed 0, 100 % anomalous, 2400 VQ-VAE steps) masking the labels'
-            tokens raised best Dice from 47.9 to 53.3, the labels dilated by one token to 63.4, near the 65.0 of a
-            Transformer fitted on the same subjects without lesions (Testing/Benchmarks/mask_ceiling.py); on two
-            other cohorts dilating the labels added 2.8 and -0.6. ILTM's own masks are not the labels: dilated,
-            they also grow their normal tokens 14-fold, and a 3D
-            sweep with r = 1 ended 2.6-7.2 best-Dice points below its iteration 0 at 0-100 % (without: -4.2 to
-            +1.4), so it is off by default (Testing/Benchmarks/results/README.md, "3D: a lesion's neighbours").
-            May differ per dimension, ``{"2d": r2, "3d": r3}`` (a missing key = 0); a run's ``config.yaml``
-            records the value that applied.
+            that they are normal: on a 3D tiny cohort (seed 0, 100 % anomalous, 2400 VQ-VAE steps) masking the
+            labels' tokens raised best Dice from 47.9 to 53.3, the labels dilated by one token to 63.4, near the
+            65.0 of a Transformer fitted on the same subjects without lesions (Testing/Benchmarks/mask_ceiling.py);
+            on two other cohorts dilating the labels added 2.8 and -0.6. ILTM's own masks are not the labels:
+            dilated, they also grow their normal tokens 14-fold, and a 3D sweep with r = 1 ended 2.6-7.2 best-Dice
+            points below its iteration 0 at 0-100 % (without: -4.2 to +1.4), so it is off by default
+            (Testing/Benchmarks/results/README.md, "3D: a lesion's neighbours"). May differ per dimension,
+            ``{"2d": r2, "3d": r3}`` (a missing key = 0); a run's ``config.yaml`` records the value that applied.
         same_transformer_seed: every iteration's Transformers (and fold Transformers) start from iteration 0's
             initialisation and see their batches in iteration 0's order, so iterations differ by their masks
             alone and the per-iteration history (Figure 3) measures what the masks did rather than seed noise.

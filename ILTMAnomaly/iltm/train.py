@@ -270,8 +270,13 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     if batch_size != vq_cfg.batch_size:
         reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_size}, so that {vq_cfg.epochs} "
                      f"epochs over {len(data)} scans make at least {min_steps} steps (vqvae.min_steps)")
-    trials = choose_vqvae_init(run, cfg, data, device, reporter, states, batch_size) if attempt == 0 else None
-    _seed_init(cfg, vq_cfg.init_candidates - 1 + attempt if attempt else trials["chosen"] if trials else 0, states)
+    trials = None
+    if attempt:                         # past every init trial's candidate index
+        candidate = vq_cfg.init_candidates - 1 + attempt
+    else:
+        trials = choose_vqvae_init(run, cfg, data, device, reporter, states, batch_size)
+        candidate = trials["chosen"] if trials else 0
+    _seed_init(cfg, candidate, states)
     model = fresh_vqvae(cfg, data, device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, batch_size, device)
@@ -491,9 +496,9 @@ def _set_aside(run: RunFolder, history: dict[str, Any], keep: int | None) -> Non
     """Move the current VQ-VAE (and its tokens) to ``vqvae_attempt<n>.pt``, recorded in ``vqvae_attempts``; with
     ``keep``, put set-aside attempt ``keep`` back in its place."""
     attempts = history.setdefault("vqvae_attempts", [])
+    n = len(attempts) if keep is None else keep
+    aside = run.root / f"vqvae_attempt{n}.pt"
     if dist.is_main():
-        n = len(attempts) if keep is None else keep
-        aside = run.root / f"vqvae_attempt{n}.pt"
         swap = run.root / "vqvae_swap.pt"
         if keep is not None:
             aside.replace(swap)
@@ -501,7 +506,7 @@ def _set_aside(run: RunFolder, history: dict[str, Any], keep: int | None) -> Non
         if keep is not None:
             swap.replace(run.vqvae_path)
         run.tokens_path.unlink(missing_ok=True)
-    record = dict(history["vqvae"], file=f"vqvae_attempt{len(attempts) if keep is None else keep}.pt")
+    record = dict(history["vqvae"], file=aside.name)
     if keep is None:
         attempts.append(record)
     else:

@@ -121,14 +121,15 @@ def prepare_run(source: RunFolder, root: Path) -> RunFolder:
 def clean_tokens(run: RunFolder, clean: Path, device: str, reporter: Reporter) -> torch.Tensor:
     """(M, L): the run's VQ-VAE's tokens of ``clean``'s images (the same subjects without lesions), cached in
     ``run``'s own tokens file."""
-    want = [rec["id"] for rec in run.manifest()["images"]]
-    if not (clean / "images").is_dir() or [rec.id for rec in list_images(clean / "images")] != want:
+    records = list_images(clean / "images") if (clean / "images").is_dir() else []
+    if [rec.id for rec in records] != [rec["id"] for rec in run.manifest()["images"]]:
         raise InputError(clean, "variant 'clean' needs the sweep's 0 % cohort with the same scan ids as this "
                                 "fraction's (run the sweep at fraction 0 with the same --seed and --n-train)")
     cfg = run.config()
-    data = TrainingSet(list_images(clean / "images"), Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
-    vqvae, _ = load_vqvae(run.vqvae_path, map_location=resolve_device(device))
-    return tokenize_stage(run, data, vqvae, resolve_device(device), reporter)
+    data = TrainingSet(records, Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
+    where = resolve_device(device)
+    vqvae, _ = load_vqvae(run.vqvae_path, map_location=where)
+    return tokenize_stage(run, data, vqvae, where, reporter)
 
 
 def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, reporter: Reporter) -> list[dict]:
@@ -154,14 +155,15 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
             raise InputError(source.root, "variants right and wrong need iteration 0's training masks, and the "
                                           "sweep's ILTM run has not written them all at this fraction")
         own = own_token_masks(source)
+    latent = latent_shape(source)
     rows = []
     for variant in variants:
-        masks = variant_masks(variant, truth, own, latent_shape(source))
+        masks = variant_masks(variant, truth, own, latent)
         run = prepare_run(source, folder / "ceiling" / variant / "run")
-        fitted_on = tokens
-        if variant == "clean":
-            fitted_on = clean_tokens(run, sweep / "fraction_0" / "train", device, reporter)
         if not run.transformer_path(1).is_file():
+            fitted_on = tokens
+            if variant == "clean":
+                fitted_on = clean_tokens(run, sweep / "fraction_0" / "train", device, reporter)
             reporter.log(f"{variant}: fitting iteration 1's Transformer with {int(masks.sum())} masked tokens")
             train_transformer_stage(run, cfg, 1, fitted_on, masks, cfg.vqvae.num_embeddings, resolve_device(device),
                                     reporter, units=1.0)
