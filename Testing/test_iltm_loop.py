@@ -294,6 +294,35 @@ def test_same_seed_same_map_whatever_ran_before():
     assert not torch.equal(detect(6), first)
 
 
+@pytest.mark.parametrize("dilation, expected", [(0, [5]), (1, [0, 1, 2, 4, 5, 6, 8, 9, 10]),
+                                                 (2, list(range(16)))])
+def test_resampling_dilation_resamples_the_neighbours_of_every_flagged_token(dilation, expected, monkeypatch):
+    from iltm.detect import Detector
+    from iltm.transformer import TokenTransformer
+    from iltm.vqvae import build_vqvae
+
+    torch.manual_seed(0)
+    cfg = config_mod.preset("tiny")
+    cfg.detection.resampling_dilation = dilation
+    vqvae = build_vqvae(cfg.vqvae, 2)
+    transformer = TokenTransformer(cfg.transformer, num_codes=cfg.vqvae.num_embeddings, seq_len=16)
+    probs = torch.ones(1, 16)
+    probs[0, 5] = 0.0                                                   # token (1, 1) of the 4 x 4 grid
+    monkeypatch.setattr(transformer, "token_probabilities", lambda tokens: probs)
+    healed_where = []
+    real_heal = transformer.heal
+    monkeypatch.setattr(transformer, "heal", lambda tokens, flagged, samples, generator=None:
+                        healed_where.append(flagged.clone()) or real_heal(tokens, flagged, samples, generator))
+    detector = Detector(cfg, vqvae, transformer, (4, 4), torch.device("cpu"))
+    result = detector.detect_array(torch.rand(1, 16, 16), resampling_threshold=0.5)
+    assert torch.nonzero(result.flagged).flatten().tolist() == expected
+    assert torch.equal(healed_where[0], result.flagged)
+    for bad in (-1, 1.5, True, "1"):
+        cfg.detection.resampling_dilation = bad
+        with pytest.raises(InputError, match="resampling_dilation"):
+            Detector(cfg, vqvae, transformer, (4, 4), torch.device("cpu"))
+
+
 def test_encoding_keeps_the_decoders_dropout_on_in_detection_mode():
     from iltm.vqvae import build_vqvae, decode_tokens, encode_tokens, set_detection_mode
 

@@ -114,3 +114,19 @@ def test_dilated_and_clean_fit_the_labels_grown_by_a_token_and_the_same_subjects
     clean_run = RunFolder(sweep / "fraction_1" / "ceiling" / "clean" / "run")
     assert load_checkpoint(clean_run.tokens_path, "iltm-tokens", 1)["tokens"].shape == (6, 64)
     assert clean_run.transformer_path(1).is_file() and source.tokens_path.is_file()
+
+
+def test_refits_fit_each_variant_with_other_seeds_and_table_the_mean_and_spread(mask_ceiling, sweep, capsys):
+    from iltm.benchmark import metrics_of
+
+    assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "none", "--refits", "2"]) == 0
+    table = capsys.readouterr().out
+    where = sweep / "fraction_1" / "ceiling" / "none"
+    fits = [torch.load(RunFolder(w / "run").transformer_path(1), weights_only=False) for w in (where, where / "refit1")]
+    assert fits[0]["extra"]["losses"] != fits[1]["extra"]["losses"]   # another seed, another fit
+    dice = [metrics_of(w / "scores", sweep / "test" / "labels")["best_dice"] for w in (where, where / "refit1")]
+    row = next(line for line in table.splitlines() if line.startswith("| iteration 1, no masks |"))
+    assert f"| {100 * np.mean(dice):.2f} ± {100 * np.std(dice, ddof=1):.2f} |" in row
+    assert "mean ± sd over 2 seeds" in table
+    with pytest.raises(InputError, match="--refits"):
+        mask_ceiling.ceiling(sweep, 1.0, ["none"], "cpu", Reporter("none"), refits=0)

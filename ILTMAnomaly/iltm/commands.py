@@ -85,6 +85,10 @@ def detection_overrides(cfg: config_mod.Config, args) -> config_mod.DetectionCon
         if name == "samples" and value < 2 and det.dropout_passes < 2:
             raise InputError("--samples", "the KDE needs at least 2 reconstructions (samples x dropout passes)")
         det = replace(det, **{name: value})
+    if args.resampling_dilation is not None:
+        if args.resampling_dilation < 0:
+            raise InputError("--resampling-dilation", f"must be 0 or more tokens (got {args.resampling_dilation})")
+        det = replace(det, resampling_dilation=args.resampling_dilation)
     return det
 
 

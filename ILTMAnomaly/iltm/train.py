@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
-from .detect import Detector, resolve_device
+from .detect import Detector, dilate_tokens, resolve_device
 from .errors import InputError
 from .io import ImageRecord, atomic_path, check_images, list_images, read_image, write_image
 from .preprocess import Preprocessor, augmentation
@@ -421,15 +421,6 @@ def spare_footprints(log_density: torch.Tensor, spared: torch.Tensor, factor: in
     for d in range(spared.dim()):
         up = up.repeat_interleave(factor, dim=d)
     return torch.where(up, torch.clamp(log_density, min=math.log(tau) + 1.0), log_density)
-
-
-def dilate_tokens(token_mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """(*latent) bool: ``token_mask`` grown by ``radius`` tokens along every axis and diagonal (a cube of side
-    2 radius + 1; ``iltm.mask_dilation``)."""
-    if radius <= 0:
-        return token_mask
-    pool = F.max_pool2d if token_mask.dim() == 2 else F.max_pool3d
-    return pool(token_mask.float()[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
 
 
 def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detectors: list[Detector],
