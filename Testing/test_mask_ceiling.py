@@ -114,6 +114,14 @@ def test_dilated_and_clean_fit_the_labels_grown_by_a_token_and_the_same_subjects
     clean_run = RunFolder(sweep / "fraction_1" / "ceiling" / "clean" / "run")
     assert load_checkpoint(clean_run.tokens_path, "iltm-tokens", 1)["tokens"].shape == (6, 64)
     assert clean_run.transformer_path(1).is_file() and source.tokens_path.is_file()
+    # How far the lesions reach into the codes: every token counted once, the lesion tokens at distance 0.
+    tokens, clean = (load_checkpoint(r.tokens_path, "iltm-tokens", 1)["tokens"] for r in (source, clean_run))
+    changes = mask_ceiling.clean_code_changes(sweep, 1.0)
+    assert sum(c["tokens"] for c in changes) == tokens.numel()
+    assert changes[0] == {"distance": "0", "tokens": int(truth.sum()), "changed": int(((tokens != clean) & truth).sum())}
+    assert changes[1]["tokens"] == int((dilated & ~truth).sum())
+    assert sum(c["changed"] for c in changes) == int((tokens != clean).sum())
+    assert "| distance (tokens) | tokens | changed |" in table and f"| 0 | {int(truth.sum())} |" in table
 
 
 def test_refits_fit_each_variant_with_other_seeds_and_table_the_mean_and_spread(mask_ceiling, sweep, capsys):
@@ -130,3 +138,14 @@ def test_refits_fit_each_variant_with_other_seeds_and_table_the_mean_and_spread(
     assert "mean ± sd over 2 seeds" in table
     with pytest.raises(InputError, match="--refits"):
         mask_ceiling.ceiling(sweep, 1.0, ["none"], "cpu", Reporter("none"), refits=0)
+
+
+def test_code_changes_count_the_changed_codes_by_distance_from_the_nearest_lesion_token(mask_ceiling):
+    truth = torch.zeros(1, 16, dtype=torch.bool)
+    truth[0, 5] = True                                                   # token (1, 1) of a 4 x 4 grid
+    clean = torch.zeros(1, 16, dtype=torch.long)
+    tokens = clean.clone()
+    tokens[0, [5, 10, 15]] = 7                                           # (1, 1), (2, 2), (3, 3): distances 0, 1, 2
+    changes = mask_ceiling.code_changes(tokens, clean, truth, [4, 4], farthest=1)
+    assert changes == [{"distance": "0", "tokens": 1, "changed": 1}, {"distance": "1", "tokens": 8, "changed": 1},
+                       {"distance": "more than 1", "tokens": 7, "changed": 1}]

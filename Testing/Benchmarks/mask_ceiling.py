@@ -18,6 +18,9 @@ run's VQ-VAE tokens with iteration 0's training masks replaced by:
 - ``right``: the run's own iteration-0 masks, only the tokens that hold a lesion voxel (what they got right);
 - ``wrong``: the run's own iteration-0 masks, only the tokens that hold none (normal tokens masked).
 
+With ``clean``, a second table says how far a lesion reaches into the codes: per distance from the nearest lesion
+token, the share of tokens whose code differs from the same subject's lesion-free one.
+
 ``right`` and ``wrong`` split what the sweep's own iteration 1 gains and loses: the gain of the lesion tokens it
 masked against the cost of the normal tokens it masked, each measured against ``none``.
 
@@ -194,6 +197,40 @@ def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, repo
     return sweep_rows(sweep, fraction) + rows
 
 
+def code_changes(tokens: torch.Tensor, clean: torch.Tensor, truth: torch.Tensor, latent: list[int],
+                 farthest: int = 3) -> list[dict]:
+    """How far a lesion reaches into the codes: per distance d from the nearest lesion token (in tokens, along
+    every axis and diagonal), the tokens at d and how many of them differ from the same subject's lesion-free code.
+
+    Args:
+        tokens, clean: (M, L) codes of the lesioned scans and of the same subjects without lesions (one VQ-VAE).
+        truth: (M, L) bool, the tokens whose footprint holds a lesion voxel (d = 0).
+        latent: the token grid (numpy order).
+    """
+    changed = tokens != clean
+    inner = torch.zeros_like(truth)
+    rows = []
+    for d in range(farthest + 1):
+        within = torch.stack([dilate_tokens(t.reshape(latent), d).reshape(-1) for t in truth])
+        ring = within & ~inner
+        rows.append({"distance": str(d), "tokens": int(ring.sum()), "changed": int((changed & ring).sum())})
+        inner = within
+    rows.append({"distance": f"more than {farthest}", "tokens": int((~inner).sum()),
+                 "changed": int((changed & ~inner).sum())})
+    return rows
+
+
+def clean_code_changes(sweep: Path, fraction: float) -> list[dict]:
+    """``code_changes`` of the sweep's cohort at ``fraction`` against the 0 % cohort's tokens cached by variant
+    ``clean`` (run it first)."""
+    folder = sweep / f"fraction_{fraction_text(fraction)}"
+    source = RunFolder(folder / "runs" / "iltm")
+    clean = RunFolder(folder / "ceiling" / "clean" / "run")
+    tokens, clean_tokens_ = (load_checkpoint(run.tokens_path, "iltm-tokens", 1)["tokens"] for run in (source, clean))
+    return code_changes(tokens, clean_tokens_, truth_token_masks(source, folder / "train" / "labels"),
+                        latent_shape(source))
+
+
 def sweep_rows(sweep: Path, fraction: float) -> list[dict]:
     """The sweep's own iterations 0 and 1 (decreasing threshold) at this fraction, from ``iltm_iterations.csv``."""
     rows = []
@@ -206,7 +243,7 @@ def sweep_rows(sweep: Path, fraction: float) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], fraction: float) -> str:
+def table(rows: list[dict], fraction: float, changes: list[dict] | None = None) -> str:
     refits = max(r.get("refits", 1) for r in rows)
     spread = f"; refits: mean ± sd over {refits} seeds" if refits > 1 else ""
     lines = [f"Mask ceiling at {100 * fraction:g} % anomalous (test set; AUROC, AUPRO, best Dice in %{spread})", "",
@@ -215,6 +252,12 @@ def table(rows: list[dict], fraction: float) -> str:
         masked = "" if r["masked_tokens"] is None else str(r["masked_tokens"])
         cells = [f"{100 * r[k]:.2f}" + (f" ± {100 * r[k + '_sd']:.2f}" if k + "_sd" in r else "") for k in METRICS]
         lines.append(f"| {r['what']} | {masked} | " + " | ".join(cells) + " |")
+    if changes:
+        lines += ["", "Codes that differ from the same subject's lesion-free code (variant clean's tokens), by "
+                      "distance from the nearest lesion token:", "",
+                  "| distance (tokens) | tokens | changed |", "|---|---:|---:|"]
+        lines += [f"| {c['distance']} | {c['tokens']} | {c['changed']} ({100 * c['changed'] / max(c['tokens'], 1):.1f}"
+                  " %) |" for c in changes]
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = ceiling(args.sweep, args.fraction, args.variants, args.device, Reporter("bar"), refits=args.refits)
     except InputError as exc:
         parser.exit(2, f"error: {exc}\n")
-    text = table(rows, args.fraction)
+    changes = clean_code_changes(args.sweep, args.fraction) if "clean" in args.variants else None
+    text = table(rows, args.fraction, changes)
     print(text, end="")
     atomic_write_text(args.sweep / f"mask_ceiling_{fraction_text(args.fraction)}.md", text)
     return 0
