@@ -118,7 +118,8 @@ def test_dilated_and_clean_fit_the_labels_grown_by_a_token_and_the_same_subjects
     tokens, clean = (load_checkpoint(r.tokens_path, "iltm-tokens", 1)["tokens"] for r in (source, clean_run))
     changes = mask_ceiling.clean_code_changes(sweep, 1.0)
     assert sum(c["tokens"] for c in changes) == tokens.numel()
-    assert changes[0] == {"distance": "0", "tokens": int(truth.sum()), "changed": int(((tokens != clean) & truth).sum())}
+    assert changes[0] == {"distance": "0", "tokens": int(truth.sum()),
+                          "changed": int(((tokens != clean) & truth).sum())}
     assert changes[1]["tokens"] == int((dilated & ~truth).sum())
     assert sum(c["changed"] for c in changes) == int((tokens != clean).sum())
     assert "| distance (tokens) | tokens | changed |" in table and f"| 0 | {int(truth.sum())} |" in table

@@ -198,7 +198,8 @@ class DetectionConfig:
             tokens away differ from the same subject's lesion-free codes, 6 % farther away), and a neighbour kept
             as it is can rebuild part of the lesion. On the two 3D validation cohorts (iteration 0, 100 %
             anomalous) r = 1 moved best Dice by +9.8 and -10.8 points at t = 0.005, and by -2.7 at the ``tiny``
-            t = 0.1 (one cohort), so it is off (Testing/Benchmarks/results/README.md, "3D: a lesion's neighbours").
+            t = 0.1 (one cohort), so it is off (Testing/Benchmarks/results/README.md, "3D: how far a lesion
+            reaches into the codes").
         samples: number of healed token sequences (S).
         dropout_passes: decoder passes with dropout per healed sequence (D); N = S x D reconstructions.
         eps: KDE bandwidth regulariser in normalised intensity units; ``None`` = 5 % of the intensity range.

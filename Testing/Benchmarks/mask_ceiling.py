@@ -33,8 +33,8 @@ fits every variant R times, the first with the loop's seed and the others with s
 tables the mean and standard deviation over the refits: a difference counts only when it is well beyond that.
 
 The work goes to ``SWEEP/fraction_F/ceiling/VARIANT/`` (a run folder and test score maps; refit r > 0 in
-``.../VARIANT/refit<r>/``); a rerun reuses what is there. The table is printed and written to ``SWEEP/mask_ceiling_F.md`` (kept with the sweep's tables); nothing else
-of the sweep is changed.
+``.../VARIANT/refit<r>/``); a rerun reuses what is there. The table is printed and written to
+``SWEEP/mask_ceiling_F.md`` (kept with the sweep's tables); nothing else of the sweep is changed.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from iltm.vqvae import load_vqvae
 METRICS = ("auroc", "aupro", "best_dice")
 VARIANTS = ("truth", "dilated", "clean", "none", "right", "wrong")
 DEFAULT_VARIANTS = ("truth", "none")
+REFIT_SEED_STEP = 1009  # refit r fits with the run's seed + r x this (apart from every seed the loop itself uses)
 LABELS = {"truth": "perfect masks (the labels)", "dilated": "the labels' tokens and their neighbours",
           "clean": "no masks, the same subjects without lesions", "none": "no masks",
           "right": "its own masks' lesion tokens only", "wrong": "its own masks' normal tokens only"}
@@ -96,6 +97,11 @@ def latent_shape(run: RunFolder) -> list[int]:
     return [int(s) // cfg.vqvae.downsample_factor for s in cfg.data.spatial_size][::-1]
 
 
+def dilate_rows(masks: torch.Tensor, latent: list[int], radius: int) -> torch.Tensor:
+    """(M, L) bool: every row of ``masks`` (M, L) grown by ``radius`` tokens on the ``latent`` grid (numpy order)."""
+    return torch.stack([dilate_tokens(m.reshape(latent), radius).reshape(-1) for m in masks])
+
+
 def variant_masks(variant: str, truth: torch.Tensor, own: torch.Tensor | None = None,
                   latent: list[int] | None = None) -> torch.Tensor:
     if variant == "truth":
@@ -103,7 +109,7 @@ def variant_masks(variant: str, truth: torch.Tensor, own: torch.Tensor | None = 
     if variant == "dilated":
         if latent is None:
             raise InputError("--variants", "variant 'dilated' needs the token grid")
-        return torch.stack([dilate_tokens(m.reshape(latent), 1).reshape(-1) for m in truth])
+        return dilate_rows(truth, latent, 1)
     if variant in ("none", "clean"):
         return torch.zeros_like(truth)
     if variant in ("right", "wrong"):
@@ -139,9 +145,6 @@ def clean_tokens(run: RunFolder, clean: Path, device: str, reporter: Reporter) -
     where = resolve_device(device)
     vqvae, _ = load_vqvae(run.vqvae_path, map_location=where)
     return tokenize_stage(run, data, vqvae, where, reporter)
-
-
-REFIT_SEED_STEP = 1009  # refit r fits with the run's seed + r x this (apart from every seed the loop itself uses)
 
 
 def ceiling(sweep: Path, fraction: float, variants: list[str], device: str, reporter: Reporter,
@@ -211,7 +214,7 @@ def code_changes(tokens: torch.Tensor, clean: torch.Tensor, truth: torch.Tensor,
     inner = torch.zeros_like(truth)
     rows = []
     for d in range(farthest + 1):
-        within = torch.stack([dilate_tokens(t.reshape(latent), d).reshape(-1) for t in truth])
+        within = dilate_rows(truth, latent, d)
         ring = within & ~inner
         rows.append({"distance": str(d), "tokens": int(ring.sum()), "changed": int((changed & ring).sum())})
         inner = within
