@@ -1,8 +1,10 @@
 """Testing/Benchmarks/preset_cost.py: the run-cost model and a smoke run."""
 
+import contextlib
 import json
 
 import pytest
+import torch
 
 from cli_helpers import load_benchmark_script
 
@@ -39,3 +41,24 @@ def test_a_smoke_run_prints_every_stage_for_every_preset(preset_cost, capsys):
 def test_a_size_of_the_wrong_length_is_refused(preset_cost):
     with pytest.raises(SystemExit):
         preset_cost.main(["--dims", "3", "--size", "16", "16"])
+
+
+def test_several_devices_get_a_column_each_and_bf16_runs_under_autocast(preset_cost, capsys):
+    preset_cost.main(["--dims", "2", "--size", "16", "16", "--n-train", "8", "--presets", "tiny", "--devices", "cpu",
+                      "cpu-bf16", "--steps", "1", "--threads", "1"])
+    captured = capsys.readouterr()
+    header = next(line for line in captured.out.splitlines() if line.split()[:1] == ["tiny@cpu"])
+    assert header.split() == ["tiny@cpu", "tiny@cpu-bf16"]
+    assert "tiny@cpu-bf16: vqvae_step" in captured.err  # each column is reported as soon as it is measured
+    device, precision = preset_cost.autocast("cpu-bf16")
+    with precision():
+        assert device.type == "cpu" and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.is_autocast_enabled("cpu")
+    assert preset_cost.autocast("cpu")[1] is contextlib.nullcontext
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7" if not torch.cuda.is_available() else "tpu"])
+def test_a_device_that_is_not_here_is_refused(preset_cost, device, capsys):
+    with pytest.raises(SystemExit):
+        preset_cost.main(["--dims", "2", "--size", "16", "16", "--devices", device])
+    assert f"'{device}' is not available here" in capsys.readouterr().err
