@@ -149,6 +149,11 @@ def test_config_presets_and_overrides():
         baselines.set_value(cfg, "cutpaste_variant", "scars")
     with pytest.raises(InputError, match="nsa_resize must be true or false"):
         baselines.set_value(cfg, "nsa_resize", "0.7")
+    baselines.set_value(cfg, "nsa_gradients", "mixed")
+    assert cfg.nsa_gradients == "mixed"
+    with pytest.raises(InputError, match="nsa_gradients must be one of source, mixed, not 'max'"):
+        baselines.set_value(cfg, "nsa_gradients", "max")
+    assert cfg.nsa_gradients == "mixed"
     with pytest.raises(InputError):
         baselines.preset("huge")
 
@@ -160,8 +165,9 @@ def cohort(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method, setting", [("ae", None), ("vae", None), ("nsa", None), ("nsa", ("nsa_resize", True)),
-                                             ("cutpaste", None), ("cutpaste", ("cutpaste_variant", "3way"))])
+@pytest.mark.parametrize("method, setting", [
+    ("ae", None), ("vae", None), ("nsa", None), ("nsa", ("nsa_resize", True)), ("nsa", ("nsa_gradients", "mixed")),
+    ("cutpaste", None), ("cutpaste", ("cutpaste_variant", "3way"))])
 def test_training_saves_loads_and_scores(cohort, tmp_path, method, setting):
     cfg = preset("tiny")
     cfg.device = "cpu"

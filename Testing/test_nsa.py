@@ -44,6 +44,41 @@ def test_poisson_blend_keeps_the_sources_gradients_and_the_targets_surface():
     assert np.allclose(nsa.poisson_blend(target, target + 0.5), target)
 
 
+@pytest.mark.parametrize("shape", [(9, 11), (6, 8, 7)])
+def test_mixed_blend_follows_the_stronger_gradient_of_each_voxel_pair(shape):
+    rng = np.random.default_rng(11)
+    target, source = rng.random(shape), rng.random(shape)
+    mixed = nsa.poisson_blend(target, source, "mixed")
+    surface = np.ones(shape, bool)
+    surface[(slice(1, -1),) * len(shape)] = False
+    assert np.array_equal(mixed[surface], target[surface])
+    # Its Laplacian inside is the divergence of the guidance that picks, edge by edge, the larger difference.
+    expected = 0.0
+    for axis in range(len(shape)):
+        ds, dt = np.diff(source, axis=axis), np.diff(target, axis=axis)
+        guide = np.where(np.abs(ds) >= np.abs(dt), ds, dt)         # guide[k]: the edge from voxel k to k + 1
+        second = np.diff(guide, axis=axis)                         # at voxels 1 .. n - 2 along this axis
+        expected = expected + second[tuple(slice(None) if a == axis else slice(1, -1) for a in range(len(shape)))]
+    assert np.allclose(laplacian_inside(mixed), expected)
+    # It is neither the plain blend nor the scan, and it reduces to each where one side has no edges.
+    assert not np.allclose(mixed, nsa.poisson_blend(target, source)) and not np.allclose(mixed, target)
+    flat = np.full(shape, 0.3)
+    assert np.allclose(nsa.poisson_blend(target, flat, "mixed"), target)   # a flat patch leaves the scan's edges
+    assert np.allclose(nsa.poisson_blend(flat, source, "mixed"), nsa.poisson_blend(flat, source))
+    with pytest.raises(ValueError, match="gradients must be one of source, mixed"):
+        nsa.poisson_blend(target, source, "average")
+
+
+def test_mixed_gradients_keep_a_scans_edge_that_a_source_blend_wipes_out():
+    # A sharp step in the scan, a smooth patch: the source blend smooths the step away, the mixed blend keeps it.
+    target = np.zeros((12, 12))
+    target[:, 6:] = 1.0
+    source = np.random.default_rng(3).normal(0, 0.01, (12, 12))
+    step = {g: np.abs(np.diff(nsa.poisson_blend(target, source, g)[4:8], axis=1)[:, 5]).mean()
+            for g in ("source", "mixed")}
+    assert step["mixed"] > 0.9 and step["source"] < 0.5, step
+
+
 @pytest.mark.parametrize("shape", [(4, 48, 40), (3, 24, 16, 20)])
 def test_synthesize_labels_follow_the_change(shape):
     images = np.random.default_rng(2).random(shape).astype(np.float32)
@@ -85,6 +120,17 @@ def test_resizing_changes_the_synthetic_anomalies_and_keeps_the_labels_consisten
     resized = nsa.synthesize(images, np.random.default_rng(8), resize=True)
     assert not np.array_equal(plain[0], resized[0])
     changed, labels = resized
+    change = np.abs(changed - images)
+    assert (change > 0).any() and (labels[change == 0] < 0.01).all()
+    assert (labels[change > 2 * nsa.LABEL_OFFSET] > 0.98).all()
+
+
+def test_mixed_gradients_change_the_synthetic_anomalies_and_keep_the_labels_consistent():
+    images = np.random.default_rng(7).random((3, 40, 48)).astype(np.float32)
+    plain = nsa.synthesize(images, np.random.default_rng(8))
+    mixed = nsa.synthesize(images, np.random.default_rng(8), gradients="mixed")
+    assert not np.array_equal(plain[0], mixed[0])
+    changed, labels = mixed
     change = np.abs(changed - images)
     assert (change > 0).any() and (labels[change == 0] < 0.01).all()
     assert (labels[change > 2 * nsa.LABEL_OFFSET] > 0.98).all()

@@ -66,9 +66,11 @@ class BaselineConfig:
             scar) or ``"3way"`` (plain vs. box vs. scar); see :mod:`iltm.cutpaste`.
         nsa_resize: NSA cuts its source patches at a random scale and resamples them (the paper's patch rescaling;
             see :mod:`iltm.nsa`).
+        nsa_gradients: NSA's Poisson blend follows the ``"source"`` patch's gradients or, at every voxel pair, the
+            larger of the patch's and the scan's (``"mixed"``, the paper's mixed-gradient variant; see :mod:`iltm.nsa`).
 
-    ``cutpaste_variant`` and ``nsa_resize`` are off the paper's best by default (binary, no rescaling) only so
-    that the committed sweeps stay what their commands make.
+    ``cutpaste_variant``, ``nsa_resize`` and ``nsa_gradients`` are off the paper's best by default (binary, no
+    rescaling, source gradients) only so that the committed sweeps stay what their commands make.
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
@@ -84,6 +86,7 @@ class BaselineConfig:
     cutpaste_epochs: int = 256
     cutpaste_variant: str = "binary"
     nsa_resize: bool = False
+    nsa_gradients: str = "source"
 
     @property
     def downsample_factor(self) -> int:
@@ -119,7 +122,7 @@ def set_value(cfg: BaselineConfig, key: str, value: Any, where: str = "--set") -
     known = {f.name for f in dataclasses.fields(cfg)}
     if key not in known:
         raise InputError(where, f"unknown baseline setting '{key}' (known: {', '.join(sorted(known))})")
-    if isinstance(value, str) and key not in ("residual", "cutpaste_variant"):
+    if isinstance(value, str) and key not in ("residual", "cutpaste_variant", "nsa_gradients"):
         value = yaml.safe_load(value)
     trial = copy.deepcopy(cfg)  # a refused value leaves ``cfg`` as it was
     setattr(trial, key, copy.deepcopy(value))
@@ -129,6 +132,7 @@ def set_value(cfg: BaselineConfig, key: str, value: Any, where: str = "--set") -
 
 def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
     from .cutpaste import VARIANTS
+    from .nsa import GRADIENTS
 
     if cfg.residual not in RESIDUALS:
         raise InputError(where, f"residual must be one of {', '.join(RESIDUALS)}, not '{cfg.residual}'")
@@ -137,6 +141,8 @@ def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
                                 f"'{cfg.cutpaste_variant}'")
     if not isinstance(cfg.nsa_resize, bool):
         raise InputError(where, f"nsa_resize must be true or false, not '{cfg.nsa_resize}'")
+    if cfg.nsa_gradients not in GRADIENTS:
+        raise InputError(where, f"nsa_gradients must be one of {', '.join(GRADIENTS)}, not '{cfg.nsa_gradients}'")
     if not cfg.channels or any(int(c) < 1 for c in cfg.channels):
         raise InputError(where, f"channels {cfg.channels} must be a non-empty list of positive numbers")
     for name in ("latent_size", "epochs", "nsa_epochs", "cutpaste_epochs", "batch_size", "kernel_size"):
@@ -366,7 +372,8 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
         rng = np.random.default_rng(cfg.seed)
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:
-            return nsa.loss(model, x, rng, data_cfg.intensity_range, baseline_cfg.nsa_resize)
+            return nsa.loss(model, x, rng, data_cfg.intensity_range, baseline_cfg.nsa_resize,
+                            baseline_cfg.nsa_gradients)
     elif method == "cutpaste":
         from . import cutpaste
 

@@ -8,7 +8,9 @@ is what the contamination sweep measures.
 
 The paper's random rescaling of the source patch is an option (``resize``, off by default so that the committed
 sweeps stay what their commands make): the source box is drawn larger or smaller than the box it is blended into,
-by one factor for every axis, and resampled to it. Left out from the paper: the mixed-gradient variant.
+by one factor for every axis, and resampled to it. So is the paper's mixed-gradient variant (``gradients="mixed"``,
+Perez et al.'s mixed seamless cloning): between every two neighbouring voxels of the box the guidance is the
+source's or the scan's difference, whichever is larger in magnitude, so the scan's own edges survive the patch.
 """
 
 from __future__ import annotations
@@ -34,21 +36,27 @@ BODY_LEVEL = 0.02  # a box is centred where the scan is above this fraction of i
 RESIZE_BOUNDS = (0.7, 1.3)
 
 
-def harmonic_fill(shell: np.ndarray) -> np.ndarray:
-    """The discrete harmonic function inside a box with the given values on its surface.
+GRADIENTS = ("source", "mixed")
+
+
+def poisson_fill(shell: np.ndarray, laplacian: np.ndarray | None = None) -> np.ndarray:
+    """The solution of a discrete Poisson equation inside a box with the given values on its surface.
 
     Args:
         shell: (*box) array; only its outermost layer is read (every side at least 3).
+        laplacian: (*box) array, the Laplacian the solution must have at each inner voxel (only the inner voxels are
+            read); ``None`` = 0 everywhere (Laplace's equation: the harmonic fill).
 
     Returns:
-        (*box) array: ``shell`` on the surface, inside the solution of Laplace's equation (6- or 4-neighbour
-        Laplacian) with those Dirichlet values, solved exactly with a type-I discrete sine transform.
+        (*box) array: ``shell`` on the surface, inside the solution of Laplacian(f) = ``laplacian`` (6- or
+        4-neighbour Laplacian) with those Dirichlet values, solved exactly with a type-I discrete sine transform.
     """
     inner_shape = tuple(s - 2 for s in shell.shape)
     if min(inner_shape) < 1:
         raise ValueError(f"box {shell.shape} needs at least 3 voxels per side")
     inner = (slice(1, -1),) * shell.ndim
-    rhs = np.zeros(inner_shape)  # minus what the surface contributes to the Laplacian of each inner voxel
+    # The wanted Laplacian minus what the surface contributes to the Laplacian of each inner voxel.
+    rhs = np.zeros(inner_shape) if laplacian is None else np.asarray(laplacian, np.float64)[inner].copy()
     for axis in range(shell.ndim):
         for side, at in ((0, 0), (-1, -1)):
             face = list(inner)
@@ -64,16 +72,46 @@ def harmonic_fill(shell: np.ndarray) -> np.ndarray:
     return out
 
 
-def poisson_blend(target: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """Poisson image editing of a box: ``source``'s gradients inside, ``target``'s values on the surface.
+def harmonic_fill(shell: np.ndarray) -> np.ndarray:
+    """The discrete harmonic function inside a box with ``shell``'s values on its surface (``poisson_fill``)."""
+    return poisson_fill(shell)
+
+
+def mixed_laplacian(target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Divergence of the mixed guidance field: along every axis, between every two neighbouring voxels, the
+    difference of ``source`` or of ``target``, whichever is larger in magnitude (ties: the source's).
+
+    Returns:
+        (*box) array; its inner voxels are what ``poisson_fill`` reads.
+    """
+    out = np.zeros(target.shape)
+    for axis in range(target.ndim):
+        d_source = np.diff(source.astype(np.float64), axis=axis)
+        d_target = np.diff(target.astype(np.float64), axis=axis)
+        guide = np.where(np.abs(d_source) >= np.abs(d_target), d_source, d_target)  # edge between voxel k and k + 1
+        # Laplacian along the axis at voxel k: (g[k+1] - g[k]) - (g[k] - g[k-1]) = guide[k] - guide[k-1].
+        inner = [slice(None)] * target.ndim
+        inner[axis] = slice(1, -1)
+        out[tuple(inner)] += np.diff(guide, axis=axis)
+    return out
+
+
+def poisson_blend(target: np.ndarray, source: np.ndarray, gradients: str = "source") -> np.ndarray:
+    """Poisson image editing of a box: the guidance gradients inside, ``target``'s values on the surface.
 
     Args:
         target, source: (*box) arrays of the same shape.
+        gradients: ``"source"`` = the source's gradients (seamless cloning); ``"mixed"`` = at every voxel pair the
+            larger of the source's and the target's (mixed seamless cloning, NSA's mixed-gradient variant).
 
     Returns:
-        (*box): source + h, h harmonic with h = target - source on the surface.
+        (*box): with source gradients, source + h, h harmonic with h = target - source on the surface.
     """
-    return source + harmonic_fill(target - source)
+    if gradients == "source":
+        return source + harmonic_fill(target - source)
+    if gradients == "mixed":
+        return poisson_fill(target, mixed_laplacian(target, source))
+    raise ValueError(f"gradients must be one of {', '.join(GRADIENTS)}, not '{gradients}'")
 
 
 def box_sides(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -119,13 +157,14 @@ def resized_source(source: np.ndarray, box: tuple[int, ...], rng: np.random.Gene
 
 
 def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: float = 1.0,
-               resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               resize: bool = False, gradients: str = "source") -> tuple[np.ndarray, np.ndarray]:
     """Blend up to MAX_PATCHES boxes from other images of the batch into each image.
 
     Args:
         images: (B, *spatial) float array; image b takes its patches from image b + 1 (itself when B = 1).
         intensity_range: 1 for intensities in [0, 1], 255 for 0..255.
         resize: cut each source box at a random scale (RESIZE_BOUNDS) and resample it to the target box.
+        gradients: the blend's guidance, ``"source"`` or ``"mixed"`` (``poisson_blend``).
 
     Returns:
         (changed images (B, *spatial), labels (B, *spatial) in [0, 1]).
@@ -148,7 +187,7 @@ def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: fl
                 patch = source[box_slices(random_corner(rng, shape, box), box)].astype(np.float64)
             dst = box_slices(random_corner(rng, shape, box, inside), box)
             before = out[b][dst].copy()
-            out[b][dst] = poisson_blend(before, patch)
+            out[b][dst] = poisson_blend(before, patch, gradients)
             change = np.abs(out[b][dst] - before) / intensity_range
             label = 1.0 / (1.0 + np.exp(-LABEL_SLOPE * (change - LABEL_OFFSET)))
             labels[b][dst] = np.maximum(labels[b][dst], label)
@@ -156,10 +195,10 @@ def synthesize(images: np.ndarray, rng: np.random.Generator, intensity_range: fl
 
 
 def loss(model: torch.nn.Module, x: torch.Tensor, rng: np.random.Generator, intensity_range: float = 1.0,
-         resize: bool = False) -> torch.Tensor:
+         resize: bool = False, gradients: str = "source") -> torch.Tensor:
     """Binary cross-entropy of the network's voxel logits against the synthetic labels of batch ``x`` (B, 1, ...)
-    (``resize``: see ``synthesize``)."""
-    changed, labels = synthesize(x[:, 0].detach().cpu().numpy(), rng, intensity_range, resize)
+    (``resize``, ``gradients``: see ``synthesize``)."""
+    changed, labels = synthesize(x[:, 0].detach().cpu().numpy(), rng, intensity_range, resize, gradients)
     changed_t = torch.from_numpy(changed)[:, None].to(x.device)
     labels_t = torch.from_numpy(labels)[:, None].to(x.device)
     return torch.nn.functional.binary_cross_entropy_with_logits(model(changed_t), labels_t)
