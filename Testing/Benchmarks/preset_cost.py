@@ -7,13 +7,13 @@ For each preset it times, on random inputs of the sweep's shapes, a few optimise
 the Transformer and one detection (heal a fixed share of tokens, decode S x D times, KDE), then multiplies by
 the preset's epochs, batches, iterations, cross-fitting folds and training scans into the time of one ILTM run
 (training, including the training-scan detections that make the masks). With several ``--devices`` every preset
-is measured on each (columns ``preset@device``). It prints the stages and the ratio of every column to the first
-one. With ``--history`` (a finished run of the first preset on the same data) it also
-prints that run's measured stage times, so the estimate can be checked against a real run: the other presets'
-estimates are then scaled by measured / estimated of the first preset.
+is measured on each (columns ``preset@device``; ``cuda-bf16`` runs the CUDA steps under bfloat16 autocast). It
+prints the stages and the ratio of every column to the first one. With ``--history`` (a finished run of the first
+preset on the same data) it also prints that run's measured stage times, so the estimate can be checked against a
+real run: the other columns' estimates are then scaled by measured / estimated of the first one.
 
-Timings are of this machine at this moment; the ratios are what to read (both presets run in the same process,
-interleaved, so load from other work hits them alike).
+Timings are of this machine at this moment; the ratios are what to read (every column runs in the same process,
+one right after another, so load from other work hits them alike).
 """
 
 from __future__ import annotations
