@@ -15,6 +15,7 @@ import torch
 from cli_helpers import load_benchmark_script, run_cli
 from iltm import kde
 from iltm.detect import Detector
+from iltm.io import image_id
 from iltm.metrics import auroc
 from iltm.vqvae import decode_tokens, encode_tokens
 
@@ -57,7 +58,7 @@ def test_detect_on_cuda_writes_maps_on_the_input_grid_that_find_what_the_cpu_fin
     for device in ("cpu", "cuda"):
         out = tmp_path / device
         assert run_cli("detect", "--run", run2d, "--input", image, "--out", out, "--device", device) == 0
-        score = sitk.ReadImage(str(out / f"{image.name.split('.')[0]}_score.nii.gz"))
+        score = sitk.ReadImage(str(out / f"{image_id(image)}_score.nii.gz"))
         source = sitk.ReadImage(str(image))
         assert score.GetSize() == source.GetSize() and score.GetSpacing() == source.GetSpacing()
         assert score.GetOrigin() == source.GetOrigin() and score.GetDirection() == source.GetDirection()

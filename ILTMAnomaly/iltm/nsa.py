@@ -85,9 +85,9 @@ def mixed_laplacian(target: np.ndarray, source: np.ndarray) -> np.ndarray:
         (*box) array; its inner voxels are what ``poisson_fill`` reads.
     """
     out = np.zeros(target.shape)
+    source, target = source.astype(np.float64), target.astype(np.float64)
     for axis in range(target.ndim):
-        d_source = np.diff(source.astype(np.float64), axis=axis)
-        d_target = np.diff(target.astype(np.float64), axis=axis)
+        d_source, d_target = np.diff(source, axis=axis), np.diff(target, axis=axis)
         guide = np.where(np.abs(d_source) >= np.abs(d_target), d_source, d_target)  # edge between voxel k and k + 1
         # Laplacian along the axis at voxel k: (g[k+1] - g[k]) - (g[k] - g[k-1]) = guide[k] - guide[k-1].
         inner = [slice(None)] * target.ndim

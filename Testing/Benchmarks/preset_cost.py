@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from iltm.config import preset
+from iltm.detect import resolve_device
+from iltm.errors import InputError
 from iltm.kde import log_density
 from iltm.synth import DEFAULT_SIZE
 from iltm.train import masked_cross_entropy, vqvae_loss
@@ -56,11 +58,13 @@ def seconds_per_call(fn, repeats: int, device: torch.device = torch.device("cpu"
 
 def autocast(device: str):
     """(torch device, context for the forward passes): ``cuda-bf16`` = the CUDA device under bfloat16 autocast, a
-    what-if for mixed precision (the package trains and detects in float32)."""
-    if device.endswith("-bf16"):
-        dev = torch.device(device[:-len("-bf16")])
+    what-if for mixed precision (the package trains and detects in float32). A device that is not here raises
+    ``InputError`` (``iltm.detect.resolve_device``)."""
+    name = device.removesuffix("-bf16")
+    dev = resolve_device(name)
+    if name != device:
         return dev, lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
-    return torch.device(device), contextlib.nullcontext
+    return dev, contextlib.nullcontext
 
 
 def measure(name: str, dims: int, size: list[int], steps: int, device: str = "cpu") -> dict[str, float]:
@@ -150,7 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, nargs="+", help="image size in voxels (default: the synthetic default)")
     p.add_argument("--n-train", type=int, default=48)
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    p.add_argument("--devices", nargs="+", default=["cpu"], help="cpu, cuda or cuda:N, each "
+    p.add_argument("--devices", nargs="+", default=["cpu"], help="auto, cpu, cuda or cuda:N, each "
                    "with -bf16 for bfloat16 autocast (cuda-bf16); several are compared (default cpu)")
     p.add_argument("--steps", type=int, default=5, help="timed calls per measurement (default 5)")
     p.add_argument("--history", type=Path, help="history.json of a finished run of the first preset on the same data")
@@ -162,8 +166,10 @@ def main(argv=None) -> None:
     if len(size) != args.dims:
         p.error(f"--size needs {args.dims} numbers, got {size}")
     for device in args.devices:
-        if device.removesuffix("-bf16") != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-            p.error(f"--devices: '{device}' is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+        try:
+            autocast(device)
+        except InputError as exc:
+            p.error(f"--devices: '{device}' is not available here ({exc.problem})")
 
     # One column per preset and device; a single device keeps the preset names as they are.
     columns = [(name, device) for name in args.presets for device in args.devices]
