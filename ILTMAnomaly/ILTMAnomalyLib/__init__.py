@@ -17,10 +17,6 @@ Modules:
     rendering: off-screen slice rendering through vtkMRMLSliceLogic (tests, screenshots).
 """
 
-# Bumped when the panel starts to rely on a new field of the core's run folder or CLI.
-RUN_FOLDER_VERSION = 1
-
-
 class PanelError(Exception):
     """A problem the user can act on (wrong input, incomplete run folder, failed job), shown as is in the panel.
 

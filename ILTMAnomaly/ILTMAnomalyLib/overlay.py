@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from iltm.layout import DEFAULT_DENSITY_THRESHOLD
 
 from . import PanelError, volumes
 
 PET_HEAT_COLOR_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 PET_HEAT_NAME = "PET-Heat"
-DEFAULT_DENSITY_THRESHOLD = 0.005
 
 
 def score_threshold(density_threshold: float) -> float:

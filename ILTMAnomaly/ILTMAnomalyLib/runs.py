@@ -1,27 +1,21 @@
 """A training run folder as the panel sees it: is it complete, what did each ILTM iteration mask, how did it go.
 
-The folder is the core's contract (see ``iltm.run``)::
-
-    RUN/config.yaml, RUN/manifest.json, RUN/vqvae.pt, RUN/history.json
-    RUN/iteration_000/transformer.pt
-    RUN/iteration_000/masks/<id>_mask.nii.gz     binary map of training scan <id>, on that scan's geometry
-
-It is read here with ``json`` alone, without importing the core, so browsing a finished run works in a Slicer
-where torch and MONAI are not installed yet.
+The folder's names and versions are the core's contract, :mod:`iltm.layout`, which needs the standard library
+only: browsing a finished run works in a Slicer where torch and MONAI are not installed yet.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import PanelError, RUN_FOLDER_VERSION, segments, volumes
+from iltm.errors import InputError
+from iltm.layout import CONFIG, VQVAE, RunLayout
 
-ITERATION_FOLDER = re.compile(r"^iteration_(\d+)$")
+from . import PanelError, segments, volumes
 
 
 @dataclass
@@ -32,8 +26,8 @@ class Scan:
     image: Path
 
 
-class RunFolder:
-    """Read-only view of an ``iltm train`` output folder.
+class RunFolder(RunLayout):
+    """Read-only view of an ``iltm train`` output folder; its problems are PanelErrors.
 
     Args:
         root: the run folder.
@@ -42,17 +36,14 @@ class RunFolder:
     def __init__(self, root):
         if root is None or str(root) in ("", "."):
             raise PanelError("Select a trained run folder first.")
-        self.root = Path(root)
-
-    def __repr__(self) -> str:
-        return f"RunFolder({str(self.root)!r})"
+        super().__init__(root)
 
     # -- completeness ------------------------------------------------------------------------------------------
     def missing_pieces(self) -> list[str]:
         """What detection needs and the folder lacks (empty when it can be used)."""
         if not self.root.is_dir():
             return [f"the folder {self.root} does not exist"]
-        missing = [name for name in ("config.yaml", "vqvae.pt") if not (self.root / name).is_file()]
+        missing = [name for name in (CONFIG, VQVAE) if not (self.root / name).is_file()]
         if not self.trained_iterations():
             missing.append("a trained Transformer (iteration_*/transformer.pt)")
         return missing
@@ -64,26 +55,8 @@ class RunFolder:
             raise PanelError(f"The run folder {self.root} is missing pieces: {', '.join(missing)}. "
                              "Was training finished? 'Resume' in the Train section continues an interrupted run.")
 
-    def trained_iterations(self) -> list[int]:
-        """Iterations whose Transformer exists, ascending."""
-        return [k for k, folder in self._iteration_folders() if (folder / "transformer.pt").is_file()]
-
-    def mask_iterations(self) -> list[int]:
-        """Iterations that wrote image-space masks of the training scans, ascending."""
-        return [k for k, folder in self._iteration_folders() if (folder / "masks").is_dir()]
-
-    def _iteration_folders(self) -> list[tuple[int, Path]]:
-        if not self.root.is_dir():
-            return []
-        found = []
-        for folder in self.root.iterdir():
-            match = ITERATION_FOLDER.match(folder.name)
-            if match and folder.is_dir():
-                found.append((int(match.group(1)), folder))
-        return sorted(found)
-
     def iteration_folder(self, iteration: int) -> Path:
-        return self.root / f"iteration_{iteration:03d}"
+        return self.iteration_dir(iteration)
 
     def resolve_iteration(self, iteration: int | None) -> int:
         """The iteration detection will use: ``iteration`` when trained, the last one when None or negative."""
@@ -98,39 +71,16 @@ class RunFolder:
         return iteration
 
     # -- contents ----------------------------------------------------------------------------------------------
-    def _json(self, name: str) -> dict:
-        path = self.root / name
-        if not path.is_file():
-            raise PanelError(f"The run folder {self.root} has no {name}.")
+    def read_json(self, path: Path) -> dict:
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PanelError(f"{path} is damaged ({error}).") from None
-        if not isinstance(value, dict):
-            raise PanelError(f"{path} is damaged (not a JSON object).")
-        version = value.get("version")
-        if version is not None and version != RUN_FOLDER_VERSION:
-            raise PanelError(f"{path} was written by an incompatible version of iltm (version {version}, "
-                             f"this panel reads {RUN_FOLDER_VERSION}).")
-        return value
-
-    def manifest(self) -> dict:
-        return self._json("manifest.json")
-
-    def history(self) -> dict:
-        """``history.json``; an empty history when training has not finished its first iteration."""
-        if not (self.root / "history.json").is_file():
-            return {"version": RUN_FOLDER_VERSION, "iterations": [], "finished": False, "stop_reason": None}
-        return self._json("history.json")
+            return super().read_json(path)
+        except InputError as error:
+            raise PanelError(f"{error}.") from None
 
     @property
     def spatial_dims(self) -> int | None:
         """2 or 3: from manifest.json, else from ``data.spatial_dims`` in config.yaml; None when unknown."""
-        if (self.root / "manifest.json").is_file():
-            dims = self.manifest().get("spatial_dims")
-            if dims in (2, 3):
-                return int(dims)
-        return _spatial_dims_from_config(self.root / "config.yaml")
+        return RunLayout.spatial_dims(self) or _spatial_dims_from_config(self.config_path)
 
     def scans(self) -> list[Scan]:
         """The training scans, in manifest order."""
@@ -146,9 +96,6 @@ class RunFolder:
             if scan.id == scan_id:
                 return scan
         raise PanelError(f"The run {self.root} has no training scan '{scan_id}'.")
-
-    def mask_path(self, iteration: int, scan_id: str) -> Path:
-        return self.iteration_folder(iteration) / "masks" / f"{scan_id}_mask.nii.gz"
 
     def history_arrays(self) -> dict[str, np.ndarray]:
         """One array per history field, aligned on ``iteration`` (NaN where an iteration lacks the value).

@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX
+
 from . import PanelError, jobs, overlay, volumes
 from .runs import RunFolder
 
@@ -120,7 +122,7 @@ def start_detection(volume_node, run_folder, settings: DetectionSettings | None 
 
 def result_paths(out_dir, stem: str = INPUT_STEM) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    return out_dir / f"{stem}_score.nii.gz", out_dir / f"{stem}_mask.nii.gz"
+    return out_dir / f"{stem}{SCORE_SUFFIX}", out_dir / f"{stem}{MASK_SUFFIX}"
 
 
 def load_detection_results(scene, pet_volume, out_dir, stem: str = INPUT_STEM, density_threshold=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import InputError
@@ -100,10 +101,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iterations", type=int)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
-    from .benchmark import add_benchmark_parser
-
-    add_benchmark_parser(sub, common)
+    for plugin in _plugins():  # e.g. the research bench's "benchmark"
+        try:
+            register = plugin.load()
+        except ImportError:  # a plugin whose own dependencies are missing offers no command
+            continue
+        register(sub, common)
     return parser
+
+
+def _plugins():
+    """Entry points of the ``iltm.commands`` group: packages that add a subcommand (``register(sub, common)``)."""
+    found = entry_points()
+    return found.select(group="iltm.commands") if hasattr(found, "select") else found.get("iltm.commands", [])
 
 
 def _tolerate_ascii_terminals() -> None:

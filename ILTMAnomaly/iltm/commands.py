@@ -39,24 +39,6 @@ def cmd_synth(args, reporter: Reporter) -> int:
 
 # -- train -----------------------------------------------------------------------------------------------------
 
-def build_config(args) -> config_mod.Config:
-    cfg = config_mod.load(args.config) if getattr(args, "config", None) else config_mod.preset(args.preset)
-    if getattr(args, "seed", None) is not None:
-        cfg.seed = args.seed
-    if getattr(args, "max_iterations", None) is not None:
-        cfg.iltm.max_iterations = args.max_iterations
-    if getattr(args, "constant_threshold", False):
-        cfg.iltm.constant_threshold = True
-    if getattr(args, "device", None):
-        cfg.device = args.device
-    for item in getattr(args, "set", []) or []:
-        if "=" not in item:
-            raise InputError("--set", f"'{item}' is not SECTION.KEY=VALUE")
-        key, value = item.split("=", 1)
-        config_mod.set_dotted(cfg, key.strip(), value)
-    return cfg
-
-
 def cmd_train(args, reporter: Reporter) -> int:
     from .train import train
 
@@ -92,37 +74,6 @@ def detection_overrides(cfg: config_mod.Config, args) -> config_mod.DetectionCon
     return det
 
 
-def detect_files(detector, records, out: Path, reporter: Reporter, seed: int = 0, png: bool = True) -> list[str]:
-    """Detect every record into ``out``; returns the problems (one line each) of the inputs that failed."""
-    from .io import read_image, write_image
-    from .visualize import save_overlay_png
-
-    problems = []
-    for rec in reporter.track(records, "detect", units=1.0):
-        try:
-            img = read_image(rec.image)
-            generator = torch.Generator(device=detector.device).manual_seed(seed)
-            score, mask, result = detector.detect_image(img, generator=generator, where=str(rec.image))
-        except InputError as exc:
-            problems.append(str(exc))
-            continue
-        score_path, mask_path = out / f"{rec.id}{SCORE_SUFFIX}", out / f"{rec.id}{MASK_SUFFIX}"
-        write_image(score, score_path)
-        write_image(mask, mask_path)
-        reporter.emit("output", kind="score", path=str(score_path), id=rec.id)
-        reporter.emit("output", kind="mask", path=str(mask_path), id=rec.id)
-        flagged = int(result.flagged.sum())
-        line = (f"{rec.id}: {flagged}/{result.flagged.numel()} tokens resampled, "
-                f"{int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels, {result.seconds:.1f} s")
-        if png and img.GetDimension() == 2:
-            png_path = out / f"{rec.id}_overlay.png"
-            save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
-                             sitk.GetArrayFromImage(mask), png_path, title=rec.id)
-            reporter.emit("output", kind="overlay", path=str(png_path), id=rec.id)
-        reporter.log(line)
-    return problems
-
-
 def cmd_detect(args, reporter: Reporter) -> int:
     from .detect import Detector
     from .io import list_images
@@ -145,59 +96,6 @@ def cmd_detect(args, reporter: Reporter) -> int:
 
 # -- evaluate --------------------------------------------------------------------------------------------------
 
-def _find_label(labels: Path, scan_id: str) -> Path:
-    for candidate in sorted(labels.glob(f"{scan_id}.*")):
-        return candidate
-    raise InputError(labels, f"no label file for '{scan_id}' (expected {scan_id}.nii.gz)")
-
-
-def load_pairs(scores: Path, labels: Path, suffix: str = SCORE_SUFFIX) -> tuple[list[str], list, list]:
-    from .io import read_image
-
-    if not scores.is_dir():
-        raise InputError(scores, "scores folder does not exist")
-    if not labels.is_dir():
-        raise InputError(labels, "labels folder does not exist")
-    paths = sorted(scores.glob(f"*{suffix}"))
-    if not paths:
-        raise InputError(scores, f"no *{suffix} files")
-    ids, score_arrays, label_arrays = [], [], []
-    for path in paths:
-        scan_id = path.name[: -len(suffix)]
-        label_path = _find_label(labels, scan_id)
-        s = sitk.GetArrayFromImage(read_image(path))
-        lab = sitk.GetArrayFromImage(read_image(label_path)) > 0.5
-        if s.shape != lab.shape:
-            raise InputError(label_path, f"shape {lab.shape} does not match the score map {path.name} {s.shape}")
-        ids.append(scan_id)
-        score_arrays.append(s)
-        label_arrays.append(lab)
-    return ids, score_arrays, label_arrays
-
-
-def summarise(scores: list, labels: list) -> dict[str, Any]:
-    """Pooled voxel metrics over the set plus mean/std over images (images without lesions skip AUPRO/Dice)."""
-    from . import metrics
-
-    result = metrics.evaluate(scores, labels)
-    summary = {k: result[k] for k in ("auroc", "aupro", "best_dice", "best_threshold")}
-    for key in ("auroc", "aupro", "best_dice"):
-        values = np.array([p[key] for p in result["per_image"]], dtype=float)
-        values = values[np.isfinite(values)]
-        summary[f"{key}_std"] = float(values.std()) if values.size else float("nan")
-    summary["per_image"] = result["per_image"]
-    return summary
-
-
-def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'method':<28} {'AUROC':>14} {'AUPRO':>14} {'best Dice':>14}"]
-    for name, m in rows.items():
-        cells = [f"{100 * m[k]:6.1f} ± {100 * m[k + '_std']:4.1f}" for k in ("auroc", "aupro", "best_dice")]
-        lines.append(f"{name:<28} " + " ".join(f"{c:>14}" for c in cells))
-    lines.append("(pooled voxel metrics in %, ± standard deviation over test images)")
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args, reporter: Reporter) -> int:
     from .io import atomic_write_text
 
@@ -213,35 +111,6 @@ def cmd_evaluate(args, reporter: Reporter) -> int:
 
 
 # -- report ----------------------------------------------------------------------------------------------------
-
-def make_report(run: RunFolder, out: Path, scans: int = 6) -> list[Path]:
-    from .io import read_image
-    from .visualize import history_figure, overlay_axes, save_figure
-    import matplotlib.pyplot as plt
-
-    history = run.history()
-    if not history["iterations"]:
-        raise InputError(run.root, "run has no finished ILTM iteration to report")
-    out.mkdir(parents=True, exist_ok=True)
-    history_path = out / "history.png"
-    history_figure(history, history_path)
-    iterations = [r["iteration"] for r in history["iterations"]]
-    images = run.manifest()["images"][:scans]
-    fig, axes = plt.subplots(len(images), len(iterations) + 1, squeeze=False,
-                             figsize=(2.2 * (len(iterations) + 1), 2.2 * len(images)))
-    for r, item in enumerate(images):
-        image = sitk.GetArrayFromImage(read_image(item["image"]))
-        overlay_axes(axes[r, 0], image)
-        axes[r, 0].set_title(item["id"], fontsize=8)
-        for c, k in enumerate(iterations, start=1):
-            mask = sitk.GetArrayFromImage(read_image(run.mask_path(k, item["id"]))) > 0
-            overlay_axes(axes[r, c], image, mask=mask)
-            if r == 0:
-                axes[r, c].set_title(f"iteration {k} mask", fontsize=8)
-    montage_path = out / "masks.png"
-    save_figure(fig, montage_path)
-    return [history_path, montage_path]
-
 
 def cmd_report(args, reporter: Reporter) -> int:
     run = RunFolder(args.run)

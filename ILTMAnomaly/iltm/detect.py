@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 from . import kde
 from .config import Config, DetectionConfig
+from .errors import InputError
+from .io import read_image, write_image
+from .layout import MASK_SUFFIX, OVERLAY_SUFFIX, SCORE_SUFFIX
 from .preprocess import Preprocessor
+from .progress import Reporter
 from .run import RunFolder
 from .transformer import TokenTransformer
 from .vqvae import decode_tokens, encode_tokens, load_vqvae, set_detection_mode
@@ -23,8 +27,6 @@ from .vqvae import decode_tokens, encode_tokens, load_vqvae, set_detection_mode
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is a clear error, not a torch traceback."""
-    from .errors import InputError
-
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -214,3 +216,35 @@ def dilate_tokens(token_mask: torch.Tensor, radius: int) -> torch.Tensor:
         return token_mask
     pool = F.max_pool2d if token_mask.dim() == 2 else F.max_pool3d
     return pool(token_mask.float()[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+
+
+def detect_files(detector: Detector, records, out: Path, reporter: Reporter, seed: int = 0,
+                 png: bool = True) -> list[str]:
+    """Detect every record into ``out`` (``<id>_score.nii.gz``, ``<id>_mask.nii.gz``, a PNG overlay for 2D); returns
+    the problems (one line each) of the inputs that failed. Each scan's resampling is seeded with ``seed``."""
+    problems = []
+    for rec in reporter.track(records, "detect", units=1.0):
+        try:
+            img = read_image(rec.image)
+            generator = torch.Generator(device=detector.device).manual_seed(seed)
+            score, mask, result = detector.detect_image(img, generator=generator, where=str(rec.image))
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        score_path, mask_path = out / f"{rec.id}{SCORE_SUFFIX}", out / f"{rec.id}{MASK_SUFFIX}"
+        write_image(score, score_path)
+        write_image(mask, mask_path)
+        reporter.emit("output", kind="score", path=str(score_path), id=rec.id)
+        reporter.emit("output", kind="mask", path=str(mask_path), id=rec.id)
+        flagged = int(result.flagged.sum())
+        line = (f"{rec.id}: {flagged}/{result.flagged.numel()} tokens resampled, "
+                f"{int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels, {result.seconds:.1f} s")
+        if png and img.GetDimension() == 2:
+            from .visualize import save_overlay_png
+
+            png_path = out / f"{rec.id}{OVERLAY_SUFFIX}"
+            save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
+                             sitk.GetArrayFromImage(mask), png_path, title=rec.id)
+            reporter.emit("output", kind="overlay", path=str(png_path), id=rec.id)
+        reporter.log(line)
+    return problems

@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ILTMAnomaly"))
+from iltm.layout import (DEFAULT_DENSITY_THRESHOLD, FORMAT_VERSION, MASK_SUFFIX, SCORE_SUFFIX,  # noqa: E402
+                         RunLayout, empty_history)
+
 
 def emit(event: str, **fields) -> None:
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
@@ -58,8 +62,8 @@ def detect(args) -> None:
     import SimpleITK as sitk
 
     emit("start", command="detect", run=str(args.run), iteration=args.iteration)
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
+    run = RunLayout(args.run)
+    if not run.config_path.is_file():
         fail(str(run), "run folder is missing config.yaml (was training finished?)")
     if os.environ.get("FAKE_ILTM_FAIL"):
         fail(str(args.input), "image is too small for the VQ-VAE (needs at least 8 voxels per axis)")
@@ -67,14 +71,14 @@ def detect(args) -> None:
         raise RuntimeError("simulated crash")
     image = sitk.ReadImage(str(args.input))
     steps("detect", 0.0, 1.0)
-    tau = args.density_threshold or 0.005
+    tau = args.density_threshold or DEFAULT_DENSITY_THRESHOLD
     score = sitk.Cast(image, sitk.sitkFloat32)
     mask = sitk.Cast(score > -math.log(tau), sitk.sitkUInt8)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem_of(Path(args.input))
-    for kind, result in (("score", score), ("mask", mask)):
-        path = out / f"{stem}_{kind}.nii.gz"
+    for kind, suffix, result in (("score", SCORE_SUFFIX, score), ("mask", MASK_SUFFIX, mask)):
+        path = out / f"{stem}{suffix}"
         sitk.WriteImage(result, str(path))
         emit("output", kind=kind, path=str(path), id=stem)
     emit("log", message=f"{stem}: {int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels")
@@ -85,49 +89,48 @@ def train(args) -> None:
     import SimpleITK as sitk
 
     if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file():
-            fail(str(run), "cannot resume: not a run folder (config.yaml or manifest.json missing)")
-        data = Path(json.loads((run / "manifest.json").read_text(encoding="utf-8"))["images"][0]["image"]).parent
+        run = RunLayout(args.resume)
+        if not run.config_path.is_file():
+            fail(str(run.root), "cannot resume: not a run folder (config.yaml or manifest.json missing)")
+        data = Path(run.manifest()["images"][0]["image"]).parent
         max_iterations = 2
     else:
-        run, data, max_iterations = Path(args.out), Path(args.data), args.max_iterations or 2
-    emit("start", command="train", run=str(run), iterations=max_iterations + 1)
+        run, data, max_iterations = RunLayout(args.out), Path(args.data), args.max_iterations or 2
+    emit("start", command="train", run=str(run.root), iterations=max_iterations + 1)
     if os.environ.get("FAKE_ILTM_FAIL"):
         fail(str(data), "no readable images in this folder")
     images = sorted(data.glob("*.nii.gz"))
     scans = [{"id": stem_of(p), "image": str(p.resolve())} for p in images]
     dims = sitk.ReadImage(str(images[0])).GetDimension() if images else 3
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(f"preset: {args.preset}\ndata:\n  spatial_dims: {dims}\n")
-    (run / "manifest.json").write_text(json.dumps({"version": 1, "spatial_dims": dims, "images": scans}))
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config_path.write_text(f"preset: {args.preset}\ndata:\n  spatial_dims: {dims}\n")
+    run.manifest_path.write_text(json.dumps({"version": FORMAT_VERSION, "spatial_dims": dims, "images": scans}))
     steps("vqvae", 0.0, 0.2)
-    (run / "vqvae.pt").write_bytes(b"fake")
-    history = {"version": 1, "iterations": [], "finished": False, "stop_reason": None}
+    run.vqvae_path.write_bytes(b"fake")
+    history = empty_history()
     previous = None
     for k in range(max_iterations + 1):
         steps(f"transformer {k}", 0.2 + 0.8 * k / (max_iterations + 1), 0.8 / (max_iterations + 1))
-        folder = run / f"iteration_{k:03d}"
-        (folder / "masks").mkdir(parents=True, exist_ok=True)
-        (folder / "transformer.pt").write_bytes(b"fake")
+        (run.iteration_dir(k) / "masks").mkdir(parents=True, exist_ok=True)
+        run.transformer_path(k).write_bytes(b"fake")
         count = 0
         for scan in scans:
             image = sitk.ReadImage(scan["image"])
             mask = sitk.Cast(image > (4.0 + k), sitk.sitkUInt8)
             count += int(sitk.GetArrayViewFromImage(mask).sum())
-            sitk.WriteImage(mask, str(folder / "masks" / f"{scan['id']}_mask.nii.gz"))
-        threshold = 0.005 * 0.875 ** k
+            sitk.WriteImage(mask, str(run.mask_path(k, scan["id"])))
+        threshold = 0.005 * 0.875 ** k  # the paper preset's resampling threshold
         change = None if previous is None else abs(count - previous) / max(previous, 1)
         record = {"iteration": k, "resampling_threshold": threshold, "masked_tokens": count,
                   "masked_change": change, "transformer_loss": 1.0 / (k + 1), "train_seconds": 0.1,
                   "detect_seconds": 0.1}
         history["iterations"].append(record)
         emit("iteration", **record)
-        (run / "history.json").write_text(json.dumps(history))
+        run.history_path.write_text(json.dumps(history))
         previous = count
     history.update(finished=True, stop_reason=f"reached --max-iterations ({max_iterations})")
-    (run / "history.json").write_text(json.dumps(history))
-    emit("done", run=str(run))
+    run.history_path.write_text(json.dumps(history))
+    emit("done", run=str(run.root))
 
 
 def main() -> None:

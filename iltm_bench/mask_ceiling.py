@@ -49,7 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from iltm.benchmark import (ITERATIONS_CSV, SETTINGS_JSON, SweepSettings, evaluate_iteration, fraction_text,
+from iltm_bench.sweep import (ITERATIONS_CSV, SETTINGS_JSON, SweepSettings, evaluate_iteration, fraction_text,
                             read_table)
 from iltm.detect import resolve_device, token_mask_from_map
 from iltm.errors import InputError

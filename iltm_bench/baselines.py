@@ -1,6 +1,6 @@
 """Baselines: the Dense AE and Dense VAE of Baur et al. (2021), "Autoencoders for unsupervised anomaly segmentation
-in brain MR images: a comparative study", and the self-supervised NSA (:mod:`iltm.nsa`) and CutPaste
-(:mod:`iltm.cutpaste`).
+in brain MR images: a comparative study", and the self-supervised NSA (:mod:`iltm_bench.nsa`) and CutPaste
+(:mod:`iltm_bench.cutpaste`).
 
 A convolutional encoder (stride-2 convolutions) ends in a *dense* bottleneck: flatten -> linear -> latent vector
 (the VAE: a mean and a log-variance, then the reparameterisation) -> linear -> unflatten, and a mirrored decoder
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, DataConfig
-from .errors import InputError
-from .progress import Reporter
+from iltm.checkpoint import load_checkpoint, save_checkpoint
+from iltm.config import Config, DataConfig
+from iltm.errors import InputError
+from iltm.progress import Reporter
 
 FORMAT = "iltm-dense-autoencoder"
 FORMAT_VERSION = 1
@@ -63,11 +63,11 @@ class BaselineConfig:
             Dice 8.2 after 60 epochs, 99.5 and 59.3 after 300).
         cutpaste_epochs: CutPaste's epochs (the paper: 256); its patch encoder's stages have ``channels``.
         cutpaste_variant: CutPaste's pretext task: ``"binary"`` (plain vs. pasted box), ``"scar"`` (plain vs. pasted
-            scar) or ``"3way"`` (plain vs. box vs. scar); see :mod:`iltm.cutpaste`.
+            scar) or ``"3way"`` (plain vs. box vs. scar); see :mod:`iltm_bench.cutpaste`.
         nsa_resize: NSA cuts its source patches at a random scale and resamples them (the paper's patch rescaling;
-            see :mod:`iltm.nsa`).
+            see :mod:`iltm_bench.nsa`).
         nsa_gradients: NSA's Poisson blend follows the ``"source"`` patch's gradients or, at every voxel pair, the
-            larger of the patch's and the scan's (``"mixed"``, the paper's mixed-gradient variant; see :mod:`iltm.nsa`).
+            larger of the patch's and the scan's (``"mixed"``, the paper's mixed-gradient variant; see :mod:`iltm_bench.nsa`).
 
     ``cutpaste_variant``, ``nsa_resize`` and ``nsa_gradients`` are off the paper's best by default (binary, no
     rescaling, source gradients) only so that the committed sweeps stay what their commands make.
@@ -243,7 +243,7 @@ class Baseline:
 
     def __init__(self, method: str, model: nn.Module, cfg: BaselineConfig, data_cfg: DataConfig,
                  device: torch.device, extra: dict | None = None):
-        from .preprocess import Preprocessor
+        from iltm.preprocess import Preprocessor
 
         self.method, self.cfg, self.data_cfg, self.device = method, cfg, data_cfg, device
         self.model = model.to(device).eval()
@@ -337,10 +337,10 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
 
     An interrupted training resumes from ``<out>.fit.pt``; a finished ``out`` is loaded, not retrained.
     """
-    from .detect import resolve_device
-    from .io import read_image
-    from .preprocess import Preprocessor
-    from .train import TrainingSet, fit, gather_inputs, image_batches, seed_everything
+    from iltm.detect import resolve_device
+    from iltm.io import read_image
+    from iltm.preprocess import Preprocessor
+    from iltm.train import TrainingSet, fit, gather_inputs, image_batches, seed_everything
 
     reporter = reporter or Reporter("none")
     out = Path(out)
@@ -404,7 +404,7 @@ def score_files(baseline: Baseline, records, out: str | Path, reporter: Reporter
     Args:
         records: ``iltm.io.ImageRecord`` list (from ``iltm.io.list_images``).
     """
-    from .io import read_image, write_image
+    from iltm.io import read_image, write_image
 
     reporter = reporter or Reporter("none")
     out = Path(out)
@@ -420,7 +420,7 @@ def score_files(baseline: Baseline, records, out: str | Path, reporter: Reporter
 def score_folder(model_path: str | Path, data: str | Path, out: str | Path, device: str = "auto",
                  reporter: Reporter | None = None) -> list[Path]:
     """Score every scan in ``data`` (folder, CSV list or file) with the baseline saved at ``model_path``."""
-    from .detect import resolve_device
-    from .io import list_images
+    from iltm.detect import resolve_device
+    from iltm.io import list_images
 
     return score_files(Baseline.load(model_path, resolve_device(device)), list_images(data), out, reporter)

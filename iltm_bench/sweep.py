@@ -21,8 +21,8 @@ and score maps already on disk are reused.
     DIR/figure3_iterations.png, figure4_metrics_vs_fraction.png, figure5_qualitative.png, table1.md
 
 Methods: ``intensity`` (no model: the scan's own intensity is the score, the same at every fraction; what a
-method must beat on hot lesions), ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm.baselines`), ``nsa`` and
-``cutpaste`` (self-supervised, :mod:`iltm.nsa`, :mod:`iltm.cutpaste`), ``vqvae_transformer`` (iteration 0 of the
+method must beat on hot lesions), ``ae`` and ``vae`` (Dense AE / VAE, :mod:`iltm_bench.baselines`), ``nsa`` and
+``cutpaste`` (self-supervised, :mod:`iltm_bench.nsa`, :mod:`iltm_bench.cutpaste`), ``vqvae_transformer`` (iteration 0 of the
 ILTM run: the same VQ-VAE + Transformer pipeline without token masking) and ``iltm`` (the run's last iteration).
 """
 
@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .progress import Reporter
+from iltm.errors import InputError
+from iltm.progress import Reporter
 
 SWEEP_CSV = "contamination_sweep.csv"
 ITERATIONS_CSV = "iltm_iterations.csv"
@@ -88,7 +88,7 @@ class SweepSettings:
 
     Args:
         overrides: ``SECTION.KEY=VALUE`` for the ILTM config (``vqvae.epochs=10``) or, with the ``baselines.``
-            prefix, for :class:`iltm.baselines.BaselineConfig` (``baselines.epochs=10``).
+            prefix, for :class:`iltm_bench.baselines.BaselineConfig` (``baselines.epochs=10``).
         test_threshold: ``"fixed"`` scores the test set with the config's resampling threshold t at every
             iteration (what ``iltm detect`` does); ``"iteration"`` with that iteration's own (decayed) threshold.
         constant_fractions: the fractions that also get the constant-threshold run; ``None`` = all of them.
@@ -160,9 +160,9 @@ class SweepSettings:
 def configs(settings: SweepSettings):
     """(ILTM Config, BaselineConfig) of the preset with the sweep's overrides."""
     from . import baselines
-    from . import config as config_mod
+    from iltm import config as config_mod
 
-    from .synth import SUV_CLIP
+    from iltm.synth import SUV_CLIP
 
     cfg = config_mod.preset(settings.preset)
     cfg.seed, cfg.device = settings.seed, settings.device
@@ -327,7 +327,7 @@ def ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, s
 
 
 def _ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
-    from .synth import DEFAULT_SIZE, make_cohort
+    from iltm.synth import DEFAULT_SIZE, make_cohort
 
     manifest_path = folder / "manifest.json"
     want_size = [int(s) for s in (size or DEFAULT_SIZE[dims])]
@@ -351,8 +351,8 @@ def _ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, 
 
 def ensure_run(root: Path, cfg, data: Path, reporter: Reporter):
     """A finished ILTM run folder at ``root``: reused when finished, resumed when interrupted, else trained."""
-    from .run import RunFolder
-    from .train import train
+    from iltm.run import RunFolder
+    from iltm.train import train
 
     run = RunFolder(root)
     if run.manifest_path.is_file() and run.config_path.is_file():
@@ -371,7 +371,7 @@ def seed_constant_run(source, root: Path) -> bool:
     VQ-VAE, one Transformer fit and one detection pass over the training set. Returns False (nothing copied)
     when the source has no finished iteration 0.
     """
-    from .run import RUN_VERSION
+    from iltm.run import RUN_VERSION
 
     history = source.history()
     first = [r for r in history["iterations"] if r["iteration"] == 0]
@@ -397,7 +397,7 @@ def seed_constant_run(source, root: Path) -> bool:
 def _timed_scores(folder: Path, records, write) -> float:
     """Call ``write(missing_records)`` for the records without a score map; returns all scoring seconds so far
     (kept in ``folder/seconds.json`` so that a resumed sweep still reports the full time)."""
-    from .commands import SCORE_SUFFIX
+    from iltm.commands import SCORE_SUFFIX
 
     folder.mkdir(parents=True, exist_ok=True)
     timing = folder / "seconds.json"
@@ -413,7 +413,7 @@ def _timed_scores(folder: Path, records, write) -> float:
 
 
 def metrics_of(scores_dir: Path, labels_dir: Path) -> dict[str, Any]:
-    from .commands import load_pairs, summarise
+    from iltm.commands import load_pairs, summarise
 
     _, scores, labels = load_pairs(scores_dir, labels_dir)
     return summarise(scores, labels)
@@ -422,9 +422,9 @@ def metrics_of(scores_dir: Path, labels_dir: Path) -> dict[str, Any]:
 def evaluate_iteration(run, k: int, settings: SweepSettings, records, labels_dir: Path, scores_dir: Path,
                        reporter: Reporter) -> tuple[dict[str, Any], float]:
     """Score the test set with iteration k's Transformer; returns (metrics, test scoring seconds)."""
-    from .commands import detect_files
-    from .detect import Detector
-    from .train import iteration_threshold
+    from iltm.commands import detect_files
+    from iltm.detect import Detector
+    from iltm.train import iteration_threshold
 
     def write(missing):
         cfg = run.config()
@@ -487,7 +487,7 @@ class Sweep:
         folder and keys written since this process read it (a ``note``). The read and the write are one step
         under the folder's lock, so two processes saving at once do not drop each other's records.
         """
-        from .io import atomic_write_text
+        from iltm.io import atomic_write_text
 
         path = self.out / SETTINGS_JSON
         mine = {_invocation_key(i) for i in self.own_invocations}
@@ -537,7 +537,7 @@ class Sweep:
         test_dir = ensure_cohort(self.out / "test", self.s.dims, self.s.n_test, TEST_FRACTION, self.s.test_seed,
                                  self.s.size, self.inner)
         from .baselines import METHODS as BASELINE_METHODS
-        from .io import list_images
+        from iltm.io import list_images
 
         self.test_records = list_images(test_dir / "images")
         self.labels_dir = test_dir / "labels"
@@ -638,7 +638,7 @@ class Sweep:
                          seconds=self._training_seconds(run, last, with_last_detection=True) + seconds)
 
     def constant_task(self, fraction: float, train_dir: Path) -> None:
-        from .run import RunFolder
+        from iltm.run import RunFolder
 
         if self.sweep.get(method="iltm_constant", anomalous_fraction=fraction):
             return
@@ -661,8 +661,8 @@ class Sweep:
 
     def intensity_task(self, fraction: float) -> None:
         """The test scans' own intensities as their scores: no training, so the same row at every fraction."""
-        from .commands import SCORE_SUFFIX
-        from .io import read_image, write_image
+        from iltm.commands import SCORE_SUFFIX
+        from iltm.io import read_image, write_image
 
         if self.sweep.get(method="intensity", anomalous_fraction=fraction):
             return
@@ -714,7 +714,7 @@ def figure4(rows: list[dict[str, Any]], path: Path, title: str = "",
     """AUROC / AUPRO / best Dice against the anomalous fraction of the training data, one line per method."""
     import matplotlib.pyplot as plt
 
-    from .visualize import save_figure
+    from iltm.visualize import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     fig.subplots_adjust(wspace=0.3)  # room for the y labels next to four-digit ticks
@@ -741,7 +741,7 @@ def figure3(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from .visualize import save_figure
+    from iltm.visualize import save_figure
 
     fractions = sorted({r["anomalous_fraction"] for r in rows})
     cmap = plt.get_cmap("viridis")
@@ -781,8 +781,8 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
     import numpy as np
     import SimpleITK as sitk
 
-    from .io import read_image
-    from .visualize import overlay_axes, save_figure, to_view
+    from iltm.io import read_image
+    from iltm.visualize import overlay_axes, save_figure, to_view
 
     manifest_path = out / "test" / "manifest.json"
     if not manifest_path.is_file() or not rows:
@@ -917,7 +917,7 @@ def invocations_wall_seconds(invocations: list[dict[str, Any]]) -> float:
 
 def make_figures(out: str | Path, reporter: Reporter | None = None, cases: int = 3) -> list[Path]:
     """(Re)draw Figures 3, 4, 5 and Table 1 from the CSVs (and the score maps, for Figure 5) in ``out``."""
-    from .io import atomic_write_text
+    from iltm.io import atomic_write_text
 
     reporter = reporter or Reporter("none")
     out = Path(out)
@@ -1058,7 +1058,7 @@ def seeds_table(rows: list[dict[str, Any]], paired: list[dict[str, Any]], seeds:
 
 def write_seed_summary(folders: list[Path], out: Path, reporter: Reporter | None = None) -> list[Path]:
     """``iltm benchmark --combine``: write the seed summary (table, CSV, Figure 4 over seeds) to ``out``."""
-    from .io import atomic_path, atomic_write_text
+    from iltm.io import atomic_path, atomic_write_text
 
     reporter = reporter or Reporter("none")
     folders = [Path(f) for f in folders]
