@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,11 +22,3 @@ def cli_subprocess(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "iltm", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=600, **kwargs)
-
-
-def load_benchmark_script(name: str):
-    """Import ``Testing/Benchmarks/NAME.py``, a script rather than a module of the package."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "Benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

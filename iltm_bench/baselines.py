@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,125 +31,96 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iltm import config as config_mod
 from iltm.checkpoint import load_checkpoint, save_checkpoint
-from iltm.config import Config, DataConfig
+from iltm.config import Config, DataConfig, setting
 from iltm.errors import InputError
+from iltm.layout import SCORE_SUFFIX
 from iltm.progress import Reporter
+
+from .cutpaste import VARIANTS
+from .nsa import GRADIENTS
 
 FORMAT = "iltm-dense-autoencoder"
 FORMAT_VERSION = 1
 METHODS = ("ae", "vae", "nsa", "cutpaste")
 NAMES = {"ae": "Dense AE", "vae": "Dense VAE", "nsa": "NSA", "cutpaste": "CutPaste"}
 RESIDUALS = ("positive", "absolute")
-SCORE_SUFFIX = "_score.nii.gz"
 
 
 @dataclass
 class BaselineConfig:
-    """Shape and training schedule of the Dense AE / VAE, NSA and CutPaste. ``len(channels)`` stride-2 convolutions
-    (each x2).
+    """Shape and training schedule of the Dense AE / VAE, NSA and CutPaste; the ``baselines`` section of the
+    bench's config tree (:class:`BenchConfig`).
 
-    Args:
-        channels: feature channels of the encoder's convolutions (the decoder mirrors them); NSA's U-Net has these
-            channels at ``len(channels) - 1`` stride-2 levels.
+    Attributes:
+        channels: feature channels of the encoder's stride-2 convolutions (the decoder mirrors them); NSA's U-Net
+            has these channels at ``len(channels) - 1`` stride-2 levels.
         kernel_size: convolution kernel (Baur et al.: 5).
         latent_size: length of the dense latent vector z (Baur et al.: 512).
-        beta: weight of the VAE's KL term; L1 and KL are both summed over one image (ELBO weighting) and the sum is
-            divided by the voxel count, so beta = 1 is the plain ELBO with a unit-scale Laplace likelihood.
-        residual: ``"positive"`` = max(x - recon, 0) (hot lesions) or ``"absolute"`` = |x - recon|.
+        beta: weight of the VAE's KL term (L1 and KL summed over an image, divided by its voxel count).
+        epochs: the AE's and VAE's epochs.
+        batch_size: scans per optimiser step.
+        learning_rate: AdamW's initial rate.
+        residual: "positive" = max(x - recon, 0) (hot lesions) or "absolute" = |x - recon|.
         median_size: median filter (voxels per axis) applied to the residual; 0 or 1 = none.
-        nsa_epochs: NSA's epochs (``epochs`` is the AE's and VAE's): a segmentation network learning from random
-            synthetic anomalies needs more steps than a reconstruction (tiny, 2D, clean data: AUROC 86.4 and best
-            Dice 8.2 after 60 epochs, 99.5 and 59.3 after 300).
-        cutpaste_epochs: CutPaste's epochs (the paper: 256); its patch encoder's stages have ``channels``.
-        cutpaste_variant: CutPaste's pretext task: ``"binary"`` (plain vs. pasted box), ``"scar"`` (plain vs. pasted
-            scar) or ``"3way"`` (plain vs. box vs. scar); see :mod:`iltm_bench.cutpaste`.
-        nsa_resize: NSA cuts its source patches at a random scale and resamples them (the paper's patch rescaling;
-            see :mod:`iltm_bench.nsa`).
-        nsa_gradients: NSA's Poisson blend follows the ``"source"`` patch's gradients or, at every voxel pair, the
-            larger of the patch's and the scan's (``"mixed"``, the paper's mixed-gradient variant; see :mod:`iltm_bench.nsa`).
-
-    ``cutpaste_variant``, ``nsa_resize`` and ``nsa_gradients`` are off the paper's best by default (binary, no
-    rescaling, source gradients) only so that the committed sweeps stay what their commands make.
+        nsa_epochs: NSA's epochs (learning from synthetic anomalies needs more steps than a reconstruction).
+        cutpaste_epochs: CutPaste's epochs (the paper: 256).
+        cutpaste_variant: CutPaste's pretext task: "binary", "scar" or "3way" (:mod:`iltm_bench.cutpaste`).
+        nsa_resize: NSA resamples its source patches at a random scale (the paper's patch rescaling).
+        nsa_gradients: NSA's Poisson blend follows the "source" patch's gradients or the larger of the patch's and
+            the scan's ("mixed").
     """
 
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
-    kernel_size: int = 5
-    latent_size: int = 512
-    beta: float = 1.0
-    epochs: int = 300
-    batch_size: int = 8
-    learning_rate: float = 1e-4
-    residual: str = "positive"
-    median_size: int = 3
-    nsa_epochs: int = 300
-    cutpaste_epochs: int = 256
-    cutpaste_variant: str = "binary"
-    nsa_resize: bool = False
-    nsa_gradients: str = "source"
+    channels: List[int] = setting(factory=lambda: [32, 64, 128, 128], low=1)
+    kernel_size: int = setting(5, low=1)
+    latent_size: int = setting(512, low=1)
+    beta: float = setting(1.0, low=0)
+    epochs: int = setting(300, low=0)
+    batch_size: int = setting(8, low=1)
+    learning_rate: float = setting(1e-4, low=0, above=True)
+    residual: str = setting("positive", choices=RESIDUALS)
+    median_size: int = setting(3, low=0)
+    nsa_epochs: int = setting(300, low=0)
+    cutpaste_epochs: int = setting(256, low=0)
+    cutpaste_variant: str = setting("binary", choices=VARIANTS)
+    nsa_resize: bool = setting(False)
+    nsa_gradients: str = setting("source", choices=GRADIENTS)
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** len(self.channels)
 
+    def check(self) -> None:
+        if not self.channels:
+            raise ValueError("baselines.channels=[]: needs at least one level")
+
+
+@dataclass
+class BenchConfig(Config):
+    """The bench's one config tree: the core's sections plus ``baselines``."""
+
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def core(self) -> Config:
+        """The core's tree alone (what a run folder's ``config.yaml`` holds)."""
+        return Config(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(Config)})
+
 
 # Overrides of the paper-sized defaults, matching the sizes (and CPU budgets) of iltm.config's presets.
-PRESETS: dict[str, dict[str, Any]] = {
+BASELINE_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "small": dict(channels=[32, 64, 128], latent_size=256, epochs=150, batch_size=8, learning_rate=5e-4),
     "tiny": dict(channels=[16, 32, 64], kernel_size=3, latent_size=64, epochs=60, batch_size=8,
                  learning_rate=2e-3, cutpaste_epochs=100),
 }
+PRESETS = {name: {**values, "baselines": BASELINE_PRESETS[name]} for name, values in config_mod.PRESETS.items()}
 
 
-def preset(name: str) -> BaselineConfig:
-    if name not in PRESETS:
-        raise InputError("--preset", f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
-    return from_dict(PRESETS[name], where=f"baseline preset {name}")
-
-
-def from_dict(values: dict[str, Any], where: str = "baseline config") -> BaselineConfig:
-    cfg = BaselineConfig()
-    for key, value in values.items():
-        set_value(cfg, key, value, where)
-    return cfg
-
-
-def set_value(cfg: BaselineConfig, key: str, value: Any, where: str = "--set") -> None:
-    """Set one field (``value`` as a string is parsed as YAML, so numbers and lists work); checks name and range."""
-    import yaml
-
-    known = {f.name for f in dataclasses.fields(cfg)}
-    if key not in known:
-        raise InputError(where, f"unknown baseline setting '{key}' (known: {', '.join(sorted(known))})")
-    if isinstance(value, str) and key not in ("residual", "cutpaste_variant", "nsa_gradients"):
-        value = yaml.safe_load(value)
-    trial = copy.deepcopy(cfg)  # a refused value leaves ``cfg`` as it was
-    setattr(trial, key, copy.deepcopy(value))
-    check(trial, where)
-    setattr(cfg, key, getattr(trial, key))
-
-
-def check(cfg: BaselineConfig, where: str = "baseline config") -> None:
-    from .cutpaste import VARIANTS
-    from .nsa import GRADIENTS
-
-    if cfg.residual not in RESIDUALS:
-        raise InputError(where, f"residual must be one of {', '.join(RESIDUALS)}, not '{cfg.residual}'")
-    if cfg.cutpaste_variant not in VARIANTS:
-        raise InputError(where, f"cutpaste_variant must be one of {', '.join(VARIANTS)}, not "
-                                f"'{cfg.cutpaste_variant}'")
-    if not isinstance(cfg.nsa_resize, bool):
-        raise InputError(where, f"nsa_resize must be true or false, not '{cfg.nsa_resize}'")
-    if cfg.nsa_gradients not in GRADIENTS:
-        raise InputError(where, f"nsa_gradients must be one of {', '.join(GRADIENTS)}, not '{cfg.nsa_gradients}'")
-    if not cfg.channels or any(int(c) < 1 for c in cfg.channels):
-        raise InputError(where, f"channels {cfg.channels} must be a non-empty list of positive numbers")
-    for name in ("latent_size", "epochs", "nsa_epochs", "cutpaste_epochs", "batch_size", "kernel_size"):
-        if int(getattr(cfg, name)) < (0 if name.endswith("epochs") else 1):
-            raise InputError(where, f"{name} must be positive (got {getattr(cfg, name)})")
-    if cfg.beta < 0:
-        raise InputError(where, f"beta must be >= 0 (got {cfg.beta})")
+def build_config(preset: str = "tiny", overrides: list[str] = (), **top: Any) -> BenchConfig:
+    """The bench's validated tree: a preset for ILTM and the baselines, then ``SECTION.KEY=VALUE`` overrides
+    (``baselines.epochs=10`` included); see :func:`iltm.config.build`."""
+    return config_mod.build(preset, overrides=overrides, root=BenchConfig, presets=PRESETS, **top)
 
 
 # -- the network -------------------------------------------------------------------------------------------------
@@ -259,7 +230,7 @@ class Baseline:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Baseline":
         payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location="cpu", what="baseline checkpoint")
-        cfg = from_dict(payload["config"], where=str(path))
+        cfg = config_mod.from_dict({"baselines": payload["config"]}, where=str(path), root=BenchConfig).baselines
         data_cfg = DataConfig(**payload["data"])
         model = build(payload["method"], payload["spatial_dims"], tuple(payload["in_shape"]), cfg)
         try:
@@ -347,7 +318,6 @@ def train_baseline(method: str, out: str | Path, cfg: Config, baseline_cfg: Base
     device = resolve_device(cfg.device)
     if out.is_file():
         return Baseline.load(out, device)
-    check(baseline_cfg)
     records = gather_inputs(data, cfg, skip_unreadable=False, reporter=reporter)
     data_cfg = copy.deepcopy(cfg.data)
     data_cfg.spatial_dims = len(read_image(records[0].image).GetSize())

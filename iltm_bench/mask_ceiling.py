@@ -1,6 +1,6 @@
 """How much could ILTM's training masks gain at best, on a finished sweep? The ceiling of one iteration.
 
-    python Testing/Benchmarks/mask_ceiling.py SWEEP --fraction 1 [--variants truth dilated clean none right wrong]
+    python -m iltm_bench.mask_ceiling SWEEP --fraction 1 [--variants truth dilated clean none right wrong]
                                               [--refits R] [--device cpu]
 
 SWEEP is an ``iltm benchmark --out`` folder whose ILTM run at ``--fraction`` has finished iteration 0. For every
@@ -10,7 +10,7 @@ run's VQ-VAE tokens with iteration 0's training masks replaced by:
 - ``truth``: every token whose footprint holds a lesion voxel of the cohort's labels, and nothing else: perfect
   masks, the most an iteration can gain;
 - ``none``: no mask at all: the Transformer fitted once more, which measures what refitting alone changes;
-- ``dilated``: ``truth`` grown by one token along every axis and diagonal (``iltm.mask_dilation`` = 1): a lesion
+- ``dilated``: ``truth`` grown by one token along every axis and diagonal (what the removed ``iltm.mask_dilation`` = 1 did): a lesion
   changes the codes of its footprint's neighbours too (the encoder's receptive field, the scanner's blur);
 - ``clean``: no masks, but the tokens of the same subjects without their lesions: the sweep's 0 % cohort (drawn
   with the same seed, so the same anatomy; ``iltm synth``) encoded by this run's VQ-VAE. The most any mask can give:
@@ -58,7 +58,8 @@ from iltm.progress import Reporter
 from iltm.run import RunFolder
 from iltm.checkpoint import load_checkpoint
 from iltm.preprocess import Preprocessor
-from iltm.train import TrainingSet, dilate_tokens, load_token_masks, tokenize_stage, train_transformer_stage
+import torch.nn.functional as F
+from iltm.train import TrainingSet, load_token_masks, tokenize_stage, train_transformer_stage
 from iltm.vqvae import load_vqvae
 
 METRICS = ("auroc", "aupro", "best_dice")
@@ -95,6 +96,15 @@ def latent_shape(run: RunFolder) -> list[int]:
     """The token grid (numpy order) of the run's model grid."""
     cfg = run.config()
     return [int(s) // cfg.vqvae.downsample_factor for s in cfg.data.spatial_size][::-1]
+
+
+def dilate_tokens(token_mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """(*latent) bool: ``token_mask`` grown by ``radius`` tokens along every axis and diagonal (a cube of side
+    2 radius + 1)."""
+    if radius <= 0:
+        return token_mask
+    pool = F.max_pool2d if token_mask.dim() == 2 else F.max_pool3d
+    return pool(token_mask.float()[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
 
 
 def dilate_rows(masks: torch.Tensor, latent: list[int], radius: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What one ILTM run costs at each preset, measured side by side in one process.
 
-    python Testing/Benchmarks/preset_cost.py [--dims 2] [--size 64 64] [--n-train 48] [--presets tiny small]
+    python -m iltm_bench.preset_cost [--dims 2] [--size 64 64] [--n-train 48] [--presets tiny small]
         [--devices cpu cuda] [--steps 5] [--history RUN/history.json]
 
 For each preset it times, on random inputs of the sweep's shapes, a few optimiser steps of the VQ-VAE and of
@@ -33,8 +33,8 @@ from iltm.detect import resolve_device
 from iltm.errors import InputError
 from iltm.kde import log_density
 from iltm.synth import DEFAULT_SIZE
-from iltm.train import masked_cross_entropy, vqvae_loss
-from iltm.transformer import TokenTransformer
+from iltm.train import vqvae_loss
+from iltm.transformer import TokenTransformer, masked_cross_entropy
 from iltm.vqvae import build_vqvae, decode_tokens, encode_tokens, set_detection_mode
 
 FLAGGED_SHARE = 0.05  # share of tokens resampled per detection (measured runs: 1-10 % at the tiny t)

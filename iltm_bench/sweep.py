@@ -70,7 +70,7 @@ PAPER_TABLE1 = {"ae": (66.5, 63.7, 41.1), "vae": (76.1, 70.5, 43.5), "vqvae_tran
                 "iltm": (92.6, 89.0, 68.3)}
 EXAMPLE = """examples:
   iltm benchmark --out sweep2d --dims 2 --preset tiny --n-train 40 --n-test 20
-  iltm benchmark --out Testing/Benchmarks/results --dims 3 --preset small --fractions 0 0.2 0.4 0.6 0.8 1.0 \\
+  iltm benchmark --out docs/results/sweep --dims 3 --preset small --fractions 0 0.2 0.4 0.6 0.8 1.0 \\
       --n-train 40 --n-test 20 --seed 0 --constant-threshold-too
   iltm benchmark --out sweep2d --dims 2 --preset tiny --set vqvae.epochs=10 --set baselines.epochs=10
   iltm benchmark --out sweep2d --figures-only
@@ -158,25 +158,15 @@ class SweepSettings:
 
 
 def configs(settings: SweepSettings):
-    """(ILTM Config, BaselineConfig) of the preset with the sweep's overrides."""
-    from . import baselines
-    from iltm import config as config_mod
-
+    """(ILTM Config, BaselineConfig) of the preset with the sweep's overrides, built and validated as one tree."""
     from iltm.synth import SUV_CLIP
 
-    cfg = config_mod.preset(settings.preset)
-    cfg.seed, cfg.device = settings.seed, settings.device
-    cfg.data.clip_value = SUV_CLIP  # the cohorts are synthetic SUV; a --set data.clip_value=... still wins
-    if settings.max_iterations is not None:
-        cfg.iltm.max_iterations = settings.max_iterations
-    baseline_cfg = baselines.preset(settings.preset)
-    for item in settings.overrides:
-        key, value = (part.strip() for part in item.split("=", 1))
-        if key.startswith("baselines."):
-            baselines.set_value(baseline_cfg, key[len("baselines."):], value)
-        else:
-            config_mod.set_dotted(cfg, key, value)
-    return cfg, baseline_cfg
+    from .baselines import build_config
+
+    # The cohorts are synthetic SUV: clip at a fixed SUV (a --set data.clip_value=... still wins).
+    tree = build_config(settings.preset, [f"data.clip_value={SUV_CLIP}", *settings.overrides], seed=settings.seed,
+                        device=settings.device, iltm__max_iterations=settings.max_iterations)
+    return tree.core(), tree.baselines
 
 
 def fraction_text(fraction: float) -> str:
@@ -371,7 +361,7 @@ def seed_constant_run(source, root: Path) -> bool:
     VQ-VAE, one Transformer fit and one detection pass over the training set. Returns False (nothing copied)
     when the source has no finished iteration 0.
     """
-    from iltm.run import RUN_VERSION
+    from iltm.layout import FORMAT_VERSION
 
     history = source.history()
     first = [r for r in history["iterations"] if r["iteration"] == 0]
@@ -388,7 +378,7 @@ def seed_constant_run(source, root: Path) -> bool:
         shutil.copy2(source.root / name, partial / name)
     shutil.copytree(source.iteration_dir(0), partial / source.iteration_dir(0).name)
     (partial / "history.json").write_text(json.dumps({
-        "version": RUN_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
+        "version": FORMAT_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
         "stop_reason": None, "seeded_from": str(source.root)}, indent=2, default=str) + "\n", encoding="utf-8")
     partial.rename(root)
     return True
@@ -397,7 +387,7 @@ def seed_constant_run(source, root: Path) -> bool:
 def _timed_scores(folder: Path, records, write) -> float:
     """Call ``write(missing_records)`` for the records without a score map; returns all scoring seconds so far
     (kept in ``folder/seconds.json`` so that a resumed sweep still reports the full time)."""
-    from iltm.commands import SCORE_SUFFIX
+    from iltm.layout import SCORE_SUFFIX
 
     folder.mkdir(parents=True, exist_ok=True)
     timing = folder / "seconds.json"
@@ -413,7 +403,7 @@ def _timed_scores(folder: Path, records, write) -> float:
 
 
 def metrics_of(scores_dir: Path, labels_dir: Path) -> dict[str, Any]:
-    from iltm.commands import load_pairs, summarise
+    from iltm.evaluate import load_pairs, summarise
 
     _, scores, labels = load_pairs(scores_dir, labels_dir)
     return summarise(scores, labels)
@@ -422,8 +412,7 @@ def metrics_of(scores_dir: Path, labels_dir: Path) -> dict[str, Any]:
 def evaluate_iteration(run, k: int, settings: SweepSettings, records, labels_dir: Path, scores_dir: Path,
                        reporter: Reporter) -> tuple[dict[str, Any], float]:
     """Score the test set with iteration k's Transformer; returns (metrics, test scoring seconds)."""
-    from iltm.commands import detect_files
-    from iltm.detect import Detector
+    from iltm.detect import Detector, detect_files
     from iltm.train import iteration_threshold
 
     def write(missing):
@@ -661,7 +650,7 @@ class Sweep:
 
     def intensity_task(self, fraction: float) -> None:
         """The test scans' own intensities as their scores: no training, so the same row at every fraction."""
-        from iltm.commands import SCORE_SUFFIX
+        from iltm.layout import SCORE_SUFFIX
         from iltm.io import read_image, write_image
 
         if self.sweep.get(method="intensity", anomalous_fraction=fraction):

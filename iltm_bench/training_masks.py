@@ -1,6 +1,6 @@
 """How well an ILTM run's training-scan masks cover the true lesions of a synthetic cohort, per iteration.
 
-    python Testing/Benchmarks/training_masks.py RUN LABELS [--test-images DIR --test-labels DIR]
+    python -m iltm_bench.training_masks RUN LABELS [--test-images DIR --test-labels DIR]
 
 RUN is a run folder, LABELS the cohort's ``labels/`` folder (``iltm synth`` writes one). For every iteration it
 prints the voxel recall and precision of the masks against the labels and how many lesions (connected regions of

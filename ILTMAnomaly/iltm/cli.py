@@ -72,8 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to use (default: the last)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--resampling-threshold", type=float, help="t: resample tokens with p < t (default from run)")
-    p.add_argument("--resampling-dilation", type=int,
-                   help="r: also resample the tokens within r of a flagged one (default from run; 0 = off)")
     p.add_argument("--samples", type=int, help="S: healed samples (default from run)")
     p.add_argument("--dropout-passes", type=int, help="D: dropout decodes per sample (default from run)")
     p.add_argument("--eps", type=float, help="KDE bandwidth regulariser (default 5 %% of intensity range)")

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import SimpleITK as sitk
-import torch
 
 from . import config as config_mod
 from .errors import InputError
 from .progress import Reporter
 from .run import RunFolder
-
-SCORE_SUFFIX = "_score.nii.gz"
-MASK_SUFFIX = "_mask.nii.gz"
 
 
 # -- synth -----------------------------------------------------------------------------------------------------
@@ -39,6 +32,15 @@ def cmd_synth(args, reporter: Reporter) -> int:
 
 # -- train -----------------------------------------------------------------------------------------------------
 
+def train_config(args) -> config_mod.Config:
+    """The config ``iltm train`` and ``iltm demo`` run with: a preset or ``--config``, the flags, ``--set``."""
+    return config_mod.build(getattr(args, "preset", "tiny"), getattr(args, "config", None),
+                            getattr(args, "set", None) or [], seed=getattr(args, "seed", None),
+                            device=getattr(args, "device", None),
+                            iltm__max_iterations=getattr(args, "max_iterations", None),
+                            iltm__constant_threshold=True if getattr(args, "constant_threshold", False) else None)
+
+
 def cmd_train(args, reporter: Reporter) -> int:
     from .train import train
 
@@ -47,7 +49,7 @@ def cmd_train(args, reporter: Reporter) -> int:
     else:
         if args.out is None:
             raise InputError("--out", "required with --data (the run folder to create)")
-        run = train(args.out, cfg=build_config(args), data=args.data, skip_unreadable=args.skip_unreadable,
+        run = train(args.out, cfg=train_config(args), data=args.data, skip_unreadable=args.skip_unreadable,
                     reporter=reporter)
     reporter.log(f"run folder: {run.root}")
     return 0
@@ -55,27 +57,21 @@ def cmd_train(args, reporter: Reporter) -> int:
 
 # -- detect ----------------------------------------------------------------------------------------------------
 
+DETECTION_FLAGS = ("resampling_threshold", "samples", "dropout_passes", "eps", "density_threshold")
+
+
 def detection_overrides(cfg: config_mod.Config, args) -> config_mod.DetectionConfig:
+    """The run's detection settings with the flags that were given; each flag is checked like ``--set``."""
     det = cfg.detection
-    pairs = {"resampling_threshold": args.resampling_threshold, "samples": args.samples,
-             "dropout_passes": args.dropout_passes, "eps": args.eps, "density_threshold": args.density_threshold}
-    for name, value in pairs.items():
-        if value is None:
-            continue
-        if value <= 0 or (name in ("samples", "dropout_passes") and value < 1):
-            raise InputError(f"--{name.replace('_', '-')}", f"must be positive (got {value})")
-        if name == "samples" and value < 2 and det.dropout_passes < 2:
-            raise InputError("--samples", "the KDE needs at least 2 reconstructions (samples x dropout passes)")
-        det = replace(det, **{name: value})
-    if args.resampling_dilation is not None:
-        if args.resampling_dilation < 0:
-            raise InputError("--resampling-dilation", f"must be 0 or more tokens (got {args.resampling_dilation})")
-        det = replace(det, resampling_dilation=args.resampling_dilation)
-    return det
+    for name in DETECTION_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            det = replace(det, **{name: value})
+    return config_mod.validate(det, where="iltm detect", prefix="detection.")
 
 
 def cmd_detect(args, reporter: Reporter) -> int:
-    from .detect import Detector
+    from .detect import Detector, detect_files
     from .io import list_images
 
     run = RunFolder(args.run)
@@ -88,7 +84,7 @@ def cmd_detect(args, reporter: Reporter) -> int:
     reporter.log(f"detecting with iteration {iteration} of {run.root} on {detector.device}")
     problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png)
     for line in problems:
-        print(f"iltm: error: {line}", file=__import__("sys").stderr)
+        print(f"iltm: error: {line}", file=sys.stderr)
         reporter.emit("error", message=line)
     reporter.emit("done", out=str(args.out), failed=len(problems))
     return 2 if problems else 0
@@ -97,6 +93,7 @@ def cmd_detect(args, reporter: Reporter) -> int:
 # -- evaluate --------------------------------------------------------------------------------------------------
 
 def cmd_evaluate(args, reporter: Reporter) -> int:
+    from .evaluate import format_table, load_pairs, summarise
     from .io import atomic_write_text
 
     ids, scores, labels = load_pairs(args.scores, args.labels)
@@ -113,6 +110,8 @@ def cmd_evaluate(args, reporter: Reporter) -> int:
 # -- report ----------------------------------------------------------------------------------------------------
 
 def cmd_report(args, reporter: Reporter) -> int:
+    from .report import make_report
+
     run = RunFolder(args.run)
     if not run.root.is_dir():
         raise InputError(run.root, "run folder does not exist")
@@ -128,5 +127,6 @@ def cmd_report(args, reporter: Reporter) -> int:
 def cmd_demo(args, reporter: Reporter) -> int:
     from .demo import run_demo
 
-    run_demo(args, reporter)
+    run_demo(args.out, reporter, dims=args.dims, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+             preset=args.preset, max_iterations=args.max_iterations, overrides=args.set)
     return 0

@@ -13,36 +13,40 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .commands import build_config, detect_files, format_table, load_pairs, make_report, summarise
+from . import config as config_mod
+from .detect import Detector, detect_files
 from .errors import InputError
+from .evaluate import format_table, load_pairs, summarise
 from .io import atomic_write_text, list_images, read_image
+from .layout import MASK_SUFFIX, SCORE_SUFFIX
 from .progress import Reporter
-from .synth import SUV_CLIP
+from .report import make_report
+from .synth import SUV_CLIP, make_cohort
+from .train import train
+from .visualize import panel_figure
 
 
-def run_demo(args, reporter: Reporter) -> dict:
-    from .detect import Detector
-    from .synth import make_cohort
-    from .train import train
-    from .visualize import panel_figure
+def run_demo(out: Path, reporter: Reporter, dims: int = 2, n_train: int = 64, n_test: int = 16, seed: int = 0,
+             preset: str = "tiny", max_iterations: int | None = None, overrides: list[str] = ()) -> dict:
+    """Synthesise, train, detect with the last iteration and with iteration 0, evaluate against the intensity
+    baseline, draw the figures into ``out``; returns what ``results.json`` holds."""
 
-    out = Path(args.out)
+    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise InputError(out, "demo folder is not empty (choose another --out or delete it)")
     start = time.perf_counter()
     timings = {}
 
     t = time.perf_counter()
-    make_cohort(out / "train", dims=args.dims, n=args.n_train, anomalous_fraction=1.0, seed=args.seed)
-    make_cohort(out / "test", dims=args.dims, n=args.n_test, anomalous_fraction=0.75, seed=args.seed + 1)
+    make_cohort(out / "train", dims=dims, n=n_train, anomalous_fraction=1.0, seed=seed)
+    make_cohort(out / "test", dims=dims, n=n_test, anomalous_fraction=0.75, seed=seed + 1)
     timings["synth"] = time.perf_counter() - t
-    reporter.log(f"synthesised {args.n_train} training scans (all with lesions) and {args.n_test} held-out scans")
+    reporter.log(f"synthesised {n_train} training scans (all with lesions) and {n_test} held-out scans")
 
     t = time.perf_counter()
-    cfg = build_config(args)
-    cfg.seed = args.seed
-    if not any(item.startswith("data.clip_value") for item in args.set):
-        cfg.data.clip_value = SUV_CLIP
+    # The phantoms are in SUV: clip them at a fixed SUV unless the user says otherwise.
+    overrides = [f"data.clip_value={SUV_CLIP}", *overrides]
+    cfg = config_mod.build(preset, overrides=overrides, seed=seed, iltm__max_iterations=max_iterations)
     run = train(out / "run", cfg=cfg, data=out / "train", reporter=reporter)
     timings["train"] = time.perf_counter() - t
 
@@ -56,7 +60,7 @@ def run_demo(args, reporter: Reporter) -> dict:
             break
         detector = Detector.from_run(run, iteration, cfg.device)
         score_dirs[name] = out / "scores" / name
-        problems = detect_files(detector, records, score_dirs[name], reporter, seed=args.seed, png=False)
+        problems = detect_files(detector, records, score_dirs[name], reporter, seed=seed, png=False)
         if problems:
             raise InputError(out, "; ".join(problems))
     timings["detect"] = time.perf_counter() - t
@@ -77,8 +81,8 @@ def run_demo(args, reporter: Reporter) -> dict:
     panel_rows = []
     for i in anomalous:
         rid = records[i].id
-        score = sitk.GetArrayFromImage(read_image(score_dirs["iltm"] / f"{rid}_score.nii.gz"))
-        mask = sitk.GetArrayFromImage(read_image(score_dirs["iltm"] / f"{rid}_mask.nii.gz"))
+        score = sitk.GetArrayFromImage(read_image(score_dirs["iltm"] / f"{rid}{SCORE_SUFFIX}"))
+        mask = sitk.GetArrayFromImage(read_image(score_dirs["iltm"] / f"{rid}{MASK_SUFFIX}"))
         panel_rows.append({"input": intensities[i], "truth": truths[i].astype(np.float32), "ILTM score": score,
                            "ILTM mask": mask.astype(np.float32)})
     panel_path = out / "report" / "test_cases.png"

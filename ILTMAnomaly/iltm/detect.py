@@ -69,7 +69,6 @@ class Detector:
     """
 
     def __init__(self, cfg: Config, vqvae, transformer: TokenTransformer, latent_shape, device: torch.device):
-        cfg.detection.check()
         self.cfg = cfg
         self.device = device
         self.vqvae = vqvae.to(device)
@@ -110,7 +109,7 @@ class Detector:
         x = image.to(self.device, torch.float32)[None]                      # (1, 1, *spatial)
         tokens = encode_tokens(self.vqvae, x).reshape(-1)                    # (L,)
         probs = self.transformer.token_probabilities(tokens[None])[0]       # (L,)
-        flagged = dilate_tokens((probs < t).reshape(self.latent_shape), det.resampling_dilation).reshape(-1)
+        flagged = probs < t                                                  # (L,)
         healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
@@ -207,15 +206,6 @@ def token_mask_from_map(binary: torch.Tensor, factor: int) -> torch.Tensor:
     """
     pool = F.max_pool2d if binary.dim() == 2 else F.max_pool3d
     return pool(binary.float()[None, None], kernel_size=factor, stride=factor)[0, 0] > 0
-
-
-def dilate_tokens(token_mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """(*latent) bool: ``token_mask`` grown by ``radius`` tokens along every axis and diagonal (a cube of side
-    2 radius + 1; ``iltm.mask_dilation``)."""
-    if radius <= 0:
-        return token_mask
-    pool = F.max_pool2d if token_mask.dim() == 2 else F.max_pool3d
-    return pool(token_mask.float()[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
 
 
 def detect_files(detector: Detector, records, out: Path, reporter: Reporter, seed: int = 0,

@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
-from .detect import Detector, dilate_tokens, resolve_device
+from .detect import Detector, resolve_device
 from .errors import InputError
 from .io import ImageRecord, atomic_path, check_images, list_images, read_image, write_image
+from .layout import FORMAT_VERSION
 from .preprocess import Preprocessor, augmentation
 from .progress import Reporter
-from .run import RUN_VERSION, RunFolder
-from .transformer import TokenTransformer
-from .vqvae import (DeadCodeRestarter, build_vqvae, encode_tokens, init_codebook_from_encoder, load_vqvae,
-                    save_vqvae)
+from .run import RunFolder
+from .transformer import TokenTransformer, masked_cross_entropy
+from .vqvae import build_vqvae, encode_tokens, load_vqvae, save_vqvae
 
 FIT_FORMAT = "iltm-fit-checkpoint"
 SAVE_EVERY_SECONDS = 30.0
@@ -50,16 +50,15 @@ def seed_everything(seed: int) -> None:
 
 # -- one generic, resumable optimisation loop ------------------------------------------------------------------
 
-def lr_factor(epoch: int, epochs: int, warmup_epochs: int = 0) -> float:
+def lr_factor(epoch: int, epochs: int) -> float:
     """The learning rate of ``epoch`` as a fraction of the initial one: a cosine decay to 10 % over ``epochs`` (small
-    cohorts need the late, gentle steps to settle), times (epoch + 1) / (warmup_epochs + 1) while that is below 1."""
-    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
-    return cosine * min(1.0, (epoch + 1) / (warmup_epochs + 1))
+    cohorts need the late, gentle steps to settle)."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
 
 
 def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of: Callable[[Any], torch.Tensor],
         epochs: int, learning_rate: float, checkpoint: Path, reporter: Reporter, stage: str, units: float,
-        weight_decay: float = 0.0, warmup_epochs: int = 0) -> list[float]:
+        weight_decay: float = 0.0) -> list[float]:
     """AdamW with a cosine schedule over ``epochs``, checkpointed at least every 30 s to ``checkpoint``.
 
     Args:
@@ -67,7 +66,6 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
         batches: epoch -> iterable of batches (this rank's share).
         loss_of: batch -> scalar loss.
         checkpoint: where the epoch state goes; when it exists the loop resumes from it.
-        warmup_epochs: W > 0 scales epoch e's rate by (e + 1) / (W + 1) while that is below 1 (a linear warm-up).
 
     Returns:
         mean loss per epoch (all epochs, including those before a resume).
@@ -75,7 +73,7 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
     inner = getattr(model, "module", model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                             weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, epochs, warmup_epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, epochs))
     start, losses = 0, []
     if checkpoint.is_file():
         state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model))
@@ -191,117 +189,27 @@ def vqvae_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(recon, x) + quantization_loss
 
 
-INIT_TRIALS_JSON = "vqvae_init_trials.json"
-
-
-def _rng_states() -> tuple:
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_states(states: tuple) -> None:
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
-
-
-def _seed_init(cfg: Config, candidate: int, states: tuple) -> None:
-    """Set the RNGs so the next ``build_vqvae`` draws initialisation ``candidate`` (0 = the run's own)."""
-    if candidate == 0:
-        _set_rng_states(states)
-    else:
-        seed_everything(cfg.seed + 7727 * candidate)
-
-
-def fresh_vqvae(cfg: Config, data: TrainingSet, device: torch.device) -> torch.nn.Module:
-    """An untrained VQ-VAE on ``device``, its codebook placed on its encoder's outputs when
-    ``vqvae.codebook_init`` is ``"encoder"`` (one pass over the training scans)."""
-    vq_cfg = cfg.vqvae
-    model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
-    if vq_cfg.codebook_init == "encoder":
-        size = vq_cfg.batch_size
-        images = (torch.from_numpy(np.stack(data.arrays[i:i + size])).to(device) for i in range(0, len(data), size))
-        init_codebook_from_encoder(model, images, cfg.seed)
-    return model
-
-
-def choose_vqvae_init(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
-                      states: tuple, batch_size: int) -> dict[str, Any] | None:
-    """Train ``vqvae.init_candidates`` initialisations for ``vqvae.init_epochs`` each; keep the lowest last loss.
-
-    Returns None when there is one candidate, else ``{"losses": [...], "chosen": c, "epochs": E}``, also written
-    to the run folder so that a resumed run does not repeat the trials.
-    """
-    vq_cfg = cfg.vqvae
-    vq_cfg.check()
-    if vq_cfg.init_candidates == 1:
-        return None
-    path = run.root / INIT_TRIALS_JSON
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    losses = []
-    for c in range(vq_cfg.init_candidates):
-        _seed_init(cfg, c, states)
-        ddp = dist.wrap(fresh_vqvae(cfg, data, device))
-        checkpoint = run.root / f"vqvae_init{c}_checkpoint.pt"
-        trial = fit(ddp, image_batches(data, cfg, batch_size, device), lambda x: vqvae_loss(ddp, x),
-                    vq_cfg.init_epochs, vq_cfg.learning_rate, checkpoint, reporter,
-                    f"VQ-VAE initialisation {c + 1}/{vq_cfg.init_candidates}", 0.0,
-                    warmup_epochs=vq_cfg.warmup_epochs)
-        losses.append(trial[-1])
-        if dist.is_main():
-            checkpoint.unlink(missing_ok=True)
-    record = {"losses": losses, "chosen": int(np.argmin(losses)), "epochs": vq_cfg.init_epochs}
-    if dist.is_main():
-        run.write_json(path, record)
-    dist.barrier()
-    reporter.log(f"VQ-VAE initialisation {record['chosen'] + 1} of {len(losses)} chosen (last-epoch losses "
-                 + ", ".join(f"{x:.4g}" for x in losses) + ")")
-    return record
-
-
 def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
                       units: float, attempt: int = 0) -> dict[str, Any]:
-    """Train the VQ-VAE into ``run.vqvae_path``. ``attempt`` n > 0 (``vqvae.collapse_retries``) starts from an
-    initialisation that neither the run's own nor any ``init_candidates`` trial drew."""
+    """Train the VQ-VAE into ``run.vqvae_path``. ``attempt`` n > 0 (``vqvae.collapse_retries``) starts from another
+    initialisation than the run's own."""
     vq_cfg = cfg.vqvae
-    states = _rng_states()
     min_steps = vq_cfg.steps_for(cfg.data.spatial_dims)
     batch_size = stage_batch_size(len(data), vq_cfg.batch_size, vq_cfg.epochs, min_steps)
     if batch_size != vq_cfg.batch_size:
         reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_size}, so that {vq_cfg.epochs} "
                      f"epochs over {len(data)} scans make at least {min_steps} steps (vqvae.min_steps)")
-    trials = None
-    if attempt:                         # past every init trial's candidate index
-        candidate = vq_cfg.init_candidates - 1 + attempt
-    else:
-        trials = choose_vqvae_init(run, cfg, data, device, reporter, states, batch_size)
-        candidate = trials["chosen"] if trials else 0
-    _seed_init(cfg, candidate, states)
-    model = fresh_vqvae(cfg, data, device)
+    if attempt:
+        seed_everything(cfg.seed + 7727 * attempt)
+    model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, batch_size, device)
-    restarter = None
-    if vq_cfg.restart_dead_codes:  # during the first half of the epochs (this process's steps, after a resume too)
-        steps_per_epoch = math.ceil(len(dist.shard(list(range(len(data))))) / batch_size)
-        restarter = DeadCodeRestarter(model, until_step=steps_per_epoch * vq_cfg.epochs // 2, seed=cfg.seed)
-
-    def loss_of(x: torch.Tensor) -> torch.Tensor:
-        loss = vqvae_loss(ddp, x)
-        if restarter is not None:
-            restarter.after_step()
-        return loss
-
     start = time.perf_counter()
-    losses = fit(ddp, batches, loss_of, vq_cfg.epochs, vq_cfg.learning_rate, run.root / "vqvae_checkpoint.pt",
-                 reporter, "train VQ-VAE", units, warmup_epochs=vq_cfg.warmup_epochs)
+    losses = fit(ddp, batches, lambda x: vqvae_loss(ddp, x), vq_cfg.epochs, vq_cfg.learning_rate,
+                 run.root / "vqvae_checkpoint.pt", reporter, "train VQ-VAE", units)
     latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
     summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "epochs": vq_cfg.epochs, "batch_size": batch_size, "seconds": time.perf_counter() - start}
-    if restarter is not None:
-        restarter.close()
-        summary["codes_restarted"] = restarter.restarted
-    if trials:
-        summary["init_trials"] = trials
     if attempt:
         summary["attempt"] = attempt
     if dist.is_main():
@@ -325,14 +233,6 @@ def tokenize_stage(run: RunFolder, data: TrainingSet, vqvae, device: torch.devic
     return tokens
 
 
-def masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy over unmasked targets. logits (B, L, V), tokens (B, L), token_mask (B, L) True = masked."""
-    targets = tokens if token_mask is None else tokens.masked_fill(token_mask, -100)
-    if token_mask is not None and bool(token_mask.all()):
-        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) alive on an all-masked batch
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-
 def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.Tensor,
                             token_masks: torch.Tensor | None, num_codes: int, device: torch.device,
                             reporter: Reporter, units: float, fold: int | None = None) -> dict[str, Any]:
@@ -341,15 +241,14 @@ def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.T
     ``fold`` j fits the cross-fitting Transformer of fold j instead (the caller passes the other folds' rows).
     """
     t_cfg = cfg.transformer
-    seed_k = 0 if cfg.iltm.same_transformer_seed else k
-    seed_everything(cfg.seed + 7919 * (seed_k + 1) + (0 if fold is None else 104729 * (fold + 1)))
+    seed_everything(cfg.seed + 7919 * (k + 1) + (0 if fold is None else 104729 * (fold + 1)))
     model = TokenTransformer(t_cfg, num_codes=num_codes, seq_len=tokens.shape[1]).to(device)
     ddp = dist.wrap(model)
     tokens = tokens.to(device)
     masks = token_masks.to(device) if token_masks is not None else None
 
     def batches(epoch: int):
-        for idx in shuffled_batches(tokens.shape[0], t_cfg.batch_size, epoch, cfg.seed + seed_k):
+        for idx in shuffled_batches(tokens.shape[0], t_cfg.batch_size, epoch, cfg.seed + k):
             yield idx
 
     def loss_of(idx: list[int]) -> torch.Tensor:
@@ -436,7 +335,6 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
     dims = data.arrays[0].ndim - 1 if len(data) else None
     share = cfg.iltm.spare_share(dims) if cfg.data.intensity == "pet" else None  # bright anomalies only
     factor = cfg.vqvae.downsample_factor
-    radius = cfg.iltm.dilation_for(dims)
     uptake = token_uptake(data.arrays, factor) if share is not None else None
     mine = dist.shard(list(range(len(data))))
     for i in reporter.track(mine, f"iteration {k}: detect on training scans", units=units, iteration=k):
@@ -456,7 +354,7 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
         _, mask_img = detector.maps_on_input_grid(result, data.infos[i], tau)
         write_image(mask_img, mask_path)
         with atomic_path(token_path) as tmp:
-            np.save(tmp, dilate_tokens(detector.token_mask(binary), radius).numpy().reshape(-1))
+            np.save(tmp, detector.token_mask(binary).numpy().reshape(-1))
     dist.barrier()
     return load_token_masks(run, k, [r.id for r in data.records]), time.perf_counter() - start
 
@@ -558,19 +456,18 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         raise ValueError("train() needs data and cfg unless resuming")
     # Join the process group first: under torchrun every rank runs this function, and only rank 0 writes.
     device = dist.init_from_env(resolve_device(cfg.device))
-    cfg.vqvae.check()  # before reading the scans, which may take long
     if resume:
         records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in run.manifest()["images"]]
         missing = [str(r.image) for r in records if not r.image.is_file()]
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
-        cfg.iltm.check(len(records), where=str(run.config_path))
+        cfg.iltm.check_cohort(len(records), where=str(run.config_path))
     else:
         if run.root.exists() and any(run.root.iterdir()):
             raise InputError(run.root, "output folder is not empty (use --resume to continue a run there)")
         dist.barrier()  # every rank has checked the folder before rank 0 fills it
         records = gather_inputs(data, cfg, skip_unreadable, reporter)
-        cfg.iltm.check(len(records), where="config")
+        cfg.iltm.check_cohort(len(records), where="config")
         dims = read_image(records[0].image).GetDimension()
         if cfg.data.spatial_dims not in (None, dims):
             raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
@@ -578,13 +475,12 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)  # config.yaml records the values that apply
         cfg.vqvae.min_steps = cfg.vqvae.steps_for(dims)
         cfg.vqvae.collapse_retries = cfg.vqvae.retries_for(dims)
-        cfg.iltm.mask_dilation = cfg.iltm.dilation_for(dims)
         if cfg.data.spatial_size is None:
             cfg.data.spatial_size = model_grid_size(records, cfg)
         if dist.is_main():
             run.root.mkdir(parents=True, exist_ok=True)
             cfg.save(run.config_path)
-            run.write_json(run.manifest_path, {"version": RUN_VERSION, "spatial_dims": dims,
+            run.write_json(run.manifest_path, {"version": FORMAT_VERSION, "spatial_dims": dims,
                                                "spatial_size": cfg.data.spatial_size,
                                                "images": [{"id": r.id, "image": str(Path(r.image).resolve())}
                                                           for r in records]})
@@ -606,16 +502,13 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     vqvae, payload, tokens, codes_used = vqvae_stage(run, cfg, data_set, history, device, reporter)
     if codes_used < 2:
         reporter.warn(f"the VQ-VAE's codebook collapsed: every position of every training scan is code "
-                     f"{int(tokens.flatten()[0])}, so the Transformer has nothing to learn and detection ranks "
-                     f"voxels by their intensity alone (on 3D tiny cohorts such runs scored exactly what the scans' "
-                     f"own intensity scores). Train again with another --seed, more optimiser steps (a higher "
-                     f"vqvae.min_steps: smaller batches) or vqvae.collapse_retries=1.")
+                      f"{int(tokens.flatten()[0])}, so the Transformer has nothing to learn and detection ranks "
+                      f"voxels by their intensity alone. Train again with another --seed, more optimiser steps (a "
+                      f"higher vqvae.min_steps: smaller batches) or vqvae.collapse_retries=1.")
     elif codes_used < cfg.vqvae.num_embeddings * PARTIAL_COLLAPSE_SHARE:
         reporter.warn(f"the VQ-VAE uses only {codes_used} of its {cfg.vqvae.num_embeddings} codes on the training "
-                      f"scans (a partly collapsed codebook); on 3D tiny cohorts such runs scored 20-30 best-Dice "
-                      f"points below runs with a full codebook (README, Results, 3D). Train again with another "
-                      f"--seed, more optimiser steps (a higher vqvae.min_steps: smaller batches; 2400 steps "
-                      f"instead of 600 brought 3D tiny cohorts from 28-40 codes to 102-120 on most, not all) or "
+                      f"scans (a partly collapsed codebook), which costs detection quality. Train again with another "
+                      f"--seed, more optimiser steps (a higher vqvae.min_steps: smaller batches) or "
                       f"vqvae.collapse_retries=1 (another initialisation when this happens).")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}

@@ -26,6 +26,22 @@ CHECKPOINT_FORMAT = "iltm-transformer"
 CHECKPOINT_VERSION = 1
 
 
+def masked_cross_entropy(logits, tokens, token_mask=None):
+    """The training loss: mean cross-entropy over the targets that are not masked.
+
+    Args:
+        logits: (B, L, V) from ``TokenTransformer.forward`` (called through DDP's wrapper when there is one).
+        tokens: (B, L) the targets.
+        token_mask: (B, L) bool, True = masked target (ignored).
+    Returns:
+        a scalar; 0 with a graph on an all-masked batch, which keeps DDP's gradient hooks alive.
+    """
+    if token_mask is not None and bool(token_mask.all()):
+        return logits.sum() * 0.0
+    targets = tokens if token_mask is None else tokens.masked_fill(token_mask, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
@@ -183,16 +199,6 @@ class TokenTransformer(nn.Module):
             # Input position j carries s_{j-1}; position 0 is BOS and stays visible.
             key_masked = F.pad(token_mask.bool()[:, :-1], (1, 0), value=False)  # (B, L)
         return self._decode(self._inputs(tokens), key_masked=key_masked)
-
-    def loss(self, tokens, token_mask=None):
-        """Mean cross-entropy over the targets that are not masked; 0 (with a graph) when all are masked."""
-        logits = self(tokens, token_mask)  # (B, L, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B * L,)
-        if token_mask is None:
-            return nll.mean()
-        keep = (~token_mask.bool()).flatten().to(nll.dtype)
-        # Sum / count rather than ignore_index: the latter gives NaN when every target of the batch is masked.
-        return (nll * keep).sum() / keep.sum().clamp(min=1)
 
     @torch.no_grad()
     def token_probabilities(self, tokens, token_mask=None):

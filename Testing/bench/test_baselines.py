@@ -9,8 +9,8 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from iltm import baselines
-from iltm.baselines import Baseline, DenseAutoencoder, kl_divergence, loss_terms
+from iltm_bench import baselines
+from iltm_bench.baselines import Baseline, DenseAutoencoder, kl_divergence, loss_terms
 from iltm.config import DataConfig, preset
 from iltm.errors import InputError
 from iltm.io import list_images, read_image, write_image
@@ -128,34 +128,29 @@ def test_residual_modes_and_score_on_the_input_grid():
     assert np.allclose(sitk.GetArrayFromImage(score_img), expected, atol=1e-5)
 
 
-def test_config_presets_and_overrides():
+def test_config_presets_and_overrides_are_one_validated_tree():
     for name in ("tiny", "small", "paper"):
-        cfg = baselines.preset(name)
-        assert cfg.epochs > 0 and cfg.latent_size > 0
-    assert baselines.preset("tiny").latent_size < baselines.preset("paper").latent_size
-    cfg = baselines.preset("tiny")
-    baselines.set_value(cfg, "channels", "[8, 16]")
-    baselines.set_value(cfg, "beta", "0.5")
-    assert cfg.channels == [8, 16] and cfg.beta == 0.5 and cfg.downsample_factor == 4
-    with pytest.raises(InputError):
-        baselines.set_value(cfg, "no_such_setting", "1")
-    with pytest.raises(InputError):
-        baselines.set_value(cfg, "residual", "negative")
-    assert cfg.residual == "positive"                                  # a refused value is not kept
-    baselines.set_value(cfg, "cutpaste_variant", "3way")
-    baselines.set_value(cfg, "nsa_resize", "true")
-    assert cfg.cutpaste_variant == "3way" and cfg.nsa_resize is True
-    with pytest.raises(InputError, match="cutpaste_variant must be one of binary, scar, 3way, not 'scars'"):
-        baselines.set_value(cfg, "cutpaste_variant", "scars")
-    with pytest.raises(InputError, match="nsa_resize must be true or false"):
-        baselines.set_value(cfg, "nsa_resize", "0.7")
-    baselines.set_value(cfg, "nsa_gradients", "mixed")
-    assert cfg.nsa_gradients == "mixed"
-    with pytest.raises(InputError, match="nsa_gradients must be one of source, mixed, not 'max'"):
-        baselines.set_value(cfg, "nsa_gradients", "max")
-    assert cfg.nsa_gradients == "mixed"
-    with pytest.raises(InputError):
-        baselines.preset("huge")
+        tree = baselines.build_config(name)
+        assert tree.baselines.epochs > 0 and tree.baselines.latent_size > 0
+        assert tree.core().to_dict() == preset(name).to_dict()           # the core's part is the core's preset
+    assert baselines.build_config("tiny").baselines.latent_size < baselines.build_config("paper").baselines.latent_size
+    tree = baselines.build_config("tiny", ["baselines.channels=[8, 16]", "baselines.beta=0.5", "vqvae.epochs=3",
+                                           "baselines.cutpaste_variant=3way", "baselines.nsa_resize=true",
+                                           "baselines.nsa_gradients=mixed"])
+    cfg = tree.baselines
+    assert cfg.channels == [8, 16] and cfg.beta == 0.5 and cfg.downsample_factor == 4 and tree.vqvae.epochs == 3
+    assert cfg.cutpaste_variant == "3way" and cfg.nsa_resize is True and cfg.nsa_gradients == "mixed"
+    assert "baselines" not in tree.core().to_dict()
+    for bad, message in (("baselines.no_such_setting=1", "unknown setting 'baselines.no_such_setting'"),
+                         ("baselines.residual=negative", "baselines.residual='negative' is not allowed"),
+                         ("baselines.cutpaste_variant=scars", "allowed: one of binary, scar, 3way"),
+                         ("baselines.nsa_resize=0.7", "baselines.nsa_resize=0.7 is not allowed .allowed: true or false"),
+                         ("baselines.nsa_gradients=max", "allowed: one of source, mixed"),
+                         ("baselines.epochs=-1", "baselines.epochs=-1 is not allowed")):
+        with pytest.raises(InputError, match=message):
+            baselines.build_config("tiny", [bad])
+    with pytest.raises(InputError, match="unknown preset 'huge'"):
+        baselines.build_config("huge")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +167,7 @@ def test_training_saves_loads_and_scores(cohort, tmp_path, method, setting):
     cfg = preset("tiny")
     cfg.device = "cpu"
     cfg.data.augment = False
-    bcfg = baselines.preset("tiny")
+    bcfg = baselines.build_config("tiny").baselines
     bcfg.epochs = bcfg.nsa_epochs = bcfg.cutpaste_epochs = 6
     if setting:
         setattr(bcfg, *setting)

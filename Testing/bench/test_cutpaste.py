@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from iltm import cutpaste
+from iltm_bench import cutpaste
 
 
 def test_ledoit_wolf_matches_scikit_learn():

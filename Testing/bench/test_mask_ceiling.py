@@ -1,5 +1,6 @@
 """Testing/Benchmarks/mask_ceiling.py: iteration 1 refitted with perfect masks and with none, on a tiny sweep."""
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import FAST, load_benchmark_script, run_cli
+from cli_helpers import FAST, run_cli
 from iltm.errors import InputError
 from iltm.progress import Reporter
 from iltm.run import RunFolder
@@ -15,7 +16,7 @@ from iltm.run import RunFolder
 
 @pytest.fixture(scope="module")
 def mask_ceiling():
-    return load_benchmark_script("mask_ceiling")
+    return importlib.import_module("iltm_bench.mask_ceiling")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_dilated_and_clean_fit_the_labels_grown_by_a_token_and_the_same_subjects
 
 
 def test_refits_fit_each_variant_with_other_seeds_and_table_the_mean_and_spread(mask_ceiling, sweep, capsys):
-    from iltm.benchmark import metrics_of
+    from iltm_bench.sweep import metrics_of
 
     assert mask_ceiling.main([str(sweep), "--fraction", "1", "--variants", "none", "--refits", "2"]) == 0
     table = capsys.readouterr().out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from iltm import nsa
+from iltm_bench import nsa
 
 
 def laplacian_inside(h: np.ndarray) -> np.ndarray:

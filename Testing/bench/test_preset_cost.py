@@ -1,17 +1,17 @@
 """Testing/Benchmarks/preset_cost.py: the run-cost model and a smoke run."""
 
+import importlib
 import contextlib
 import json
 
 import pytest
 import torch
 
-from cli_helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def preset_cost():
-    return load_benchmark_script("preset_cost")
+    return importlib.import_module("iltm_bench.preset_cost")
 
 
 def test_the_run_model_counts_the_tiny_presets_steps(preset_cost):

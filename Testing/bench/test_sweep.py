@@ -16,7 +16,7 @@ import matplotlib.image as mpimage
 import pytest
 import torch
 
-from iltm.benchmark import (FIGURE3, FIGURE4, FIGURE5, ITERATION_COLUMNS, ITERATIONS_CSV, METHOD_NAMES,
+from iltm_bench.sweep import (FIGURE3, FIGURE4, FIGURE5, ITERATION_COLUMNS, ITERATIONS_CSV, METHOD_NAMES,
                             SWEEP_COLUMNS, SWEEP_CSV, TABLE1, add_benchmark_parser, cmd_benchmark, make_figures)
 from iltm.errors import InputError
 from iltm.progress import Reporter
@@ -90,7 +90,7 @@ def test_sweep_csv_has_the_columns_and_one_row_per_method_and_fraction(sweep):
 def test_the_intensity_reference_scores_each_test_scan_by_its_own_intensity(sweep):
     import SimpleITK as sitk
 
-    from iltm.commands import summarise
+    from iltm.evaluate import summarise
     from iltm.io import list_images
 
     _, rows = read_csv(sweep / SWEEP_CSV)
@@ -221,7 +221,7 @@ def test_figures_only_without_results_is_an_input_error(tmp_path):
 
 
 def test_constant_threshold_fractions_and_the_recorded_command_round_trip(tmp_path):
-    from iltm.benchmark import command_line, settings_from_args
+    from iltm_bench.sweep import command_line, settings_from_args
 
     args = parse("--out", tmp_path / "x", "--fractions", "0", "0.5", "1", "--constant-threshold-too", "1",
                  "--set", "vqvae.epochs=2", "--size", "32", "32")
@@ -237,7 +237,7 @@ def test_constant_threshold_fractions_and_the_recorded_command_round_trip(tmp_pa
 
 
 def test_processes_sharing_a_folder_keep_each_others_invocations_and_rows(tmp_path):
-    from iltm.benchmark import ResultTable, Sweep, settings_from_args
+    from iltm_bench.sweep import ResultTable, Sweep, settings_from_args
 
     out = tmp_path / "shared"
     one = Sweep(settings_from_args(parse("--out", out, "--fractions", "0", "0.2", *FAST)), Reporter("none"))
@@ -263,7 +263,7 @@ def test_processes_sharing_a_folder_keep_each_others_invocations_and_rows(tmp_pa
 
 
 def test_saving_keeps_what_others_wrote_to_benchmark_json_meanwhile(tmp_path):
-    from iltm.benchmark import Sweep, settings_from_args
+    from iltm_bench.sweep import Sweep, settings_from_args
 
     out = tmp_path / "shared"
     sweep = Sweep(settings_from_args(parse("--out", out, "--fractions", "0", *FAST)), Reporter("none"))
@@ -279,7 +279,7 @@ def test_saving_keeps_what_others_wrote_to_benchmark_json_meanwhile(tmp_path):
 
 
 def test_a_fraction_another_process_is_running_is_a_clear_error(tmp_path):
-    from iltm.benchmark import Sweep, fraction_claim, settings_from_args
+    from iltm_bench.sweep import Sweep, fraction_claim, settings_from_args
 
     out = tmp_path / "shared"
     with fraction_claim(out, 0.6):  # held as another process would hold it (its own open file)
@@ -297,7 +297,7 @@ def test_the_folder_lock_excludes_another_holder(tmp_path):
     import threading
     import time
 
-    from iltm.benchmark import folder_lock
+    from iltm_bench.sweep import folder_lock
 
     events, held = [], threading.Event()
 
@@ -323,7 +323,7 @@ def test_two_processes_starting_together_share_one_test_cohort(tmp_path, monkeyp
     from concurrent.futures import ThreadPoolExecutor
 
     import iltm.synth
-    from iltm.benchmark import ensure_cohort
+    from iltm_bench.sweep import ensure_cohort
 
     real, inside, calls, lock = iltm.synth.make_cohort, [], [], threading.Lock()
 
@@ -349,7 +349,7 @@ def test_two_processes_starting_together_share_one_test_cohort(tmp_path, monkeyp
 
 
 def test_wall_time_counts_processes_running_side_by_side_once():
-    from iltm.benchmark import invocations_wall_seconds
+    from iltm_bench.sweep import invocations_wall_seconds
 
     runs = [{"started": "2026-11-29 10:00:00", "seconds": 600.0},   # 10:00-10:10
             {"started": "2026-11-29 10:05:00", "seconds": 600.0},   # 10:05-10:15, overlaps the first
@@ -406,7 +406,7 @@ def test_combined_seeds_give_means_spreads_and_paired_wins(tmp_path):
 def test_only_what_every_seed_has_is_combined(tmp_path):
     folders = three_seeds(tmp_path)
     extra = fake_sweep(tmp_path / "seed3", 3, {("iltm", 1.0): 0.9})
-    from iltm.benchmark import combine_seeds
+    from iltm_bench.sweep import combine_seeds
 
     rows, paired, seeds = combine_seeds([*folders, extra])
     assert [(r["method"], r["anomalous_fraction"]) for r in rows] == [("iltm", 1.0)]

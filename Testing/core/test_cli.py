@@ -69,24 +69,6 @@ def test_detect_outputs_match_input_geometry_and_threshold(run2d, cohort2d, tmp_
     assert (out / f"{stem}_overlay.png").is_file()
 
 
-def test_detect_passes_resampling_dilation_to_the_detector_and_rejects_a_negative_radius(run2d, cohort2d, tmp_path,
-                                                                                          capsys, monkeypatch):
-    import iltm.detect as detect_mod
-
-    radii = []
-    real = detect_mod.dilate_tokens
-    monkeypatch.setattr(detect_mod, "dilate_tokens", lambda mask, radius: radii.append(radius) or real(mask, radius))
-    image = sorted((cohort2d / "images").glob("*.nii.gz"))[0]
-    for r in ("0", "2"):
-        assert run_cli("detect", "--run", run2d, "--input", image, "--out", tmp_path / f"r{r}", "--no-png",
-                       "--resampling-dilation", r) == 0
-    assert radii == [0, 2]
-    capsys.readouterr()
-    assert run_cli("detect", "--run", run2d, "--input", image, "--out", tmp_path / "bad",
-                   "--resampling-dilation", "-1") == 2
-    assert "--resampling-dilation" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-
-
 def test_detect_iteration_choice_and_folder_input(run2d, cohort2d, tmp_path):
     out = tmp_path / "det0"
     assert run_cli("detect", "--run", run2d, "--input", cohort2d / "images", "--out", out, "--iteration", "0",

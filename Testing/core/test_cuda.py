@@ -7,12 +7,13 @@ through what they find, not voxel by voxel.
 
 from __future__ import annotations
 
+import importlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import load_benchmark_script, run_cli
+from cli_helpers import run_cli
 from iltm import kde
 from iltm.detect import Detector
 from iltm.io import image_id
@@ -69,7 +70,7 @@ def test_detect_on_cuda_writes_maps_on_the_input_grid_that_find_what_the_cpu_fin
 
 
 def test_preset_cost_times_a_cuda_column_beside_the_cpu(capsys):
-    load_benchmark_script("preset_cost").main(["--dims", "2", "--size", "16", "16", "--n-train", "8", "--presets",
+    importlib.import_module("iltm_bench.preset_cost").main(["--dims", "2", "--size", "16", "16", "--n-train", "8", "--presets",
                                                "tiny", "--devices", "cpu", "cuda", "--steps", "1"])
     out = capsys.readouterr().out
     assert "tiny@cpu" in out and "tiny@cuda" in out

@@ -14,7 +14,8 @@ from iltm import config as config_mod
 from iltm import train as train_mod
 from iltm.errors import InputError
 from iltm.progress import Reporter
-from iltm.run import RUN_VERSION, RunFolder
+from iltm.layout import FORMAT_VERSION as RUN_VERSION
+from iltm.run import RunFolder
 
 
 def test_each_fold_transformer_is_fitted_without_its_fold(tmp_path, monkeypatch):
@@ -41,11 +42,9 @@ def test_each_fold_transformer_is_fitted_without_its_fold(tmp_path, monkeypatch)
     assert seen == {}
 
 
-@pytest.mark.parametrize("same_seed", [True, False])
-def test_same_transformer_seed_makes_iterations_differ_by_their_masks_alone(tmp_path, same_seed):
+def test_each_iterations_transformer_starts_from_its_own_seed(tmp_path):
     cfg = config_mod.preset("tiny")
     cfg.transformer.n_layer, cfg.transformer.n_embd, cfg.transformer.epochs = 1, 16, 2
-    cfg.iltm.same_transformer_seed = same_seed
     tokens = torch.randint(0, 8, (6, 12), generator=torch.Generator().manual_seed(0))
     run = RunFolder(tmp_path / "run")
 
@@ -59,12 +58,8 @@ def test_same_transformer_seed_makes_iterations_differ_by_their_masks_alone(tmp_
         return all(torch.equal(a[name], b[name]) for name in a)
 
     first = fitted(0)
-    assert same(first, fitted(1)) is same_seed          # no masks: iteration 1 is iteration 0 exactly
-    if same_seed:
-        masks = torch.zeros_like(tokens, dtype=torch.bool)
-        masks[:, 5] = True
-        assert not same(first, fitted(2, masks))        # the masks alone change it
-        assert same(fitted(0, fold=1), fitted(3, fold=1))
+    assert same(first, fitted(0))                       # the same iteration is fitted the same way again
+    assert not same(first, fitted(1))                   # without masks, iteration 1 still differs by its seed
 
 
 class _RecordingDetector:
@@ -147,9 +142,9 @@ def test_sparing_may_differ_per_dimension_and_bad_values_are_clear_errors():
     for bad in ({"4d": 0.2}, {"3d": 2.0}, -0.1, True):
         cfg.spare_shared_uptake = bad
         with pytest.raises(InputError, match="spare_shared_uptake"):
-            cfg.check(10)
+            config_mod.validate(cfg)
     cfg.spare_shared_uptake = {"2d": None, "3d": 0.3}
-    cfg.check(10)
+    config_mod.validate(cfg)
 
 
 def test_sparing_acts_only_on_pet_intensities(tmp_path):
@@ -168,43 +163,6 @@ class _OneVoxelDetector(_RecordingDetector):
         log_density = torch.zeros(image.shape[1:])
         log_density[4, 8] = -10.0
         return type("R", (), {"log_density": log_density})()
-
-
-@pytest.mark.parametrize("dilation, expected_rows", [
-    (0, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),
-    (1, [[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]]),
-    ({"2d": 2}, [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]),
-    ({"3d": 1}, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),   # no value for 2D scans: off
-])
-def test_mask_dilation_also_masks_the_neighbours_of_every_flagged_token(tmp_path, dilation, expected_rows):
-    cfg = config_mod.preset("tiny")
-    cfg.iltm.mask_density_threshold, cfg.iltm.spare_shared_uptake = 0.5, None
-    cfg.iltm.mask_dilation = dilation
-    scans = _Scans(2)
-    scans.arrays = [np.zeros((1, 16, 16), np.float32) for _ in range(2)]
-    run = RunFolder(tmp_path / "run")
-    masks, _ = train_mod.detect_stage(run, cfg, 0, scans, [_OneVoxelDetector()], 0.02, Reporter("none"), 1.0)
-    assert masks.shape == (2, 16)
-    assert masks[0].reshape(4, 4).int().tolist() == expected_rows and torch.equal(masks[0], masks[1])
-    import SimpleITK as sitk
-    # The image-space masks stay what the detector flagged; the dilation is of the Transformer's token masks.
-    assert int(sitk.GetArrayFromImage(sitk.ReadImage(str(run.mask_path(0, "s0")))).sum()) == 1
-
-
-def test_mask_dilation_grows_3d_token_masks_by_a_cube_and_bad_values_are_clear_errors():
-    mask = torch.zeros(4, 5, 6, dtype=torch.bool)
-    mask[0, 2, 5] = True                                            # at a corner of two faces: the cube is cut
-    grown = train_mod.dilate_tokens(mask, 1)
-    assert int(grown.sum()) == 2 * 3 * 2 and bool(grown[1, 3, 4]) and not bool(grown[2, 2, 5])
-    assert torch.equal(train_mod.dilate_tokens(mask, 0), mask)
-    cfg = config_mod.preset("tiny").iltm
-    for bad in (-1, 1.5, True, {"4d": 1}, {"3d": -2}):
-        cfg.mask_dilation = bad
-        with pytest.raises(InputError, match="mask_dilation"):
-            cfg.check(10)
-    cfg.mask_dilation = {"2d": 0, "3d": 2}
-    cfg.check(10)
-    assert cfg.dilation_for(2) == 0 and cfg.dilation_for(3) == 2
 
 
 def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(cohort2d, tmp_path):
@@ -237,11 +195,11 @@ def test_bad_cross_fit_settings_are_clear_errors(cohort2d, tmp_path, setting, me
 
 def test_check_accepts_off_and_sensible_values():
     cfg = config_mod.preset("tiny").iltm
-    cfg.check(5)
+    cfg.check_cohort(5)
     cfg.cross_fit_folds, cfg.mask_density_threshold = 5, 0.05
-    cfg.check(5)
-    with pytest.raises(InputError):
-        cfg.check(4)
+    cfg.check_cohort(5)
+    with pytest.raises(InputError, match="cross_fit_folds=5 needs at least 5"):
+        cfg.check_cohort(4)
 
 
 def test_set_reads_exponents_without_a_dot_as_numbers():
@@ -292,35 +250,6 @@ def test_same_seed_same_map_whatever_ran_before():
     torch.rand(1000)  # other work in between draws from the global RNG
     assert torch.equal(detect(5), first)
     assert not torch.equal(detect(6), first)
-
-
-@pytest.mark.parametrize("dilation, expected", [(0, [5]), (1, [0, 1, 2, 4, 5, 6, 8, 9, 10]),
-                                                 (2, list(range(16)))])
-def test_resampling_dilation_resamples_the_neighbours_of_every_flagged_token(dilation, expected, monkeypatch):
-    from iltm.detect import Detector
-    from iltm.transformer import TokenTransformer
-    from iltm.vqvae import build_vqvae
-
-    torch.manual_seed(0)
-    cfg = config_mod.preset("tiny")
-    cfg.detection.resampling_dilation = dilation
-    vqvae = build_vqvae(cfg.vqvae, 2)
-    transformer = TokenTransformer(cfg.transformer, num_codes=cfg.vqvae.num_embeddings, seq_len=16)
-    probs = torch.ones(1, 16)
-    probs[0, 5] = 0.0                                                   # token (1, 1) of the 4 x 4 grid
-    monkeypatch.setattr(transformer, "token_probabilities", lambda tokens: probs)
-    healed_where = []
-    real_heal = transformer.heal
-    monkeypatch.setattr(transformer, "heal", lambda tokens, flagged, samples, generator=None:
-                        healed_where.append(flagged.clone()) or real_heal(tokens, flagged, samples, generator))
-    detector = Detector(cfg, vqvae, transformer, (4, 4), torch.device("cpu"))
-    result = detector.detect_array(torch.rand(1, 16, 16), resampling_threshold=0.5)
-    assert torch.nonzero(result.flagged).flatten().tolist() == expected
-    assert torch.equal(healed_where[0], result.flagged)
-    for bad in (-1, 1.5, True, "1"):
-        cfg.detection.resampling_dilation = bad
-        with pytest.raises(InputError, match="resampling_dilation"):
-            Detector(cfg, vqvae, transformer, (4, 4), torch.device("cpu"))
 
 
 def test_encoding_keeps_the_decoders_dropout_on_in_detection_mode():
@@ -396,57 +325,11 @@ def test_the_tiny_vqvae_learns_3d_pet(tmp_path):
     assert torch.unique(encode_tokens(model, x)).numel() >= 2
 
 
-def test_the_vqvae_activation_is_configurable_and_stored_with_its_weights(tmp_path):
-    from iltm.vqvae import build_vqvae, load_vqvae, save_vqvae
-
-    def activations(model):
-        return {type(m).__name__ for m in model.modules() if type(m).__name__ in ("ReLU", "LeakyReLU", "PReLU")}
-
-    cfg = config_mod.preset("tiny").vqvae
-    assert activations(build_vqvae(cfg, 2)) == {"ReLU"}                  # MONAI's default, the paper's
-    cfg.act = "leakyrelu"
-    model = build_vqvae(cfg, 3)
-    assert activations(model) == {"LeakyReLU"}
-    save_vqvae(model, cfg, 3, tmp_path / "vqvae.pt")
-    assert activations(load_vqvae(tmp_path / "vqvae.pt")[0]) == {"LeakyReLU"}
-    cfg.act = "relux"
-    with pytest.raises(InputError, match="vqvae.act.*relux"):
-        build_vqvae(cfg, 2)
-
-
-def test_the_vqvae_initialisation_with_the_lowest_early_loss_is_the_one_trained(tmp_path, monkeypatch):
-    cfg = config_mod.preset("tiny")
-    cfg.data.spatial_dims, cfg.data.augment = 2, False
-    cfg.vqvae.channels, cfg.vqvae.num_res_channels, cfg.vqvae.embedding_dim = [8, 8], 8, 4
-    cfg.vqvae.epochs, cfg.vqvae.init_epochs, cfg.vqvae.batch_size = 3, 2, 2
-    rng = np.random.default_rng(0)
-    data = _Scans(4)
-    data.arrays = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(4)]
-
-    def trained(name, candidates):
-        cfg.vqvae.init_candidates = candidates
-        run = RunFolder(tmp_path / name)
-        run.root.mkdir()
-        train_mod.seed_everything(cfg.seed)
-        summary = train_mod.train_vqvae_stage(run, cfg, data, torch.device("cpu"), Reporter("none"), 1.0)
-        return run, summary, torch.load(run.vqvae_path, map_location="cpu", weights_only=False)["state_dict"]
-
-    _, plain, plain_weights = trained("plain", 1)
-    assert "init_trials" not in plain
-    run, summary, weights = trained("chosen", 3)
-    trials = summary["init_trials"]
-    assert len(trials["losses"]) == 3 and trials["chosen"] == int(np.argmin(trials["losses"]))
-    assert len(set(trials["losses"])) == 3                     # three different initialisations
-    same = all(torch.equal(weights[k], plain_weights[k]) for k in weights)
-    assert same == (trials["chosen"] == 0)                      # the run's own initialisation, trained as usual
-    assert not list(run.root.glob("vqvae_init*_checkpoint.pt"))
-    # A resumed run reads the trials back instead of repeating them.
-    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("trials repeated"))
-    assert train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"),
-                                       train_mod._rng_states(), 2) == trials
-    cfg.vqvae.init_candidates = 0
-    with pytest.raises(InputError, match="vqvae.init_candidates"):
-        train_mod.choose_vqvae_init(run, cfg, data, torch.device("cpu"), Reporter("none"), train_mod._rng_states(), 2)
+def test_the_learning_rate_follows_a_cosine_down_to_a_tenth():
+    factors = [train_mod.lr_factor(e, 10) for e in range(11)]
+    assert factors[0] == 1.0 and abs(factors[10] - 0.1) < 1e-12 and abs(factors[5] - 0.55) < 1e-12
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert train_mod.lr_factor(15, 10) == factors[10]             # past the schedule it stays at the floor
 
 
 def test_a_small_cohort_trains_the_vqvae_in_smaller_batches_to_make_min_steps(tmp_path, monkeypatch):
@@ -479,110 +362,7 @@ def test_a_small_cohort_trains_the_vqvae_in_smaller_batches_to_make_min_steps(tm
     for bad in (-1, {"4d": 10}, {"3d": 1.5}):
         cfg.vqvae.min_steps = bad
         with pytest.raises(InputError, match="vqvae.min_steps"):
-            cfg.vqvae.check()
-
-
-def test_the_learning_rate_warms_up_then_follows_the_cosine(tmp_path, monkeypatch):
-    import math
-
-    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 20)) for e in range(20)]
-    assert [train_mod.lr_factor(e, 20) for e in range(20)] == pytest.approx(cosine)       # no warm-up: as before
-    warm = [train_mod.lr_factor(e, 20, warmup_epochs=4) for e in range(20)]
-    assert warm[:5] == pytest.approx([cosine[e] * (e + 1) / 5 for e in range(5)])
-    assert warm[4:] == pytest.approx(cosine[4:])
-    # fit uses it: the rate of each epoch's steps, as the optimiser saw them
-    model = torch.nn.Linear(2, 1)
-    seen = []
-    original = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        seen.append(self.param_groups[0]["lr"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    train_mod.fit(model, lambda epoch: [torch.ones(1, 2)], lambda x: model(x).sum(), 6, 1e-3, tmp_path / "fit.pt",
-                  Reporter("none"), "warm-up", 0.0, warmup_epochs=3)
-    assert seen == pytest.approx([1e-3 * train_mod.lr_factor(e, 6, 3) for e in range(6)])
-    cfg = config_mod.preset("tiny").vqvae
-    cfg.warmup_epochs = -1
-    with pytest.raises(InputError, match="vqvae.warmup_epochs"):
-        cfg.check()
-
-
-def test_an_encoder_initialised_codebook_starts_with_every_code_in_use():
-    """MONAI's N(0, 1) codebook sends every latent of a fresh encoder to one code; k-means centroids of the encoder's
-    outputs start every code in use, and the run's training uses them when vqvae.codebook_init is "encoder"."""
-    from iltm.vqvae import init_codebook_from_encoder
-
-    cfg = config_mod.preset("tiny")
-    cfg.data.spatial_dims, cfg.vqvae.batch_size = 2, 3
-    data = _Scans(6)
-    rng = np.random.default_rng(1)
-    data.arrays = [rng.random((1, 32, 32), dtype=np.float32) for _ in range(6)]
-    x = torch.from_numpy(np.stack(data.arrays))
-
-    def codes_used(model):
-        with torch.no_grad():
-            return torch.unique(model.eval().index_quantize(x)).numel()
-
-    torch.manual_seed(0)
-    normal = train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
-    assert codes_used(normal) <= 2                                    # 6 x 8 x 8 latents, (almost) all one code
-    cfg.vqvae.codebook_init = "encoder"
-    torch.manual_seed(0)
-    encoder = train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
-    assert codes_used(encoder) >= 0.9 * cfg.vqvae.num_embeddings      # 384 latents, 128 codes
-    q = encoder.quantizer.quantizer
-    assert torch.equal(q.ema_w, q.embedding.weight) and (q.ema_cluster_size == 1.0).all()
-    # the same weights apart from the codebook; the same seed gives the same codebook
-    same = {k: v for k, v in encoder.state_dict().items() if "quantizer" not in k}
-    assert all(torch.equal(v, normal.state_dict()[k]) for k, v in same.items())
-    torch.manual_seed(0)
-    again = train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
-    assert torch.equal(again.quantizer.quantizer.embedding.weight, q.embedding.weight)
-    # Fewer latents than codes: every latent becomes a code.
-    few = train_mod.build_vqvae(cfg.vqvae, 2)
-    assert init_codebook_from_encoder(few, [x[:1, :, :16, :16]], seed=0) == 16
-    cfg.vqvae.codebook_init = "kmeans"
-    with pytest.raises(InputError, match="vqvae.codebook_init.*'kmeans'"):
-        train_mod.fresh_vqvae(cfg, data, torch.device("cpu"))
-
-
-def test_dead_codes_are_moved_onto_encoder_outputs_of_the_batch():
-    from iltm.vqvae import DEAD_CODE_SHARE, DeadCodeRestarter, build_vqvae
-
-    torch.manual_seed(0)
-    vqvae = build_vqvae(config_mod.preset("tiny").vqvae, 2).train()
-    q = vqvae.quantizer.quantizer
-    restarter = DeadCodeRestarter(vqvae, until_step=1, seed=0)
-    q.ema_cluster_size.fill_(0.0)
-    q.ema_cluster_size[:3] = 100.0                                      # a codebook collapsed onto codes 0-2
-    seen = []
-    q.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    x = torch.rand(2, 1, 16, 16)
-    vqvae(x)                                                            # the EMA update may revive a code or two
-    dead = q.ema_cluster_size < DEAD_CODE_SHARE * q.ema_cluster_size.mean()
-    assert dead.sum() > q.num_embeddings // 2
-    live = q.embedding.weight[~dead].clone()
-    assert restarter.after_step() == int(dead.sum()) == restarter.restarted
-    inputs = seen[0].permute(0, 2, 3, 1).reshape(-1, q.embedding_dim)  # what the quantiser got (dropout and all)
-    moved = q.embedding.weight[dead]
-    # every restarted code now sits exactly on one of the batch's encoder outputs; the live ones did not move
-    assert torch.cdist(moved, inputs).min(dim=1).values.max() < 1e-3      # cdist rounding; codes lie ~0.2 apart
-    assert torch.equal(q.embedding.weight[~dead], live) and torch.equal(q.ema_w[dead], moved)
-    assert (q.ema_cluster_size[dead] == 1.0).all()
-    q.ema_cluster_size[dead] = 0.0
-    vqvae(x)
-    assert restarter.after_step() == 0                                  # past until_step: no more restarts
-    restarter.close()
-
-
-def test_a_run_with_dead_code_restarts_records_them(cohort2d, tmp_path):
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
-                   "--set", "vqvae.restart_dead_codes=true", "--set", "vqvae.epochs=6", *FAST[2:]) == 0
-    vq = json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]
-    assert vq["codes_restarted"] > 0 and vq["codes_used"] >= 2
+            config_mod.validate(cfg)
 
 
 @pytest.mark.parametrize("codes, retries, kept, set_aside", [
@@ -642,9 +422,9 @@ def test_collapse_retries_may_differ_per_dimension_and_bad_values_are_clear_erro
     for bad in (-1, 0.5, {"3d": -1}, {"1d": 1}):
         vq.collapse_retries = bad
         with pytest.raises(InputError, match="collapse_retries"):
-            vq.check()
+            config_mod.validate(vq, prefix="vqvae.")
     vq.collapse_retries = 2
-    vq.check()
+    config_mod.validate(vq, prefix="vqvae.")
     assert vq.retries_for(2) == vq.retries_for(3) == 2
 
 
