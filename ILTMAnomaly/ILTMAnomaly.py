@@ -26,7 +26,7 @@ from slicer import (
     vtkMRMLTableNode,
 )
 
-from ILTMAnomalyLib import PanelError, dependencies, jobs, overlay, runs, segments, volumes, workflow
+from ILTMAnomalyLib import PanelError, dependencies, jobs, overlay, parameters, runs, segments, volumes, workflow
 
 #
 # ILTMAnomaly
@@ -209,8 +209,13 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+            self._disconnectParameterNode()
+
+    def _disconnectParameterNode(self) -> None:
+        parameters.disconnect_gui(self._parameterNode, self._parameterNodeGuiTag)
+        self._parameterNodeGuiTag = None
+        # exit() already removed it when the parameter node changes after leaving the module.
+        if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -232,11 +237,11 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self._disconnectParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # Not connectGui: before Slicer 5.10 it returns None, and exit() could never disconnect.
+            self._parameterNodeGuiTag = parameters.connect_gui(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
             self.ui.scoreWindowLevelWidget.setMRMLVolumeNode(self._parameterNode.scoreVolume)
             self.ui.componentTableView.setMRMLTableNode(self._parameterNode.statisticsTable)

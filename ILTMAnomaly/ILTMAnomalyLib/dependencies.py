@@ -16,7 +16,7 @@ import importlib.metadata
 import importlib.util
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from . import PanelError
 
@@ -61,7 +61,7 @@ def is_satisfied(requirement: str) -> bool:
     return Requirement(requirement).specifier.contains(installed, prereleases=True)
 
 
-def missing_requirements(requirements: list[str] | None = None, include_torch: bool = True) -> list[str]:
+def missing_requirements(requirements: Optional[list[str]] = None, include_torch: bool = True) -> list[str]:
     requirements = list(requirements if requirements is not None else read_requirements())
     if include_torch:
         requirements.insert(0, TORCH_REQUIREMENT)

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Union
 
 ERROR_PREFIX = "iltm: error:"
 # The folder holding the ``iltm`` package: next to ILTMAnomalyLib in the source tree and in an installed extension.
@@ -71,11 +71,11 @@ def python_executable() -> str:
     return sys.executable
 
 
-def iltm_command(python: str | None = None) -> list[str]:
+def iltm_command(python: Optional[str] = None) -> list[str]:
     return [python or python_executable(), "-m", "iltm"]
 
 
-def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_environment(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """This process's environment, with the bundled core importable and output unbuffered (live progress)."""
     env = dict(os.environ)
     paths = [os.fspath(CORE_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -102,8 +102,8 @@ class CliJob:
     ``log`` (all lines, for the panel's log box) and ``error_message`` (one line, when failed).
     """
 
-    def __init__(self, args: list[str], command: list[str] | None = None, env: dict[str, str] | None = None,
-                 on_event: Callable[[dict], None] | None = None, cwd: str | os.PathLike | None = None):
+    def __init__(self, args: list[str], command: Optional[list[str]] = None, env: Optional[dict[str, str]] = None,
+                 on_event: Optional[Callable[[dict], None]] = None, cwd: Optional[Union[str, os.PathLike]] = None):
         self.args = list(args)
         if "--progress" not in self.args:
             self.args += ["--progress", "jsonl"]
@@ -113,22 +113,22 @@ class CliJob:
         self.on_event = on_event
 
         self.state = JobState.NOT_STARTED
-        self.returncode: int | None = None
-        self.fraction: float | None = None
-        self.stage: str | None = None
+        self.returncode: Optional[int] = None
+        self.fraction: Optional[float] = None
+        self.stage: Optional[str] = None
         self.message = ""
         self.outputs: dict[str, list[str]] = {}
         self.iterations: list[dict] = []
         self.log: list[str] = []
-        self.error_message: str | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
+        self.error_message: Optional[str] = None
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
 
-        self._process: subprocess.Popen | None = None
+        self._process: Optional[subprocess.Popen] = None
         self._queue: queue.Queue = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._stderr_lines: list[str] = []
-        self._error_event: str | None = None
+        self._error_event: Optional[str] = None
         self._cancel_requested = False
         self._exit_seen = False
 
@@ -137,7 +137,7 @@ class CliJob:
         return self.command + self.args
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> Optional[int]:
         return self._process.pid if self._process else None
 
     @property
@@ -203,7 +203,7 @@ class CliJob:
                 self.on_event(event)
         return events
 
-    def _handle_line(self, source: str, line: str) -> dict | None:
+    def _handle_line(self, source: str, line: str) -> Optional[dict]:
         text = line.rstrip("\r\n")
         if not text.strip():
             return None
@@ -260,7 +260,7 @@ class CliJob:
             return f"iltm was stopped by signal {-returncode}." + (f" Last message: {last}" if last else "")
         return f"iltm failed with exit code {returncode}." + (f" Last message: {last}" if last else "")
 
-    def wait(self, timeout: float | None = None, poll_interval: float = 0.05) -> JobState:
+    def wait(self, timeout: Optional[float] = None, poll_interval: float = 0.05) -> JobState:
         """Block until the job ends (or ``timeout`` seconds pass), handling events as they come."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.state is JobState.RUNNING:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import vtk
@@ -106,7 +107,7 @@ def volume_spatial_dims(volume_node) -> int:
     return 2 if dims[2] == 1 else 3
 
 
-def volume_problem(volume_node, scene=None) -> str | None:
+def volume_problem(volume_node, scene=None) -> Optional[str]:
     """Why this node cannot be given to the detector, or None when it can: one static scalar 2D/3D image."""
     if volume_node is None:
         return "Select a PET volume first."
@@ -136,7 +137,7 @@ def volume_problem(volume_node, scene=None) -> str | None:
     return None
 
 
-def _sequence_browser_of(volume_node, scene) -> str | None:
+def _sequence_browser_of(volume_node, scene) -> Optional[str]:
     if scene is None or volume_node.GetID() is None:
         return None
     browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX
 
@@ -37,17 +38,17 @@ class DetectionSettings:
         seed: seed of the token resampling.
     """
 
-    iteration: int | None = None
+    iteration: Optional[int] = None
     device: str = "auto"
-    resampling_threshold: float | None = None
-    samples: int | None = None
-    dropout_passes: int | None = None
-    eps: float | None = None
-    density_threshold: float | None = overlay.DEFAULT_DENSITY_THRESHOLD
-    seed: int | None = None
+    resampling_threshold: Optional[float] = None
+    samples: Optional[int] = None
+    dropout_passes: Optional[int] = None
+    eps: Optional[float] = None
+    density_threshold: Optional[float] = overlay.DEFAULT_DENSITY_THRESHOLD
+    seed: Optional[int] = None
 
 
-def check_detection_inputs(volume_node, run_folder, iteration: int | None = None) -> tuple[RunFolder, int]:
+def check_detection_inputs(volume_node, run_folder, iteration: Optional[int] = None) -> tuple[RunFolder, int]:
     """Every reason detection would fail before it starts; returns the run and the iteration to use."""
     problem = volumes.volume_problem(volume_node)
     if problem:
@@ -100,8 +101,8 @@ class DetectionRun:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def start_detection(volume_node, run_folder, settings: DetectionSettings | None = None,
-                    command: list[str] | None = None, work_dir=None) -> DetectionRun:
+def start_detection(volume_node, run_folder, settings: Optional[DetectionSettings] = None,
+                    command: Optional[list[str]] = None, work_dir=None) -> DetectionRun:
     """Check inputs, write the PET to a scratch NIfTI, start ``iltm detect`` in the background."""
     settings = settings or DetectionSettings()
     run, iteration = check_detection_inputs(volume_node, run_folder, settings.iteration)
@@ -184,11 +185,11 @@ class TrainingSettings:
         device: "auto", "cuda" or "cpu".
     """
 
-    data_folder: Path | None = None
-    run_folder: Path | None = None
+    data_folder: Optional[Path] = None
+    run_folder: Optional[Path] = None
     preset: str = "small"
-    max_iterations: int | None = None
-    seed: int | None = None
+    max_iterations: Optional[int] = None
+    seed: Optional[int] = None
     device: str = "auto"
     extra_args: list[str] = field(default_factory=list)
 
@@ -232,11 +233,11 @@ def resume_args(run_folder) -> list[str]:
     return ["train", "--resume", str(run)]
 
 
-def start_training(settings: TrainingSettings, command: list[str] | None = None) -> jobs.CliJob:
+def start_training(settings: TrainingSettings, command: Optional[list[str]] = None) -> jobs.CliJob:
     return jobs.CliJob(training_args(settings), command=command).start()
 
 
-def start_resume(run_folder, command: list[str] | None = None) -> jobs.CliJob:
+def start_resume(run_folder, command: Optional[list[str]] = None) -> jobs.CliJob:
     return jobs.CliJob(resume_args(run_folder), command=command).start()
 
 
