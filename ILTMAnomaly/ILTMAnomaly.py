@@ -572,7 +572,7 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
         """Detection from start to finish, blocking (scripts, self-test). Returns (score volume, binary map)."""
         detection = self.startDetection(volumeNode, runFolder, settings)
         if detection.job.wait(timeout=timeout) is jobs.JobState.RUNNING:
-            detection.job.cancel()
+            detection.job.cancel(wait=True)
             detection.cleanup()
             raise PanelError(_("Detection took longer than {seconds} s and was stopped.").format(seconds=timeout))
         return self.finishDetection(detection)
