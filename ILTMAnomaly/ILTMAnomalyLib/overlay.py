@@ -148,4 +148,5 @@ def update_binary_map(scene, score_volume, threshold: float, binary_map=None, na
         binary_map.CreateDefaultDisplayNodes()
     else:
         volumes.update_volume_from_array(binary_map, mask, ijk_to_ras)
+    volumes.follow_transform(binary_map, score_volume)
     return binary_map, int(mask.sum())

@@ -113,12 +113,16 @@ def segmentation_from_labelmap(scene, labelmap_node, reference_volume, name: str
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     try:
         segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        # ``source`` is on the PET's own grid, with no parent transform: imported while the segmentation has
+        # none either, Slicer copies it without resampling. Then the segmentation goes under the PET's transform
+        # (so it is drawn on the PET), and its reference geometry, taken after that, is the PET's own grid.
         if names:
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation, ""):
                 raise PanelError(f"Slicer could not turn the anomaly map into segments of '{name}'.")
         else:
             segmentation.GetSegmentation().AddEmptySegment("", SINGLE_SEGMENT_NAME, SEGMENT_COLORS[0])
+        volumes.follow_transform(segmentation, reference_volume)
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         _name_segments(segmentation, names)
         display = segmentation.GetDisplayNode()
         display.SetOpacity2DFill(0.25)
@@ -162,7 +166,10 @@ def segment_labels_on(segmentation_node, reference_volume) -> tuple[np.ndarray, 
     dims = reference_volume.GetImageData().GetDimensions()
     if not ids:
         return np.zeros((dims[2], dims[1], dims[0]), dtype=np.int32), ids
-    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(reference_volume)
+    # The reference volume's grid in the segmentation's coordinates: its own grid when both share a parent
+    # transform (no resampling), else where the volume really lies relative to the segments.
+    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
+        reference_volume, segmentation_node.GetParentTransformNode())
     id_array, label_array = vtk.vtkStringArray(), vtk.vtkIntArray()
     for label, segment_id in enumerate(ids, start=1):
         id_array.InsertNextValue(segment_id)

@@ -194,8 +194,20 @@ def add_volume(scene, node, show: bool = True):
     return node
 
 
+def follow_transform(node, reference) -> None:
+    """Put ``node`` under ``reference``'s parent transform (both in the same scene), so they move together.
+
+    Results computed on a volume's voxel grid (scores, masks, segments) are in its local coordinates: without its
+    parent transform they would be drawn where the volume was before it was registered or moved.
+    """
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID() if reference is not None else None)
+
+
 def write_volume(volume_node, path, compress: bool = True) -> Path:
-    """Write a volume node to ``path`` (format from the extension; LPS on disk, as every ITK tool expects)."""
+    """Write a volume node to ``path`` (format from the extension; LPS on disk, as every ITK tool expects).
+
+    The file holds the volume's own grid: a parent transform is not applied (see :func:`follow_transform`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()

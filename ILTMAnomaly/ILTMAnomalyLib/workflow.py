@@ -151,6 +151,9 @@ def load_detection_results(scene, pet_volume, out_dir, stem: str = INPUT_STEM, d
         raise PanelError(f"{score_path.name} has more than one value per voxel.")
     volumes.add_volume(scene, score)
     volumes.add_volume(scene, mask)
+    # The CLI saw the PET's own grid (files carry no parent transform): results go under the PET's transform.
+    volumes.follow_transform(score, pet_volume)
+    volumes.follow_transform(mask, pet_volume)
     if density_threshold:
         mask.SetAttribute("ILTMAnomaly.DensityThreshold", repr(float(density_threshold)))
     score.SetAttribute("ILTMAnomaly.Source", pet_volume.GetID() or "")
