@@ -357,7 +357,7 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.statisticsTable = table
             self.ui.componentTableView.setMRMLTableNode(table)
             if not _isSet(p.segmentationFile):
-                p.segmentationFile = pathlib.Path(slicer.app.defaultScenePath) / f"{segmentation.GetName()}.seg.nrrd"
+                p.segmentationFile = self.logic.defaultSegmentationFile(segmentation, slicer.app.defaultScenePath)
 
     def onUpdateStatisticsButton(self) -> None:
         p = self._parameterNode
@@ -615,6 +615,11 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
             raise PanelError(_("Select the PET volume and a segmentation."))
         rows = segments.segment_statistics(segmentationNode, petVolume)
         return segments.statistics_table(slicer.mrmlScene, rows, f"{segmentationNode.GetName()} statistics", tableNode)
+
+    @staticmethod
+    def defaultSegmentationFile(segmentationNode, folder) -> pathlib.Path:
+        """``folder/<node name>.seg.nrrd`` with the name made safe ("3: PET WB" is no file name on Windows)."""
+        return segments.default_segmentation_file(folder, segmentationNode)
 
     @staticmethod
     def saveSegmentation(segmentationNode, path):

@@ -8,6 +8,7 @@ and either one segment per connected component ("Anomaly 1", "Anomaly 2", ... la
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,31 @@ def statistics_table(scene, rows: list[dict], name: str, table_node=None):
     table_node.Modified()
     table_node.EndModify(was_modifying)
     return table_node
+
+
+# Names Windows refuses as a file name whatever the extension (CON.seg.nrrd is CON too).
+RESERVED_WINDOWS_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                          *(f"COM{n}" for n in "123456789"), *(f"LPT{n}" for n in "123456789")}
+
+
+def safe_file_name(name: str, fallback: str = "segmentation") -> str:
+    """``name`` as a file name every platform accepts (a DICOM series loads as "3: PET WB", "PET/CT ...").
+
+    Characters Windows forbids (``<>:"/\\|?*`` and control characters) become ``_``; trailing dots and spaces,
+    which Windows drops, are removed; a reserved device name (CON, NUL, COM1, ...) gets a ``_`` prefix.
+    """
+    cleaned = re.sub(r'[<>:"/\\|?*\x00-\x1f\x7f]', "_", str(name))
+    cleaned = re.sub(r"_+", "_", cleaned).strip().rstrip(". ")
+    if not cleaned.strip("_ ."):
+        cleaned = fallback
+    if cleaned.split(".")[0].strip().upper() in RESERVED_WINDOWS_NAMES:
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def default_segmentation_file(folder, segmentation_node) -> Path:
+    """Where "Save segmentation" writes unless the user chose: ``folder/<safe node name>.seg.nrrd``."""
+    return Path(folder) / f"{safe_file_name(segmentation_node.GetName())}.seg.nrrd"
 
 
 def save_segmentation(segmentation_node, path) -> Path:
