@@ -197,11 +197,16 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Slicer closes or the module is reloaded: detection stops (its results would have nowhere to go) and its
+        scratch folder goes; a running training is stopped only if the user says so (see workflow.shut_down)."""
         self._jobTimer.stop()
         self._thresholdTimer.stop()
-        for job in (self._detection.job if self._detection else None, self._trainingJob):
-            if job is not None and not job.finished:
-                job.cancel()
+        workflow.shut_down(self._detection, self._trainingJob, stop_training=lambda: slicer.util.confirmYesNoDisplay(
+            _("A training is still running. Stop it now?\n\nYes: it stops; finished ILTM iterations are kept and "
+              "Resume continues the run.\nNo: it keeps running while Slicer stays open; when Slicer closes it ends "
+              "at its next progress report, and Resume continues the run."), windowTitle=_("ILTM Anomaly")))
+        self._detection = None
+        self._trainingJob = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -270,13 +275,17 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- Detect --------------------------------------------------------------------------------------------------
 
     def _ensureDependencies(self) -> bool:
-        return self.logic.ensureDependencies(
-            confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("ILTM Anomaly")))
+        # No wait cursor: the user reads a question, then pip runs for minutes with its own progress.
+        with slicer.util.tryWithErrorDisplay(_("Cannot install the Python packages ILTM Anomaly needs."),
+                                             waitCursor=False):
+            return self.logic.ensureDependencies(
+                confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("ILTM Anomaly")))
+        return False
 
     def onDetectButton(self) -> None:
+        if not self._ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot start detection."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
             p = self._parameterNode
             self._detection = self.logic.startDetection(p.inputVolume, p.runFolder, self.logic.detectionSettings(p))
             self._log(" ".join(self._detection.job.argv))
@@ -376,15 +385,15 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainButton(self) -> None:
         p = self._parameterNode
+        if not self._ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot start training."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
             self._startTraining(self.logic.startTraining(self.logic.trainingSettings(p)))
 
     def onResumeButton(self) -> None:
+        if not self._ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot resume training."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
             self._startTraining(self.logic.resumeTraining(self._parameterNode.trainingOutput))
 
     def _startTraining(self, job) -> None:

@@ -173,6 +173,21 @@ def finish_detection(scene, detection: DetectionRun):
         detection.cleanup()
 
 
+def shut_down(detection: Optional[DetectionRun], training_job: Optional[jobs.CliJob], stop_training) -> None:
+    """What the panel does when it goes away (Slicer closes, the module is reloaded).
+
+    A detection is cancelled and waited for (a second or two) so its scratch folder, which holds a copy of the
+    PET, can be removed. A training is never stopped without asking: ``stop_training()`` decides (True: the
+    process tree is stopped, finished iterations stay and Resume continues the run; False: it is left running).
+    """
+    if detection is not None:
+        if not detection.job.finished:
+            detection.job.cancel(grace_seconds=1.0, wait=True)
+        detection.cleanup()
+    if training_job is not None and not training_job.finished and stop_training():
+        training_job.cancel(grace_seconds=2.0, wait=True)
+
+
 # -- training -------------------------------------------------------------------------------------------------
 
 @dataclass

@@ -259,3 +259,22 @@ def test_importing_the_glue_installs_and_imports_nothing_heavy():
                                                         sorted((MODULE_DIR / "ILTMAnomalyLib").glob("*.py"))])
 def test_module_sources_compile(name):
     compile((MODULE_DIR / name).read_text(encoding="utf-8"), name, "exec")
+
+
+def test_questions_and_installs_never_run_under_the_wait_cursor():
+    """A wait cursor over a confirmation dialog, or over minutes of pip, says "busy" while Slicer waits for the
+    user or shows pip's own progress: dependency checks run before the waitCursor=True block."""
+    offending = []
+    for node in ast.walk(module_tree()):
+        if not isinstance(node, ast.With):
+            continue
+        waits = any(isinstance(item.context_expr, ast.Call) and any(
+            k.arg == "waitCursor" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in item.context_expr.keywords) for item in node.items)
+        if not waits:
+            continue
+        for inner in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+            if isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr in (
+                    "_ensureDependencies", "ensureDependencies", "confirmOkCancelDisplay", "confirmYesNoDisplay"):
+                offending.append(f"line {inner.lineno}: {inner.func.attr}")
+    assert not offending, offending

@@ -24,32 +24,7 @@ import pytest
 import slicer
 from ILTMAnomalyLib import parameters
 
-from slicer_app_stubs import import_module_file
-
-
-class FakeWidget:
-    """Any attribute can be set; any method call does nothing; ``property`` answers SlicerParameterName."""
-
-    def __init__(self, parameter_name=None):
-        self.__dict__["parameter_name"] = parameter_name
-        self.__dict__["connectors"] = set()
-
-    def property(self, name):
-        return self.parameter_name if name == parameters.PARAMETER_NAME_PROPERTY else None
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class FakeUi:
-    def __init__(self, bound):
-        for parameter in bound:
-            setattr(self, f"{parameter}Widget", FakeWidget(parameter))
-
-    def __getattr__(self, name):   # unbound widgets the panel touches (labels, buttons, views)
-        widget = FakeWidget()
-        setattr(self, name, widget)
-        return widget
+from slicer_app_stubs import FakeUi, FakeWidget, import_module_file
 
 
 class Connector:
