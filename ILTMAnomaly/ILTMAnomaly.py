@@ -53,7 +53,8 @@ Masking, which learns what is normal from training scans that may all contain le
 <li><b>Train</b>: train a run on a folder of scans, with progress per ILTM iteration, Cancel and Resume.</li>
 <li><b>Iterations</b>: see what each ILTM iteration masked in each training scan, and the run's history.</li>
 </ul>
-See the project's README for details.
+See the <a href="https://github.com/ILTMAnomaly/ILTMAnomaly#readme">documentation</a> for a walk-through, the
+command line and the method.
 """)
         self.parent.acknowledgementText = _("""
 The ILTM method (VQ-VAE, autoregressive Transformer, KDE scoring of healed reconstructions, iterative masking of
