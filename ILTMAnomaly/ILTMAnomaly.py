@@ -26,7 +26,7 @@ from slicer import (
     vtkMRMLTableNode,
 )
 
-from ILTMAnomalyLib import PanelError, dependencies, jobs, overlay, runs, segments, volumes, workflow
+from ILTMAnomalyLib import PanelError, dependencies, jobs, overlay, parameters, runs, segments, volumes, workflow
 
 #
 # ILTMAnomaly
@@ -53,7 +53,8 @@ Masking, which learns what is normal from training scans that may all contain le
 <li><b>Train</b>: train a run on a folder of scans, with progress per ILTM iteration, Cancel and Resume.</li>
 <li><b>Iterations</b>: see what each ILTM iteration masked in each training scan, and the run's history.</li>
 </ul>
-See the project's README for details.
+See the <a href="https://github.com/ILTMAnomaly/ILTMAnomaly#readme">documentation</a> for a walk-through, the
+command line and the method.
 """)
         self.parent.acknowledgementText = _("""
 The ILTM method (VQ-VAE, autoregressive Transformer, KDE scoring of healed reconstructions, iterative masking of
@@ -197,11 +198,16 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Slicer closes or the module is reloaded: detection stops (its results would have nowhere to go) and its
+        scratch folder goes; a running training is stopped only if the user says so (see workflow.shut_down)."""
         self._jobTimer.stop()
         self._thresholdTimer.stop()
-        for job in (self._detection.job if self._detection else None, self._trainingJob):
-            if job is not None and not job.finished:
-                job.cancel()
+        workflow.shut_down(self._detection, self._trainingJob, stop_training=lambda: slicer.util.confirmYesNoDisplay(
+            _("A training is still running. Stop it now?\n\nYes: it stops; finished ILTM iterations are kept and "
+              "Resume continues the run.\nNo: it keeps running while Slicer stays open; when Slicer closes it ends "
+              "at its next progress report, and Resume continues the run."), windowTitle=_("ILTM Anomaly")))
+        self._detection = None
+        self._trainingJob = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -209,8 +215,13 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+            self._disconnectParameterNode()
+
+    def _disconnectParameterNode(self) -> None:
+        parameters.disconnect_gui(self._parameterNode, self._parameterNodeGuiTag)
+        self._parameterNodeGuiTag = None
+        # exit() already removed it when the parameter node changes after leaving the module.
+        if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -232,11 +243,11 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self._disconnectParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # Not connectGui: before Slicer 5.10 it returns None, and exit() could never disconnect.
+            self._parameterNodeGuiTag = parameters.connect_gui(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
             self.ui.scoreWindowLevelWidget.setMRMLVolumeNode(self._parameterNode.scoreVolume)
             self.ui.componentTableView.setMRMLTableNode(self._parameterNode.statisticsTable)
@@ -265,13 +276,17 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- Detect --------------------------------------------------------------------------------------------------
 
     def _ensureDependencies(self) -> bool:
-        return self.logic.ensureDependencies(
-            confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("ILTM Anomaly")))
+        # No wait cursor: the user reads a question, then pip runs for minutes with its own progress.
+        with slicer.util.tryWithErrorDisplay(_("Cannot install the Python packages ILTM Anomaly needs."),
+                                             waitCursor=False):
+            return self.logic.ensureDependencies(
+                confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("ILTM Anomaly")))
+        return False
 
     def onDetectButton(self) -> None:
+        if not self._ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot start detection."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
             p = self._parameterNode
             self._detection = self.logic.startDetection(p.inputVolume, p.runFolder, self.logic.detectionSettings(p))
             self._log(" ".join(self._detection.job.argv))
@@ -352,7 +367,7 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.statisticsTable = table
             self.ui.componentTableView.setMRMLTableNode(table)
             if not _isSet(p.segmentationFile):
-                p.segmentationFile = pathlib.Path(slicer.app.defaultScenePath) / f"{segmentation.GetName()}.seg.nrrd"
+                p.segmentationFile = self.logic.defaultSegmentationFile(segmentation, slicer.app.defaultScenePath)
 
     def onUpdateStatisticsButton(self) -> None:
         p = self._parameterNode
@@ -371,15 +386,15 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainButton(self) -> None:
         p = self._parameterNode
+        if not self._ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot start training."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
             self._startTraining(self.logic.startTraining(self.logic.trainingSettings(p)))
 
     def onResumeButton(self) -> None:
+        if not self._ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot resume training."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
             self._startTraining(self.logic.resumeTraining(self._parameterNode.trainingOutput))
 
     def _startTraining(self, job) -> None:
@@ -567,7 +582,7 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
         """Detection from start to finish, blocking (scripts, self-test). Returns (score volume, binary map)."""
         detection = self.startDetection(volumeNode, runFolder, settings)
         if detection.job.wait(timeout=timeout) is jobs.JobState.RUNNING:
-            detection.job.cancel()
+            detection.job.cancel(wait=True)
             detection.cleanup()
             raise PanelError(_("Detection took longer than {seconds} s and was stopped.").format(seconds=timeout))
         return self.finishDetection(detection)
@@ -610,6 +625,11 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
             raise PanelError(_("Select the PET volume and a segmentation."))
         rows = segments.segment_statistics(segmentationNode, petVolume)
         return segments.statistics_table(slicer.mrmlScene, rows, f"{segmentationNode.GetName()} statistics", tableNode)
+
+    @staticmethod
+    def defaultSegmentationFile(segmentationNode, folder) -> pathlib.Path:
+        """``folder/<node name>.seg.nrrd`` with the name made safe ("3: PET WB" is no file name on Windows)."""
+        return segments.default_segmentation_file(folder, segmentationNode)
 
     @staticmethod
     def saveSegmentation(segmentationNode, path):

@@ -14,6 +14,7 @@ Modules:
     jobs: the background ``iltm`` process and its JSON-lines progress protocol.
     workflow: detection and training as the panel runs them: checks, command lines, loading results.
     dependencies: what the core needs and installing it on first use (never at import).
+    parameters: the panel's widgets bound to the parameter node with a tag that disconnects on Slicer 5.8 too.
     rendering: off-screen slice rendering through vtkMRMLSliceLogic (tests, screenshots).
 """
 

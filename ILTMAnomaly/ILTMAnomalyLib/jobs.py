@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, List, Optional, Union
 
 ERROR_PREFIX = "iltm: error:"
 # The folder holding the ``iltm`` package: next to ILTMAnomalyLib in the source tree and in an installed extension.
@@ -71,11 +71,11 @@ def python_executable() -> str:
     return sys.executable
 
 
-def iltm_command(python: str | None = None) -> list[str]:
+def iltm_command(python: Optional[str] = None) -> list[str]:
     return [python or python_executable(), "-m", "iltm"]
 
 
-def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_environment(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """This process's environment, with the bundled core importable and output unbuffered (live progress)."""
     env = dict(os.environ)
     paths = [os.fspath(CORE_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -102,8 +102,8 @@ class CliJob:
     ``log`` (all lines, for the panel's log box) and ``error_message`` (one line, when failed).
     """
 
-    def __init__(self, args: list[str], command: list[str] | None = None, env: dict[str, str] | None = None,
-                 on_event: Callable[[dict], None] | None = None, cwd: str | os.PathLike | None = None):
+    def __init__(self, args: list[str], command: Optional[list[str]] = None, env: Optional[dict[str, str]] = None,
+                 on_event: Optional[Callable[[dict], None]] = None, cwd: Optional[Union[str, os.PathLike]] = None):
         self.args = list(args)
         if "--progress" not in self.args:
             self.args += ["--progress", "jsonl"]
@@ -113,31 +113,32 @@ class CliJob:
         self.on_event = on_event
 
         self.state = JobState.NOT_STARTED
-        self.returncode: int | None = None
-        self.fraction: float | None = None
-        self.stage: str | None = None
+        self.returncode: Optional[int] = None
+        self.fraction: Optional[float] = None
+        self.stage: Optional[str] = None
         self.message = ""
         self.outputs: dict[str, list[str]] = {}
         self.iterations: list[dict] = []
         self.log: list[str] = []
-        self.error_message: str | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
+        self.error_message: Optional[str] = None
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
 
-        self._process: subprocess.Popen | None = None
+        self._process: Optional[subprocess.Popen] = None
         self._queue: queue.Queue = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._stderr_lines: list[str] = []
-        self._error_event: str | None = None
+        self._error_event: Optional[str] = None
         self._cancel_requested = False
         self._exit_seen = False
+        self._stopper: Optional[threading.Thread] = None
 
     @property
     def argv(self) -> list[str]:
         return self.command + self.args
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> Optional[int]:
         return self._process.pid if self._process else None
 
     @property
@@ -203,7 +204,7 @@ class CliJob:
                 self.on_event(event)
         return events
 
-    def _handle_line(self, source: str, line: str) -> dict | None:
+    def _handle_line(self, source: str, line: str) -> Optional[dict]:
         text = line.rstrip("\r\n")
         if not text.strip():
             return None
@@ -260,7 +261,7 @@ class CliJob:
             return f"iltm was stopped by signal {-returncode}." + (f" Last message: {last}" if last else "")
         return f"iltm failed with exit code {returncode}." + (f" Last message: {last}" if last else "")
 
-    def wait(self, timeout: float | None = None, poll_interval: float = 0.05) -> JobState:
+    def wait(self, timeout: Optional[float] = None, poll_interval: float = 0.05) -> JobState:
         """Block until the job ends (or ``timeout`` seconds pass), handling events as they come."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.state is JobState.RUNNING:
@@ -272,47 +273,158 @@ class CliJob:
             time.sleep(poll_interval)
         return self.state
 
-    def cancel(self, grace_seconds: float = 5.0) -> None:
-        """Ask the process (and its process group) to stop; kill it when it has not stopped after the grace time.
+    def cancel(self, grace_seconds: float = 5.0, wait: bool = False) -> None:
+        """Stop the whole process tree; returns at once (the GUI never waits) unless ``wait`` is True.
 
-        Returns once the process is gone; the queue then ends with the exit, so ``poll`` turns the state to
-        CANCELLED.
+        ``PythonSlicer`` is a launcher that runs ``python-real`` as its own child, and the CLI may start workers:
+        ending the launcher alone would leave the work running, holding the GPU and writing into the run folder.
+        A background thread asks the tree to stop (SIGTERM to the process group on POSIX), kills whatever is left
+        after ``grace_seconds`` (Windows has no polite request for a windowless process: the tree is killed at
+        once), and the exit then reaches :meth:`poll`, which turns the state to CANCELLED.
+
+        Args:
+            grace_seconds: how long the tree may take to stop on its own before it is killed.
+            wait: block until the job has ended (scripts, tests, the module's shutdown).
         """
         if self._process is None or self.finished:
             return
-        self._cancel_requested = True
-        if self._process.poll() is None:
-            self._signal(terminate=True)
-            try:
-                self._process.wait(timeout=grace_seconds)
-            except subprocess.TimeoutExpired:
-                self._signal(terminate=False)
-                self._process.wait()
-        if os.name != "nt":
-            # Workers of the CLI that outlived it (they share its process group) go too.
-            try:
-                os.killpg(self._process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        # The exit record follows once the readers reach end of file (the pipes close with the process).
-        deadline = time.monotonic() + max(1.0, grace_seconds)
-        while not self._exit_seen and time.monotonic() < deadline:
-            self.poll()
-            time.sleep(0.01)
+        if not self._cancel_requested:
+            self._cancel_requested = True
+            self._stopper = threading.Thread(target=stop_process_tree, args=(self._process, grace_seconds),
+                                             daemon=True, name=f"iltm-cancel-{self._process.pid}")
+            self._stopper.start()
+        if wait:
+            self._stopper.join()
+            self.wait(timeout=max(1.0, grace_seconds) + 10.0)
 
-    def _signal(self, terminate: bool) -> None:
-        process = self._process
+
+# -- stopping a process tree ----------------------------------------------------------------------------------
+
+def _psutil():
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def descendants(pid: int) -> List[int]:
+    """Process ids of every descendant of ``pid`` (children first found, grandchildren after), best effort.
+
+    psutil when it is installed; else on POSIX the parent links that ``ps`` lists; else (Windows without psutil)
+    none, and ``taskkill /T`` walks the tree itself.
+    """
+    psutil = _psutil()
+    if psutil is not None:
         try:
-            if os.name == "nt":
-                process.terminate() if terminate else process.kill()
-            else:
-                os.killpg(process.pid, signal.SIGTERM if terminate else signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            # Already gone, or the group leader exited: fall back to the one process we started.
+            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    if os.name == "nt":
+        return []
+    try:
+        listing = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: Dict[int, List[int]] = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(fields[0]))
+    found, frontier = [], [pid]
+    while frontier:
+        next_frontier = [child for parent in frontier for child in children.get(parent, ()) if child not in found]
+        found += next_frontier
+        frontier = next_frontier
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
+    psutil = _psutil()
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    if os.name == "nt":
+        # Without psutil: tasklist prints the process when it exists.
+        try:
+            listing = subprocess.run(["tasklist", "/FI", f"PID eq {pid}", "/NH"], capture_output=True, text=True,
+                                     timeout=10, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0)).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return str(pid) in listing.split()
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _send(pid: int, sig, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+def kill_tree_windows(pid: int, tree: List[int]) -> None:
+    """Kill ``pid`` and its descendants: psutil when installed, else ``taskkill /T /F`` (Windows' own tree kill)."""
+    psutil = _psutil()
+    if psutil is not None:
+        for member in [pid] + tree:
             try:
-                process.terminate() if terminate else process.kill()
-            except ProcessLookupError:
+                psutil.Process(member).kill()
+            except psutil.Error:
                 pass
+        return
+    try:
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, timeout=30, check=False,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def stop_process_tree(process: subprocess.Popen, grace_seconds: float = 5.0) -> None:
+    """Stop ``process`` (started in its own session / process group by :class:`CliJob`) and all it started.
+
+    Blocks for up to ``grace_seconds`` and a little more: :meth:`CliJob.cancel` runs it on a thread.
+    """
+    pid = process.pid
+    # Taken while the launcher still runs: once it is gone its children no longer name it as their parent.
+    tree = descendants(pid)
+    if os.name == "nt":
+        kill_tree_windows(pid, tree)
+        try:
+            process.kill()
+        except OSError:
+            pass
+        return
+    _send(pid, signal.SIGTERM, group=True)
+    for member in tree:
+        _send(member, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not any(process_alive(member) for member in tree):
+            break
+        time.sleep(0.02)
+    # Whatever is left: the group (workers that kept it) and descendants that left it.
+    _send(pid, signal.SIGKILL, group=True)
+    for member in tree + [m for m in descendants(pid) if m not in tree]:
+        _send(member, signal.SIGKILL)
+    if process.poll() is None:
+        _send(pid, signal.SIGKILL)
 
 
 def format_iteration(event: dict) -> str:

@@ -8,6 +8,7 @@ nothing unusual. The binary map (score > threshold) is the label layer, drawn as
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from iltm.layout import DEFAULT_DENSITY_THRESHOLD
@@ -60,7 +61,7 @@ def slice_composite_nodes(scene) -> list:
 
 
 def show_score_overlay(scene, pet_volume, score_volume, threshold: float, opacity: float = 0.5,
-                       window: tuple[float, float] | None = None, binary_map=None) -> None:
+                       window: Optional[tuple[float, float]] = None, binary_map=None) -> None:
     """Set every slice view to PET (background) + heat-coloured score (foreground) [+ binary map outline].
 
     Args:
@@ -129,7 +130,7 @@ def binary_map_array(score_volume, threshold: float) -> np.ndarray:
     return (score > threshold).astype(np.uint8)
 
 
-def update_binary_map(scene, score_volume, threshold: float, binary_map=None, name: str | None = None):
+def update_binary_map(scene, score_volume, threshold: float, binary_map=None, name: Optional[str] = None):
     """Set ``binary_map`` to score > threshold (creating the label map node the first time).
 
     Returns:
@@ -147,4 +148,5 @@ def update_binary_map(scene, score_volume, threshold: float, binary_map=None, na
         binary_map.CreateDefaultDisplayNodes()
     else:
         volumes.update_volume_from_array(binary_map, mask, ijk_to_ras)
+    volumes.follow_transform(binary_map, score_volume)
     return binary_map, int(mask.sum())

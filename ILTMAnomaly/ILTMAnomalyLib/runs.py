@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class RunFolder(RunLayout):
     def iteration_folder(self, iteration: int) -> Path:
         return self.iteration_dir(iteration)
 
-    def resolve_iteration(self, iteration: int | None) -> int:
+    def resolve_iteration(self, iteration: Optional[int]) -> int:
         """The iteration detection will use: ``iteration`` when trained, the last one when None or negative."""
         trained = self.trained_iterations()
         if not trained:
@@ -78,7 +79,7 @@ class RunFolder(RunLayout):
             raise PanelError(f"{error}.") from None
 
     @property
-    def spatial_dims(self) -> int | None:
+    def spatial_dims(self) -> Optional[int]:
         """2 or 3: from manifest.json, else from ``data.spatial_dims`` in config.yaml; None when unknown."""
         return RunLayout.spatial_dims(self) or _spatial_dims_from_config(self.config_path)
 
@@ -117,7 +118,7 @@ def _number(value) -> float:
         return float("nan")
 
 
-def _spatial_dims_from_config(path: Path) -> int | None:
+def _spatial_dims_from_config(path: Path) -> Optional[int]:
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -180,7 +181,7 @@ class HistoryPlot:
     nodes: list
 
 
-def history_plot(scene, run: RunFolder, previous: HistoryPlot | None = None) -> HistoryPlot:
+def history_plot(scene, run: RunFolder, previous: Optional[HistoryPlot] = None) -> HistoryPlot:
     """Table and two charts of the run's history: masked-token count and resampling threshold per iteration.
 
     The two quantities differ by orders of magnitude, so each gets its own chart (Slicer plots have one y axis).

@@ -8,6 +8,7 @@ and either one segment per connected component ("Anomaly 1", "Anomaly 2", ... la
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,12 +114,16 @@ def segmentation_from_labelmap(scene, labelmap_node, reference_volume, name: str
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     try:
         segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        # ``source`` is on the PET's own grid, with no parent transform: imported while the segmentation has
+        # none either, Slicer copies it without resampling. Then the segmentation goes under the PET's transform
+        # (so it is drawn on the PET), and its reference geometry, taken after that, is the PET's own grid.
         if names:
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation, ""):
                 raise PanelError(f"Slicer could not turn the anomaly map into segments of '{name}'.")
         else:
             segmentation.GetSegmentation().AddEmptySegment("", SINGLE_SEGMENT_NAME, SEGMENT_COLORS[0])
+        volumes.follow_transform(segmentation, reference_volume)
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         _name_segments(segmentation, names)
         display = segmentation.GetDisplayNode()
         display.SetOpacity2DFill(0.25)
@@ -162,7 +167,10 @@ def segment_labels_on(segmentation_node, reference_volume) -> tuple[np.ndarray, 
     dims = reference_volume.GetImageData().GetDimensions()
     if not ids:
         return np.zeros((dims[2], dims[1], dims[0]), dtype=np.int32), ids
-    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(reference_volume)
+    # The reference volume's grid in the segmentation's coordinates: its own grid when both share a parent
+    # transform (no resampling), else where the volume really lies relative to the segments.
+    geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
+        reference_volume, segmentation_node.GetParentTransformNode())
     id_array, label_array = vtk.vtkStringArray(), vtk.vtkIntArray()
     for label, segment_id in enumerate(ids, start=1):
         id_array.InsertNextValue(segment_id)
@@ -224,6 +232,31 @@ def statistics_table(scene, rows: list[dict], name: str, table_node=None):
     table_node.Modified()
     table_node.EndModify(was_modifying)
     return table_node
+
+
+# Names Windows refuses as a file name whatever the extension (CON.seg.nrrd is CON too).
+RESERVED_WINDOWS_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                          *(f"COM{n}" for n in "123456789"), *(f"LPT{n}" for n in "123456789")}
+
+
+def safe_file_name(name: str, fallback: str = "segmentation") -> str:
+    """``name`` as a file name every platform accepts (a DICOM series loads as "3: PET WB", "PET/CT ...").
+
+    Characters Windows forbids (``<>:"/\\|?*`` and control characters) become ``_``; trailing dots and spaces,
+    which Windows drops, are removed; a reserved device name (CON, NUL, COM1, ...) gets a ``_`` prefix.
+    """
+    cleaned = re.sub(r'[<>:"/\\|?*\x00-\x1f\x7f]', "_", str(name))
+    cleaned = re.sub(r"_+", "_", cleaned).strip().rstrip(". ")
+    if not cleaned.strip("_ ."):
+        cleaned = fallback
+    if cleaned.split(".")[0].strip().upper() in RESERVED_WINDOWS_NAMES:
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def default_segmentation_file(folder, segmentation_node) -> Path:
+    """Where "Save segmentation" writes unless the user chose: ``folder/<safe node name>.seg.nrrd``."""
+    return Path(folder) / f"{safe_file_name(segmentation_node.GetName())}.seg.nrrd"
 
 
 def save_segmentation(segmentation_node, path) -> Path:

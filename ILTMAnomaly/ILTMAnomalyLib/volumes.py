@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import vtk
@@ -106,7 +107,7 @@ def volume_spatial_dims(volume_node) -> int:
     return 2 if dims[2] == 1 else 3
 
 
-def volume_problem(volume_node, scene=None) -> str | None:
+def volume_problem(volume_node, scene=None) -> Optional[str]:
     """Why this node cannot be given to the detector, or None when it can: one static scalar 2D/3D image."""
     if volume_node is None:
         return "Select a PET volume first."
@@ -136,7 +137,7 @@ def volume_problem(volume_node, scene=None) -> str | None:
     return None
 
 
-def _sequence_browser_of(volume_node, scene) -> str | None:
+def _sequence_browser_of(volume_node, scene) -> Optional[str]:
     if scene is None or volume_node.GetID() is None:
         return None
     browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
@@ -193,8 +194,20 @@ def add_volume(scene, node, show: bool = True):
     return node
 
 
+def follow_transform(node, reference) -> None:
+    """Put ``node`` under ``reference``'s parent transform (both in the same scene), so they move together.
+
+    Results computed on a volume's voxel grid (scores, masks, segments) are in its local coordinates: without its
+    parent transform they would be drawn where the volume was before it was registered or moved.
+    """
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID() if reference is not None else None)
+
+
 def write_volume(volume_node, path, compress: bool = True) -> Path:
-    """Write a volume node to ``path`` (format from the extension; LPS on disk, as every ITK tool expects)."""
+    """Write a volume node to ``path`` (format from the extension; LPS on disk, as every ITK tool expects).
+
+    The file holds the volume's own grid: a parent transform is not applied (see :func:`follow_transform`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()

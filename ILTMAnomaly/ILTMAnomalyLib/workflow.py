@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX
 
@@ -37,17 +38,17 @@ class DetectionSettings:
         seed: seed of the token resampling.
     """
 
-    iteration: int | None = None
+    iteration: Optional[int] = None
     device: str = "auto"
-    resampling_threshold: float | None = None
-    samples: int | None = None
-    dropout_passes: int | None = None
-    eps: float | None = None
-    density_threshold: float | None = overlay.DEFAULT_DENSITY_THRESHOLD
-    seed: int | None = None
+    resampling_threshold: Optional[float] = None
+    samples: Optional[int] = None
+    dropout_passes: Optional[int] = None
+    eps: Optional[float] = None
+    density_threshold: Optional[float] = overlay.DEFAULT_DENSITY_THRESHOLD
+    seed: Optional[int] = None
 
 
-def check_detection_inputs(volume_node, run_folder, iteration: int | None = None) -> tuple[RunFolder, int]:
+def check_detection_inputs(volume_node, run_folder, iteration: Optional[int] = None) -> tuple[RunFolder, int]:
     """Every reason detection would fail before it starts; returns the run and the iteration to use."""
     problem = volumes.volume_problem(volume_node)
     if problem:
@@ -100,8 +101,8 @@ class DetectionRun:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def start_detection(volume_node, run_folder, settings: DetectionSettings | None = None,
-                    command: list[str] | None = None, work_dir=None) -> DetectionRun:
+def start_detection(volume_node, run_folder, settings: Optional[DetectionSettings] = None,
+                    command: Optional[list[str]] = None, work_dir=None) -> DetectionRun:
     """Check inputs, write the PET to a scratch NIfTI, start ``iltm detect`` in the background."""
     settings = settings or DetectionSettings()
     run, iteration = check_detection_inputs(volume_node, run_folder, settings.iteration)
@@ -150,6 +151,9 @@ def load_detection_results(scene, pet_volume, out_dir, stem: str = INPUT_STEM, d
         raise PanelError(f"{score_path.name} has more than one value per voxel.")
     volumes.add_volume(scene, score)
     volumes.add_volume(scene, mask)
+    # The CLI saw the PET's own grid (files carry no parent transform): results go under the PET's transform.
+    volumes.follow_transform(score, pet_volume)
+    volumes.follow_transform(mask, pet_volume)
     if density_threshold:
         mask.SetAttribute("ILTMAnomaly.DensityThreshold", repr(float(density_threshold)))
     score.SetAttribute("ILTMAnomaly.Source", pet_volume.GetID() or "")
@@ -169,6 +173,21 @@ def finish_detection(scene, detection: DetectionRun):
         detection.cleanup()
 
 
+def shut_down(detection: Optional[DetectionRun], training_job: Optional[jobs.CliJob], stop_training) -> None:
+    """What the panel does when it goes away (Slicer closes, the module is reloaded).
+
+    A detection is cancelled and waited for (a second or two) so its scratch folder, which holds a copy of the
+    PET, can be removed. A training is never stopped without asking: ``stop_training()`` decides (True: the
+    process tree is stopped, finished iterations stay and Resume continues the run; False: it is left running).
+    """
+    if detection is not None:
+        if not detection.job.finished:
+            detection.job.cancel(grace_seconds=1.0, wait=True)
+        detection.cleanup()
+    if training_job is not None and not training_job.finished and stop_training():
+        training_job.cancel(grace_seconds=2.0, wait=True)
+
+
 # -- training -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -184,11 +203,11 @@ class TrainingSettings:
         device: "auto", "cuda" or "cpu".
     """
 
-    data_folder: Path | None = None
-    run_folder: Path | None = None
+    data_folder: Optional[Path] = None
+    run_folder: Optional[Path] = None
     preset: str = "small"
-    max_iterations: int | None = None
-    seed: int | None = None
+    max_iterations: Optional[int] = None
+    seed: Optional[int] = None
     device: str = "auto"
     extra_args: list[str] = field(default_factory=list)
 
@@ -232,11 +251,11 @@ def resume_args(run_folder) -> list[str]:
     return ["train", "--resume", str(run)]
 
 
-def start_training(settings: TrainingSettings, command: list[str] | None = None) -> jobs.CliJob:
+def start_training(settings: TrainingSettings, command: Optional[list[str]] = None) -> jobs.CliJob:
     return jobs.CliJob(training_args(settings), command=command).start()
 
 
-def start_resume(run_folder, command: list[str] | None = None) -> jobs.CliJob:
+def start_resume(run_folder, command: Optional[list[str]] = None) -> jobs.CliJob:
     return jobs.CliJob(resume_args(run_folder), command=command).start()
 
 

@@ -33,7 +33,7 @@ def cli(args: list[str], timeout: float = 3600) -> jobs.CliJob:
         timeout -= 30
         print(f"  {job.message}", flush=True)
     if job.state is not jobs.JobState.SUCCEEDED:
-        job.cancel()
+        job.cancel(wait=True)
         raise SystemExit(f"iltm {args[0]} failed: {job.error_message}")
     return job
 

@@ -4,8 +4,9 @@ and Test classes run on the slicer-core wheel's real MRML.
 What is faked (only what the module file touches outside its Widget class): ``qt``/``ctk`` (import only),
 ``slicer.i18n`` (identity), ``slicer.parameterNodeWrapper`` (a plain attribute holder with the class defaults),
 ``slicer.ScriptedLoadableModule`` (base classes; the Test base is ``unittest.TestCase``) and ``slicer.mrmlScene``.
-The Widget class is never instantiated: it needs the real Qt application, which is checked statically instead
-(test_module_static.py).
+The Widget class needs the real Qt application for ``setup()``, which is checked statically instead
+(test_module_static.py); a few of its methods (enter/exit, cleanup) are driven with :class:`FakeUi` in place of
+the loaded .ui.
 """
 
 from __future__ import annotations
@@ -92,3 +93,29 @@ def import_module_file(monkeypatch, scene):
     monkeypatch.setitem(sys.modules, "ILTMAnomaly", module)
     spec.loader.exec_module(module)
     return module
+
+
+# A stand-in for the panel's widgets (``self.ui``), to drive ILTMAnomalyWidget methods without Qt.
+class FakeWidget:
+    """Any attribute can be set; any method call does nothing; ``property`` answers SlicerParameterName."""
+
+    def __init__(self, parameter_name=None):
+        self.__dict__["parameter_name"] = parameter_name
+        self.__dict__["connectors"] = set()
+
+    def property(self, name):
+        return self.parameter_name if name == "SlicerParameterName" else None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class FakeUi:
+    def __init__(self, bound):
+        for parameter in bound:
+            setattr(self, f"{parameter}Widget", FakeWidget(parameter))
+
+    def __getattr__(self, name):   # unbound widgets the panel touches (labels, buttons, views)
+        widget = FakeWidget()
+        setattr(self, name, widget)
+        return widget

@@ -89,7 +89,7 @@ def test_cancel_stops_the_process(tmp_path, pet_file, fake_cli):
     while not any(e["event"] == "start" for e in job.poll()) and time.monotonic() < deadline:
         time.sleep(0.02)
     started = time.monotonic()
-    job.cancel(grace_seconds=5)
+    job.cancel(grace_seconds=5, wait=True)
     assert time.monotonic() - started < 10
     assert job.state is jobs.JobState.CANCELLED and job.error_message == "Cancelled."
     with pytest.raises(ProcessLookupError):
@@ -108,10 +108,65 @@ def test_cancel_kills_a_process_that_ignores_terminate(tmp_path):
     while not job.poll() and time.monotonic() < deadline:
         time.sleep(0.02)
     started = time.monotonic()
-    job.cancel(grace_seconds=0.5)
+    job.cancel(grace_seconds=0.5, wait=True)
     assert time.monotonic() - started < 5
     assert job.state is jobs.JobState.CANCELLED
     assert job.returncode not in (0, None)
+
+
+# A stand-in for PythonSlicer, which is a launcher: it starts the real interpreter (python-real) as its own child,
+# passes its output through and waits for it. Here the "launcher" starts a "python-real" grandchild that ignores
+# SIGTERM (a busy process that does not stop at once), reports the grandchild's pid, and waits.
+LAUNCHER = """
+import subprocess, sys
+own_session = sys.argv[1] == "own-session"
+child = subprocess.Popen([sys.executable, "-c", sys.argv[2]], start_new_session=own_session)
+print('{"event": "start", "grandchild": %d}' % child.pid, flush=True)
+sys.exit(child.wait())
+"""
+PYTHON_REAL = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+
+
+def _gone(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while jobs.process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not jobs.process_alive(pid)
+
+
+def _start_launcher(tmp_path, mode):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    job = jobs.CliJob(["detect"], command=[sys.executable, str(launcher), mode, PYTHON_REAL]).start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        started = [e for e in job.poll() if e["event"] == "start"]
+        if started:
+            return job, started[0]["grandchild"]
+        time.sleep(0.02)
+    raise AssertionError("the launcher stand-in did not start")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the grandchild ignores SIGTERM, a POSIX signal")
+@pytest.mark.parametrize("mode", ["same-group", "own-session"])
+def test_cancel_kills_the_launcher_and_its_child_without_blocking(tmp_path, mode):
+    job, grandchild = _start_launcher(tmp_path, mode)
+    launcher = job.pid
+    assert jobs.descendants(launcher) == [grandchild]
+    started = time.monotonic()
+    job.cancel(grace_seconds=1.0)
+    # The GUI calls cancel() from a button: it must return at once, not after the grace time.
+    assert time.monotonic() - started < 0.5
+    assert job.wait(timeout=15) is jobs.JobState.CANCELLED
+    assert _gone(launcher) and _gone(grandchild), f"python-real stand-in {grandchild} survived ({mode})"
+
+
+def test_windows_tree_kill_uses_taskkill_without_psutil(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jobs, "_psutil", lambda: None)
+    monkeypatch.setattr(jobs.subprocess, "run", lambda argv, **options: calls.append(argv))
+    jobs.kill_tree_windows(4321, [])
+    assert calls == [["taskkill", "/PID", "4321", "/T", "/F"]]
 
 
 def test_a_missing_program_fails_cleanly():

@@ -93,3 +93,9 @@ def test_self_test_bad_input_case(module):
     test = module.ILTMAnomalyTest()
     test.setUp()
     test.test_ILTMAnomaly_bad_input()
+
+
+def test_default_segmentation_file_has_a_safe_name(module, scene, tmp_path):
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "3: PET WB anomalies")
+    path = module.ILTMAnomalyLogic.defaultSegmentationFile(segmentation, tmp_path)
+    assert path == tmp_path / "3_ PET WB anomalies.seg.nrrd"

@@ -30,7 +30,7 @@ def run_cli(args, timeout=600, **options) -> jobs.CliJob:
     job = jobs.CliJob(args, **options).start()
     state = job.wait(timeout=timeout)
     if state is jobs.JobState.RUNNING:
-        job.cancel()
+        job.cancel(wait=True)
     return job
 
 
@@ -138,7 +138,7 @@ def test_cancel_stops_real_training(real_run, tmp_path):
         assert time.monotonic() < deadline, "no progress line within 5 minutes"
         time.sleep(0.1)
     pid = job.pid
-    job.cancel(grace_seconds=10)
+    job.cancel(grace_seconds=10, wait=True)
     assert job.state is jobs.JobState.CANCELLED
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

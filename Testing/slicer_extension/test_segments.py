@@ -113,3 +113,29 @@ def test_saving_needs_a_file_name(scene, pet_node):
     segmentation = segments.segmentation_from_mask(scene, phantom_pet()[1] > 0, pet_node, "x")
     with pytest.raises(PanelError, match="file name"):
         segments.save_segmentation(segmentation, "")
+
+
+WINDOWS_FORBIDDEN = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+
+
+@pytest.mark.parametrize("node_name, expected", [
+    ("3: PET WB anomalies", "3_ PET WB anomalies"),          # DICOM series: "<series number>: <description>"
+    ('PET/CT "AC" <WB> a|b?*\\c', "PET_CT _AC_ _WB_ a_b_c"),
+    ("PET\tWB\x01 ", "PET_WB_"),
+    ("lesions. . ", "lesions"),
+    ("CON", "_CON"), ("nul.seg", "_nul.seg"), ("LPT1", "_LPT1"),
+    (":::", "segmentation"),
+])
+def test_default_file_name_is_safe_on_windows(scene, node_name, expected):
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", node_name)
+    path = segments.default_segmentation_file("/scenes", segmentation)
+    assert path.name == expected + ".seg.nrrd"
+    assert not set(path.name) & WINDOWS_FORBIDDEN
+    assert path.parent.as_posix() == "/scenes"
+
+
+def test_a_dicom_named_segmentation_saves_under_its_default_name(scene, pet_node, tmp_path):
+    _, lesions = phantom_pet()
+    segmentation = segments.segmentation_from_mask(scene, lesions > 0, pet_node, "3: PET WB/AC anomalies")
+    path = segments.save_segmentation(segmentation, segments.default_segmentation_file(tmp_path, segmentation))
+    assert path == tmp_path / "3_ PET WB_AC anomalies.seg.nrrd" and path.is_file()

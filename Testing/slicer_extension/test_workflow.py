@@ -88,7 +88,7 @@ def test_cancelled_detection_adds_nothing(scene, pet_node, tmp_path, fake_cli, m
     monkeypatch.setenv("FAKE_ILTM_SLEEP", "20")
     detection = workflow.start_detection(pet_node, run, command=fake_cli)
     time.sleep(0.5)
-    detection.job.cancel(grace_seconds=2)
+    detection.job.cancel(grace_seconds=2, wait=True)
     with pytest.raises(PanelError, match="cancelled"):
         workflow.finish_detection(scene, detection)
     assert count_nodes(scene) == nodes and not detection.work_dir.exists()
