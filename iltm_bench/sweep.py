@@ -362,25 +362,26 @@ def seed_constant_run(source, root: Path) -> bool:
     when the source has no finished iteration 0.
     """
     from iltm.layout import FORMAT_VERSION
+    from iltm.run import RunFolder
 
     history = source.history()
     first = [r for r in history["iterations"] if r["iteration"] == 0]
     if not first or not source.transformer_path(0).is_file():
         return False
-    partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = RunFolder(root.with_name(root.name + ".partial"))
+    if partial.root.exists():
+        shutil.rmtree(partial.root)
+    partial.root.mkdir(parents=True)
     cfg = source.config()
     cfg.iltm.constant_threshold = True
-    cfg.save(partial / "config.yaml")
-    for name in ("manifest.json", "vqvae.pt", "tokens.pt"):
-        shutil.copy2(source.root / name, partial / name)
-    shutil.copytree(source.iteration_dir(0), partial / source.iteration_dir(0).name)
-    (partial / "history.json").write_text(json.dumps({
+    cfg.save(partial.config_path)
+    for path in ("manifest_path", "vqvae_path", "tokens_path"):
+        shutil.copy2(getattr(source, path), getattr(partial, path))
+    shutil.copytree(source.iteration_dir(0), partial.iteration_dir(0))
+    partial.history_path.write_text(json.dumps({
         "version": FORMAT_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
         "stop_reason": None, "seeded_from": str(source.root)}, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.rename(root)
+    partial.root.rename(root)
     return True
 
 
@@ -634,7 +635,7 @@ class Sweep:
         self._cohort(fraction, train_dir)
         runs = self.fraction_dir(fraction) / "runs"
         root = runs / "iltm_constant"
-        if not (root / "manifest.json").is_file() and RunFolder(runs / "iltm").history_path.is_file():
+        if not RunFolder(root).manifest_path.is_file() and RunFolder(runs / "iltm").history_path.is_file():
             if root.exists():
                 shutil.rmtree(root)
             seed_constant_run(RunFolder(runs / "iltm"), root)
@@ -771,6 +772,7 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
     import SimpleITK as sitk
 
     from iltm.io import read_image
+    from iltm.layout import SCORE_SUFFIX
     from iltm.visualize import overlay_axes, save_figure, to_view
 
     manifest_path = out / "test" / "manifest.json"
@@ -797,7 +799,7 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
         return None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     subjects = [s for s in manifest["subjects"] if s["anomalous"]][:max(cases, 1)]
-    subjects = [s for s in subjects if all((d / f"{s['id']}_score.nii.gz").is_file() for d in maps.values())]
+    subjects = [s for s in subjects if all((d / f"{s['id']}{SCORE_SUFFIX}").is_file() for d in maps.values())]
     if not subjects:
         return None
     names = ["input", "truth", *maps]
@@ -811,7 +813,7 @@ def figure5(out: Path, rows: list[dict[str, Any]], path: Path, cases: int = 3) -
         axes[1, c].imshow(to_view(truth.astype(np.float32)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[1, c].set_axis_off()
         for r, name in enumerate(maps, start=2):
-            score = to_view(sitk.GetArrayFromImage(read_image(maps[name] / f"{s['id']}_score.nii.gz")))
+            score = to_view(sitk.GetArrayFromImage(read_image(maps[name] / f"{s['id']}{SCORE_SUFFIX}")))
             lo, hi = np.percentile(score, 1), np.percentile(score, 99.9)
             axes[r, c].imshow(score, cmap="hot", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
             if truth.any():

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from iltm.detect import Detector, token_mask_from_map
 from iltm.io import read_label
+from iltm.layout import MASK_SUFFIX
 from iltm.run import RunFolder
 from iltm.vqvae import encode_tokens
 
@@ -32,13 +33,13 @@ def read_bool(path: Path) -> np.ndarray:
 def mask_coverage(run: RunFolder, labels: Path) -> list[dict]:
     rows = []
     for k in run.trained_iterations():
-        masks = sorted((run.iteration_dir(k) / "masks").glob("*_mask.nii.gz"))
+        masks = sorted((run.iteration_dir(k) / "masks").glob(f"*{MASK_SUFFIX}"))
         if not masks:
             continue
         tp = fp = fn = lesions = touched = 0
         for path in masks:
             mask = read_bool(path)
-            label_path = labels / f"{path.name[:-len('_mask.nii.gz')]}.nii.gz"
+            label_path = labels / f"{path.name[:-len(MASK_SUFFIX)]}.nii.gz"
             truth = read_bool(label_path) if label_path.is_file() else np.zeros_like(mask)
             tp += int((mask & truth).sum())
             fp += int((mask & ~truth).sum())

@@ -11,7 +11,7 @@ import math
 from typing import Optional
 
 import numpy as np
-from iltm.layout import DEFAULT_DENSITY_THRESHOLD
+from iltm.layout import DEFAULT_DENSITY_THRESHOLD  # noqa: F401  (the panel's default tau, as overlay.DEFAULT_DENSITY_THRESHOLD)
 
 from . import PanelError, volumes
 

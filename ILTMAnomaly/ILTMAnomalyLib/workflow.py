@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX
+from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX, RunLayout
 
 from . import PanelError, jobs, overlay, volumes
 from .runs import RunFolder
@@ -226,7 +226,7 @@ def training_args(settings: TrainingSettings) -> list[str]:
     if not data.exists():
         raise PanelError(f"The training data {data} does not exist.")
     if out.exists() and any(out.iterdir()):
-        if (out / "config.yaml").is_file():
+        if RunLayout(out).config_path.is_file():
             raise PanelError(f"{out} already holds a training run: press Resume to continue it, or choose an "
                              "empty output folder.")
         raise PanelError(f"The output folder {out} is not empty; choose an empty or new folder.")
@@ -245,10 +245,10 @@ def training_args(settings: TrainingSettings) -> list[str]:
 def resume_args(run_folder) -> list[str]:
     if not _is_set(run_folder):
         raise PanelError("Choose the run folder to resume first.")
-    run = Path(run_folder)
-    if not (run / "config.yaml").is_file() or not (run / "manifest.json").is_file():
-        raise PanelError(f"{run} is not a training run (config.yaml or manifest.json is missing): nothing to resume.")
-    return ["train", "--resume", str(run)]
+    run = RunLayout(run_folder)
+    if not run.config_path.is_file() or not run.manifest_path.is_file():
+        raise PanelError(f"{run.root} is not a training run (config.yaml or manifest.json is missing): nothing to resume.")
+    return ["train", "--resume", str(run.root)]
 
 
 def start_training(settings: TrainingSettings, command: Optional[list[str]] = None) -> jobs.CliJob:

@@ -24,8 +24,8 @@ from .layout import DEFAULT_DENSITY_THRESHOLD, FORMAT_VERSION
 DIMENSION_KEYS = ("2d", "3d")  # the keys of a setting given one per dimension, such as {"2d": a, "3d": b}
 
 
-def setting(default: Any = None, *, low: float | None = None, high: float | None = None, above: bool = False,
-            choices: tuple | None = None, factory: Any = None):
+def setting(default: Any = None, *, low: Optional[float] = None, high: Optional[float] = None, above: bool = False,
+            choices: Optional[tuple] = None, factory: Any = None):
     """A config field and what it allows: numbers in [low, high] (``above``: strictly above ``low``), text among
     ``choices``. The type comes from the field's annotation."""
     metadata = {"low": low, "high": high, "above": above, "choices": choices}
@@ -34,7 +34,7 @@ def setting(default: Any = None, *, low: float | None = None, high: float | None
     return field(default=default, metadata=metadata)
 
 
-def per_dimension(value: Any, dims: int | None, missing: Any = None) -> Any:
+def per_dimension(value: Any, dims: Optional[int], missing: Any = None) -> Any:
     """What a setting that may be one per dimension (``{"2d": a, "3d": b}``) is for ``dims``-D scans; ``missing``
     when it is per dimension without a value for them."""
     return value.get(f"{dims}d", missing) if isinstance(value, dict) else value
@@ -122,11 +122,11 @@ class VQVAEConfig:
     min_steps: Union[int, Dict[str, int]] = setting(0, low=0)
     collapse_retries: Union[int, Dict[str, int]] = setting(0, low=0)
 
-    def retries_for(self, dims: int | None) -> int:
+    def retries_for(self, dims: Optional[int]) -> int:
         """The ``collapse_retries`` that apply to ``dims``-D scans (they may be one per dimension)."""
         return per_dimension(self.collapse_retries, dims, missing=0)
 
-    def steps_for(self, dims: int | None) -> int:
+    def steps_for(self, dims: Optional[int]) -> int:
         """The ``min_steps`` that applies to ``dims``-D scans (it may be one per dimension)."""
         return per_dimension(self.min_steps, dims, missing=0)
 
@@ -221,7 +221,7 @@ class ILTMConfig:
     mask_density_threshold: Optional[float] = setting(None, low=0, above=True)
     spare_shared_uptake: Union[Optional[float], Dict[str, Optional[float]]] = setting(None, low=0, high=1)
 
-    def spare_share(self, dims: int | None) -> float | None:
+    def spare_share(self, dims: Optional[int]) -> Optional[float]:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""
         return per_dimension(self.spare_shared_uptake, dims)
 
@@ -265,7 +265,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: Union[str, Path]) -> None:
         from .io import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -425,7 +425,7 @@ def from_dict(values: dict[str, Any], where: str = "config", root: type = Config
     return validate(cfg, where)
 
 
-def preset(name: str, root: type = Config, presets: dict | None = None) -> Any:
+def preset(name: str, root: type = Config, presets: Optional[dict] = None) -> Any:
     """The preset ``name`` as a validated tree (``presets`` defaults to :data:`PRESETS`)."""
     presets = PRESETS if presets is None else presets
     if name not in presets:
@@ -435,7 +435,7 @@ def preset(name: str, root: type = Config, presets: dict | None = None) -> Any:
     return cfg
 
 
-def load(path: str | Path, root: type = Config) -> Any:
+def load(path: Union[str, Path], root: type = Config) -> Any:
     """Read a config file (a run's ``config.yaml``); a missing file, bad YAML, another format version or a bad
     setting is an InputError naming the file."""
     path = Path(path)
@@ -486,8 +486,8 @@ def set_dotted(cfg: Any, dotted: str, value: Any) -> None:
     setattr(obj, parts[-1], value)
 
 
-def build(preset_name: str = "paper", config_file: str | Path | None = None, overrides: list[str] = (),
-          root: type = Config, presets: dict | None = None, **top: Any) -> Any:
+def build(preset_name: str = "paper", config_file: Optional[Union[str, Path]] = None, overrides: List[str] = (),
+          root: type = Config, presets: Optional[dict] = None, **top: Any) -> Any:
     """The tree a command runs with: a preset (or a config file), then the top-level values ``top`` (seed, device;
     None = keep) and section overrides (``iltm.max_iterations``-style keys in ``top`` too, written with ``__``),
     then ``--set SECTION.KEY=VALUE`` overrides; validated once it is complete.

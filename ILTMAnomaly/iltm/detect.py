@@ -130,7 +130,7 @@ class Detector:
 
     def binary_map(self, log_density: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         """f < tau on the model grid, (*spatial) bool; tau defaults to ``detection.density_threshold``."""
-        return log_density < math.log(self.density_threshold(tau))
+        return kde.binary_map(log_density, self.density_threshold(tau)).bool()
 
     def token_mask(self, binary: torch.Tensor) -> torch.Tensor:
         """(*spatial) bool -> (*latent) bool: a token is masked when any voxel of its footprint is anomalous."""

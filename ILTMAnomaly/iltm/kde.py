@@ -11,7 +11,9 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["log_density", "anomaly_score", "binary_map", "silverman_bandwidth"]
+from .layout import DEFAULT_DENSITY_THRESHOLD
+
+__all__ = ["log_density", "binary_map", "silverman_bandwidth"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -78,16 +80,7 @@ def log_density(samples, image, eps: float, chunk_voxels: int = 65536):
     return log_f.cpu().numpy() if as_numpy else log_f
 
 
-def anomaly_score(log_f):
-    """Anomaly score map: -log f, higher = more anomalous.
-
-    Args:
-        log_f: (*spatial) log density from :func:`log_density`; numpy array or torch tensor.
-    """
-    return -log_f
-
-
-def binary_map(log_f, density_threshold: float = 0.005):
+def binary_map(log_f, density_threshold: float = DEFAULT_DENSITY_THRESHOLD):
     """Binary anomaly map: 1 where the density f < tau (compared as log f < log tau).
 
     Args:

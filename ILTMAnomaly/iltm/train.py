@@ -7,7 +7,6 @@ interrupted training stage restarts from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time

@@ -140,9 +140,6 @@ class TokenTransformer(nn.Module):
     def bos(self) -> int:
         return self.num_codes
 
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # ---- the network ------------------------------------------------------------------------------------------
 
     def _decode(self, inputs, start=0, cache=None, key_masked=None):
