@@ -101,11 +101,8 @@ class VQVAEConfig:
         epochs: training epochs.
         batch_size: scans per optimiser step (see ``min_steps``).
         learning_rate: AdamW's initial rate (cosine decay to 10 %).
-        min_steps: S > 0 = make the batches smaller (down to 1 scan) until the epochs make at least S optimiser
-            steps; 0 = always ``batch_size``. One value, or one per dimension ``{2d: s2, 3d: s3}`` (missing = 0).
-        collapse_retries: R > 0 = a VQ-VAE using under a quarter of its codes on the training scans is trained again
-            from another initialisation, up to R times, keeping the one that uses the most (``vqvae_attempt<n>.pt``
-            keeps the others). One value, or one per dimension (missing = 0).
+        min_steps: shrink the batches (down to 1 scan) until the epochs make this many steps; 0 = off (per dimension).
+        collapse_retries: retrain a VQ-VAE using under 1/4 of its codes from other seeds, up to this often (per dim.).
     """
 
     channels: List[int] = setting(factory=lambda: [256, 256, 256], low=1)
@@ -205,12 +202,9 @@ class ILTMConfig:
         threshold_decay: the resampling threshold falls by this share each iteration (0.125: the paper's).
         constant_threshold: keep the resampling threshold constant instead.
         stop_change: stop when the masked-token count changes by less than this share.
-        cross_fit_folds: 0 = each iteration's Transformer masks its own training scans (the paper); K >= 2 = K more
-            Transformers per iteration, each fitted without one fold (scan i in fold i mod K), mask that fold.
+        cross_fit_folds: 0 = self-scored masks (the paper); K >= 2 = fold j's scans masked by a model fitted without it.
         mask_density_threshold: tau of the training-scan masks; null = ``detection.density_threshold``.
-        spare_shared_uptake: q in [0, 1]: a flagged token stays unmasked when at least q of the other training scans
-            are at least 80 % as bright at that token position (PET intensities only); null = off. One value, or
-            one per dimension ``{2d: null, 3d: 0.25}`` (missing = off).
+        spare_shared_uptake: leave a token unmasked where this share of the other scans is as bright (PET; per dim.).
     """
 
     max_iterations: int = setting(5, low=0)
@@ -244,7 +238,11 @@ class ILTMConfig:
 
 @dataclass
 class Config:
-    """The whole tree: one section per stage, plus the run's seed and device."""
+    """The whole tree: one section per stage, plus the run's seed and device.
+
+    A setting "per dimension" takes one value or a mapping such as ``{2d: 0, 3d: 2400}`` (a missing key = off); the
+    run's ``config.yaml`` records the value that applied.
+    """
 
     preset: str = setting("paper")
     seed: int = setting(0)
