@@ -26,7 +26,8 @@ from slicer import (
     vtkMRMLTableNode,
 )
 
-from ILTMAnomalyLib import PanelError, dependencies, jobs, overlay, parameters, runs, segments, volumes, workflow
+from ILTMAnomalyLib import (PanelError, dependencies, jobs, overlay, parameters, runs, sampledata, segments, volumes,
+                            workflow)
 
 #
 # ILTMAnomaly
@@ -47,7 +48,9 @@ class ILTMAnomaly(ScriptedLoadableModule):
 Finds anomalies (e.g. lesions) in PET scans with a VQ-VAE + Transformer model trained by Iterative Latent Token
 Masking, which learns what is normal from training scans that may all contain lesions.
 <ul>
-<li><b>Detect</b>: score a PET volume with a trained run (runs in the background; Cancel stops it).</li>
+<li><b>Detect</b>: score a PET volume with a trained run folder or a model bundle (.zip, from 'iltm export'); in the
+background, Cancel stops it. To try it at once: load "Synthetic PET" from Sample Data (ILTM Anomaly) and press Detect:
+the model field defaults to a demo model trained on synthetic phantoms (not on patients).</li>
 <li><b>Review</b>: the score in PET-Heat colours over the PET; the threshold slider updates the binary map live.</li>
 <li><b>Export</b>: binary map to a segmentation (one segment per region), region statistics, .seg.nrrd.</li>
 <li><b>Train</b>: train a run on a folder of scans, with progress per ILTM iteration, Cancel and Resume.</li>
@@ -60,6 +63,15 @@ command line and the method.
 The ILTM method (VQ-VAE, autoregressive Transformer, KDE scoring of healed reconstructions, iterative masking of
 anomalous latent tokens) is implemented by the bundled <code>iltm</code> package, built on MONAI and PyTorch.
 """)
+        # Sample Data lists the synthetic PET once the application has started (all modules loaded).
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The synthetic PET phantom in the Sample Data module (a local file shipped with the extension)."""
+    import SampleData
+
+    sampledata.register(SampleData.SampleDataLogic)
 
 
 #
@@ -72,7 +84,8 @@ class ILTMAnomalyParameterNode:
     """
     Detect:
     inputVolume - the PET to examine.
-    runFolder - a run folder written by ``iltm train``.
+    runFolder - a run folder written by ``iltm train`` or a model bundle (.zip) written by ``iltm export``; the panel
+        fills in the shipped demo model (synthetic phantoms) when it is empty.
     iteration - ILTM iteration whose Transformer scores the scan; -1 = the last trained one.
     device - "auto", "cuda" or "cpu".
     resamplingThreshold, samples, dropoutPasses, eps - detection options; 0 = the run's own value.
@@ -236,6 +249,8 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        if not _isSet(self._parameterNode.runFolder) and ILTMAnomalyLogic.defaultModel() is not None:
+            self._parameterNode.runFolder = ILTMAnomalyLogic.defaultModel()
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -263,7 +278,7 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.detectButton.enabled = bool(p.inputVolume and _isSet(p.runFolder)) and not detecting
         self.ui.detectButton.toolTip = (_("Run 'iltm detect' on the PET volume in the background.")
                                         if p.inputVolume and _isSet(p.runFolder)
-                                        else _("Select a PET volume and a trained run folder."))
+                                        else _("Select a PET volume and a trained run folder or model bundle."))
         self.ui.cancelDetectButton.enabled = detecting
         self.ui.showOverlayButton.enabled = bool(p.inputVolume and p.scoreVolume)
         self.ui.exportButton.enabled = bool(p.inputVolume and p.binaryMap)
@@ -569,8 +584,25 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
             density_threshold=p.densityThreshold,
         )
 
-    def startDetection(self, volumeNode, runFolder, settings=None) -> workflow.DetectionRun:
-        """Check the inputs and start ``iltm detect`` in the background; poll ``result.job`` until it finishes."""
+    @staticmethod
+    def defaultModel():
+        """The demo model bundle shipped with the extension (trained on synthetic phantoms), or None."""
+        return workflow.default_model()
+
+    @staticmethod
+    def loadSamplePET():
+        """The synthetic PET of the Sample Data module, loaded into the scene (as its button does)."""
+        import SampleData
+
+        return SampleData.downloadSample(sampledata.SAMPLE_NAME)
+
+    def startDetection(self, volumeNode, runFolder=None, settings=None) -> workflow.DetectionRun:
+        """Check the inputs and start ``iltm detect`` in the background; poll ``result.job`` until it finishes.
+
+        ``runFolder`` is a run folder or a model bundle; None = the demo model.
+        """
+        if runFolder is None:
+            runFolder = self.defaultModel()
         return workflow.start_detection(volumeNode, runFolder, settings, command=self.cliCommand)
 
     @staticmethod
@@ -578,7 +610,7 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
         """(score volume, binary map) once the job has ended; raises PanelError when it failed or was cancelled."""
         return workflow.finish_detection(slicer.mrmlScene, detection)
 
-    def detect(self, volumeNode, runFolder, settings=None, timeout=None):
+    def detect(self, volumeNode, runFolder=None, settings=None, timeout=None):
         """Detection from start to finish, blocking (scripts, self-test). Returns (score volume, binary map)."""
         detection = self.startDetection(volumeNode, runFolder, settings)
         if detection.job.wait(timeout=timeout) is jobs.JobState.RUNNING:
@@ -676,7 +708,8 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
 
 
 class ILTMAnomalyTest(ScriptedLoadableModuleTest):
-    """Self-test: bad input leaves the scene alone; synthetic PET -> tiny model -> detect -> segmentation."""
+    """Self-test: bad input leaves the scene alone; the try-out path (sample PET -> demo model -> overlay -> segments);
+    synthetic PET -> tiny model -> detect -> segmentation."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -684,6 +717,8 @@ class ILTMAnomalyTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_ILTMAnomaly_bad_input()
+        self.setUp()
+        self.test_ILTMAnomaly_sample_data_with_demo_model()
         self.setUp()
         self.test_ILTMAnomaly_end_to_end()
 
@@ -710,6 +745,34 @@ class ILTMAnomalyTest(ScriptedLoadableModuleTest):
                 logic.startDetection(volume, run)
             self.assertIn(expected, str(context.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.delayDisplay("Test passed")
+
+    def test_ILTMAnomaly_sample_data_with_demo_model(self):
+        """What a new user does first: Sample Data's synthetic PET, Detect with the default model, overlay, segments."""
+        logic = ILTMAnomalyLogic()
+        self.assertIsNotNone(logic.defaultModel(), "the extension ships its demo model")
+        self.assertIn(logic.defaultModel().name, runs.open_model(logic.defaultModel()).description())
+        missing = logic.missingDependencies()
+        if missing:
+            self.delayDisplay("Skipping the demo-model test: missing " + ", ".join(missing))
+            return
+        self.delayDisplay("Loading the synthetic PET from Sample Data")
+        pet = logic.loadSamplePET()
+        self.assertEqual(pet.GetName(), sampledata.SAMPLE_NAME)
+
+        self.delayDisplay("Detecting with the demo model (the panel's default)")
+        parameterNode = logic.getParameterNode()
+        score, binaryMap = logic.detect(pet, None, logic.detectionSettings(parameterNode), timeout=600)
+        self.assertTrue(volumes.same_geometry(score, pet, tolerance=1e-6))
+        count = int(volumes.array_from_volume(binaryMap).sum())
+        self.assertGreater(count, 0, "the demo model finds the phantom's lesions at the default threshold")
+
+        self.delayDisplay("Overlay and segments")
+        logic.showOverlay(pet, score, binaryMap, parameterNode.scoreThreshold, parameterNode.overlayOpacity)
+        segmentation, table = logic.exportSegmentation(binaryMap, pet)
+        segmentCount = segmentation.GetSegmentation().GetNumberOfSegments()
+        self.assertGreater(segmentCount, 0)
+        self.assertEqual(table.GetNumberOfRows(), segmentCount)
         self.delayDisplay("Test passed")
 
     def test_ILTMAnomaly_end_to_end(self):

@@ -1,7 +1,9 @@
-"""A training run folder as the panel sees it: is it complete, what did each ILTM iteration mask, how did it go.
+"""A training run folder or a model bundle as the panel sees it: is it complete, what did each ILTM iteration mask,
+how did it go.
 
-The folder's names and versions are the core's contract, :mod:`iltm.layout`, which needs the standard library
-only: browsing a finished run works in a Slicer where torch and MONAI are not installed yet.
+The names and versions of both are the core's contract, :mod:`iltm.layout`, which needs the standard library only:
+browsing a finished run or reading a bundle's ``metadata.json`` works in a Slicer where torch and MONAI are not
+installed yet.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from iltm.errors import InputError
-from iltm.layout import CONFIG, VQVAE, RunLayout
+from iltm.layout import CONFIG, VQVAE, RunLayout, is_bundle, read_bundle_metadata
 
 from . import PanelError, segments, volumes
 
@@ -36,7 +38,7 @@ class RunFolder(RunLayout):
 
     def __init__(self, root):
         if root is None or str(root) in ("", "."):
-            raise PanelError("Select a trained run folder first.")
+            raise PanelError("Select a trained run folder or a model bundle (.zip) first.")
         super().__init__(root)
 
     # -- completeness ------------------------------------------------------------------------------------------
@@ -109,6 +111,64 @@ class RunFolder(RunLayout):
         fields = ("iteration", "resampling_threshold", "masked_tokens", "masked_change", "transformer_loss",
                   "train_seconds", "detect_seconds")
         return {field: np.array([_number(r.get(field)) for r in records], dtype=float) for field in fields}
+
+
+class ModelBundle:
+    """A model bundle (``iltm export``'s ``.zip``) as the panel sees it: its ``metadata.json``, read with zipfile and
+    json only; the same checks :class:`RunFolder` offers detection. A damaged bundle is a PanelError.
+
+    Args:
+        path: the ``.zip`` file.
+    """
+
+    def __init__(self, path):
+        self.root = Path(path)
+        try:
+            self.metadata = read_bundle_metadata(self.root, verify=True)
+        except InputError as error:
+            raise PanelError(f"{error}.") from None
+
+    @property
+    def iteration(self) -> int:
+        return int(self.metadata.get("iteration", 0))
+
+    @property
+    def spatial_dims(self) -> Optional[int]:
+        dims = self.metadata.get("spatial_dims")
+        return int(dims) if dims in (2, 3) else None
+
+    def check_complete(self) -> None:
+        """Opening the bundle checked it already."""
+
+    def trained_iterations(self) -> list[int]:
+        return [self.iteration]
+
+    def resolve_iteration(self, iteration: Optional[int]) -> int:
+        """The bundle's one iteration; asking for another is a PanelError."""
+        if iteration is None or iteration < 0 or iteration == self.iteration:
+            return self.iteration
+        raise PanelError(f"The model bundle {self.root.name} holds ILTM iteration {self.iteration} only "
+                         f"(asked for {iteration}); set the iteration to -1 or export that iteration.")
+
+    def description(self) -> str:
+        """One line for the panel: what the model was trained on."""
+        training = self.metadata.get("training") or {}
+        return (f"{self.root.name}: {self.spatial_dims}D model, ILTM iteration {self.iteration}, trained on "
+                f"{training.get('scans', '?')} scans ({training.get('date', 'date unknown')}), "
+                f"intensities {self.metadata.get('units', 'unknown')}")
+
+
+def open_model(path):
+    """The detection model at ``path``: a :class:`ModelBundle` for a ``.zip``, else a :class:`RunFolder` (a run's
+    ``config.yaml`` stands for its folder, so a file dialog can pick a run too)."""
+    if path is None or str(path) in ("", "."):
+        raise PanelError("Select a trained run folder or a model bundle (.zip) first.")
+    path = Path(path)
+    if is_bundle(path):
+        return ModelBundle(path)
+    if path.name == CONFIG and path.is_file():
+        path = path.parent
+    return RunFolder(path)
 
 
 def _number(value) -> float:

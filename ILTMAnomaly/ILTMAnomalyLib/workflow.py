@@ -15,7 +15,10 @@ from typing import Optional
 from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX, RunLayout
 
 from . import PanelError, jobs, overlay, volumes
-from .runs import RunFolder
+from .runs import RunFolder, open_model
+
+# The demo model shipped with the extension (iltm_bench/make_demo_model.py): synthetic phantoms, not patients.
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "iltm-demo-synthetic-pet-tiny.zip"
 
 # The input is written under this stem, so the outputs are <stem>_score.nii.gz and <stem>_mask.nii.gz.
 INPUT_STEM = "input"
@@ -48,19 +51,25 @@ class DetectionSettings:
     seed: Optional[int] = None
 
 
+def default_model() -> Optional[Path]:
+    """The demo model bundle when the extension ships it, else None."""
+    return DEMO_MODEL if DEMO_MODEL.is_file() else None
+
+
 def check_detection_inputs(volume_node, run_folder, iteration: Optional[int] = None) -> tuple[RunFolder, int]:
-    """Every reason detection would fail before it starts; returns the run and the iteration to use."""
+    """Every reason detection would fail before it starts; returns the model (a run folder or a model bundle) and
+    the iteration to use."""
     problem = volumes.volume_problem(volume_node)
     if problem:
         raise PanelError(problem)
-    run = RunFolder(run_folder)
+    run = open_model(run_folder)
     run.check_complete()
     resolved = run.resolve_iteration(iteration)
     model_dims = run.spatial_dims
     image_dims = volumes.volume_spatial_dims(volume_node)
     if model_dims is not None and model_dims != image_dims:
         raise PanelError(f"The model in {run.root} was trained on {model_dims}D images but "
-                         f"'{volume_node.GetName()}' is {image_dims}D. Choose a {model_dims}D image or a run "
+                         f"'{volume_node.GetName()}' is {image_dims}D. Choose a {model_dims}D image or a model "
                          f"trained on {image_dims}D scans.")
     return run, resolved
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,30 @@ def save_checkpoint(path: str | Path, fmt: str, version: int, payload: dict[str,
         torch.save({"format": fmt, "version": version, **payload}, tmp)
 
 
+def checkpoint_bytes(fmt: str, version: int, payload: dict[str, Any]) -> bytes:
+    """What :func:`save_checkpoint` would write, as bytes (a member of a model bundle)."""
+    buffer = io.BytesIO()
+    torch.save({"format": fmt, "version": version, **payload}, buffer)
+    return buffer.getvalue()
+
+
 def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any = "cpu",
-                    what: str = "checkpoint") -> dict[str, Any]:
+                    what: str = "checkpoint", data: bytes | None = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; every failure is an InputError naming ``path``.
 
     Args:
         fmt: expected format tag (e.g. ``"iltm-transformer"``).
         version: the format version this code reads.
         what: how to call the file in messages ("Transformer checkpoint").
+        data: the checkpoint's bytes (a bundle member); ``path`` then only names it in messages.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise InputError(path, f"{what} is missing")
-    if path.stat().st_size == 0:
+    if (len(data) if data is not None else path.stat().st_size) == 0:
         raise InputError(path, f"{what} is empty")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         raise InputError(path, f"not a readable {what} ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:

@@ -1,4 +1,4 @@
-"""The ``iltm`` command line: synth, train, detect, evaluate, report, demo.
+"""The ``iltm`` command line: synth, train, detect, evaluate, report, demo, export.
 
 Bad input never ends in a traceback: an :class:`~iltm.errors.InputError` becomes one line on stderr
 (``iltm: error: <file>: <problem>``) and exit code 2.
@@ -21,7 +21,10 @@ EXAMPLES = {
               "  iltm train --resume run\n"
               "  torchrun --nproc_per_node 4 -m iltm train --data cohort --out run --preset paper"),
     "detect": ("examples:\n  iltm detect --run run --input scan.nii.gz --out results\n"
+               "  iltm detect --run model.zip --input scan.nii.gz --out results\n"
                "  iltm detect --run run --input cohort/images --out results --iteration 0 --device cpu"),
+    "export": ("examples:\n  iltm export run --out model.zip\n"
+               "  iltm export run --out model-it0.zip --iteration 0 --units SUV"),
     "evaluate": "example:\n  iltm evaluate --scores results --labels cohort/labels --out results/metrics.json",
     "report": "example:\n  iltm report run",
     "demo": "example:\n  iltm demo --out iltm_demo",
@@ -66,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override any config value, e.g. --set transformer.epochs=10 (repeatable)")
 
     p = add("detect", "Score scans with a trained run: <id>_score.nii.gz and <id>_mask.nii.gz per input.")
-    p.add_argument("--run", required=True, type=Path, help="trained run folder")
+    p.add_argument("--run", required=True, type=Path, help="trained run folder, or a model bundle (.zip, iltm export)")
     p.add_argument("--input", required=True, type=Path, help="an image file, a folder of images or a CSV list")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to use (default: the last)")
@@ -78,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--density-threshold", type=float, help="tau: voxels with density < tau are anomalous")
     p.add_argument("--seed", type=int, default=0, help="seed of the token resampling")
     p.add_argument("--no-png", action="store_true", help="no PNG overlay for 2D inputs")
+
+    p = add("export", "Write a shareable model bundle (.zip): config, VQ-VAE, one iteration's Transformer, "
+                      "metadata.json; nothing that names or holds a training scan.")
+    p.add_argument("run", type=Path, help="trained run folder")
+    p.add_argument("--out", required=True, type=Path, help="bundle to write (MODEL.zip)")
+    p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to export (default: the last)")
+    p.add_argument("--units", default="as the training scans",
+                   help="intensity units the model expects, recorded in metadata.json (e.g. SUV)")
 
     p = add("evaluate", "Voxel AUROC, AUPRO and best Dice of score maps against lesion labels.")
     p.add_argument("--scores", required=True, type=Path, help="folder of <id>_score.nii.gz")

@@ -74,7 +74,9 @@ def cmd_detect(args, reporter: Reporter) -> int:
     from .detect import Detector, detect_files
     from .io import list_images
 
-    run = RunFolder(args.run)
+    from .bundle import open_model
+
+    run = open_model(args.run)
     iteration = run.check_for_detection(args.iteration)
     cfg = run.config()
     detector = Detector.from_run(run, iteration, args.device, detection=detection_overrides(cfg, args))
@@ -88,6 +90,18 @@ def cmd_detect(args, reporter: Reporter) -> int:
         reporter.emit("error", message=line)
     reporter.emit("done", out=str(args.out), failed=len(problems))
     return 2 if problems else 0
+
+
+# -- export ----------------------------------------------------------------------------------------------------
+
+def cmd_export(args, reporter: Reporter) -> int:
+    from .bundle import export_bundle
+
+    metadata = export_bundle(args.run, args.out, args.iteration, units=args.units)
+    reporter.log(f"wrote {args.out}: iteration {metadata['iteration']}, trained on {metadata['training']['scans']} "
+                 f"scans ({metadata['training']['iterations']} ILTM iterations)")
+    reporter.emit("done", out=str(args.out), iteration=metadata["iteration"])
+    return 0
 
 
 # -- evaluate --------------------------------------------------------------------------------------------------

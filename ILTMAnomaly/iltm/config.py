@@ -440,16 +440,25 @@ def load(path: Union[str, Path], root: type = Config) -> Any:
     if not path.is_file():
         raise InputError(path, "config file is missing")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise InputError(path, f"not valid YAML ({exc.__class__.__name__})") from None
+    return loads(text, where=str(path), root=root)
+
+
+def loads(text: str, where: str = "config", root: type = Config) -> Any:
+    """:func:`load` of a config's text (a bundle member), ``where`` naming it in errors."""
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(where, f"not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(values, dict):
-        raise InputError(path, "config must be a mapping")
+        raise InputError(where, "config must be a mapping")
     version = values.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise InputError(path, f"written by an incompatible version (config version {version}, "
+        raise InputError(where, f"written by an incompatible version (config version {version}, "
                                f"this iltm reads {FORMAT_VERSION})")
-    return from_dict(values, where=str(path), root=root)
+    return from_dict(values, where=where, root=root)
 
 
 def parse_value(text: str) -> Any:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kde
+from .bundle import ModelBundle, open_model
 from .config import Config, DetectionConfig
 from .errors import InputError
 from .io import read_image, write_image
@@ -22,7 +23,7 @@ from .preprocess import Preprocessor
 from .progress import Reporter
 from .run import RunFolder
 from .transformer import TokenTransformer
-from .vqvae import decode_tokens, encode_tokens, load_vqvae, set_detection_mode
+from .vqvae import decode_tokens, encode_tokens, set_detection_mode
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,16 +79,17 @@ class Detector:
         self.preprocessor = Preprocessor(cfg.data, cfg.vqvae.downsample_factor)
 
     @classmethod
-    def from_run(cls, run: RunFolder | str | Path, iteration: int | None = None, device: str = "auto",
+    def from_run(cls, run: RunFolder | ModelBundle | str | Path, iteration: int | None = None, device: str = "auto",
                  detection: DetectionConfig | None = None) -> "Detector":
-        run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
+        """The detector of a run folder's or a model bundle's (``MODEL.zip``) iteration (default: the last)."""
+        run = open_model(run)
         iteration = run.check_for_detection(iteration)
         cfg = run.config()
         if detection is not None:
             cfg = replace(cfg, detection=detection)
         dev = resolve_device(device)
-        vqvae, payload = load_vqvae(run.vqvae_path, map_location=dev)
-        transformer = TokenTransformer.load(run.transformer_path(iteration), map_location=dev)
+        vqvae, payload = run.load_vqvae(map_location=dev)
+        transformer = run.load_transformer(iteration, map_location=dev)
         detector = cls(cfg, vqvae, transformer, payload["latent_shape"], dev)
         detector.iteration = iteration
         return detector

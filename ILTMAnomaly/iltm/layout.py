@@ -17,12 +17,24 @@ Slicer without torch) and the tests' fake CLI all import it, and nothing else sp
     RUN/iteration_000/token_masks/<id>.npy          the same map on the latent grid (masks iteration 1)
 
 ``iltm detect`` writes ``<id>_score.nii.gz`` (-log density) and ``<id>_mask.nii.gz`` (score > -ln tau) per scan.
+
+A model bundle (``iltm export RUN --out MODEL.zip``) is a zip of what detection needs, and nothing that names or holds
+a training scan (no manifest, tokens, masks or history)::
+
+    MODEL.zip/metadata.json     BUNDLE_FORMAT, BUNDLE_VERSION, package versions, modality, grid, training summary
+    MODEL.zip/config.yaml       the run's config
+    MODEL.zip/vqvae.pt          the VQ-VAE: config, shapes and weights only
+    MODEL.zip/transformer.pt    the exported iteration's Transformer: config, shapes and weights only
+
+``iltm detect --run`` takes a run folder or a bundle.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -42,6 +54,12 @@ VQVAE = "vqvae.pt"
 TOKENS = "tokens.pt"
 TRANSFORMER = "transformer.pt"
 ITERATION_FOLDER = re.compile(r"^iteration_(\d+)$")
+
+BUNDLE_FORMAT = "iltm-model-bundle"
+BUNDLE_VERSION = 1  # of a model bundle's layout and metadata.json
+BUNDLE_SUFFIX = ".zip"
+BUNDLE_METADATA = "metadata.json"
+BUNDLE_MEMBERS = (BUNDLE_METADATA, CONFIG, VQVAE, TRANSFORMER)  # exactly these, at the top of the zip
 
 
 def empty_history() -> dict:
@@ -142,3 +160,49 @@ class RunLayout:
             return None
         dims = self.manifest().get("spatial_dims")
         return int(dims) if dims in (2, 3) else None
+
+
+# -- model bundles ---------------------------------------------------------------------------------------------
+
+def is_bundle(path) -> bool:
+    """True for a path that names a model bundle (a ``.zip`` file, or any zip archive); it may still be damaged."""
+    path = Path(path)
+    if path.suffix.lower() == BUNDLE_SUFFIX:
+        return not path.is_dir()
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def read_bundle_metadata(path, verify: bool = False) -> dict:
+    """``metadata.json`` of a model bundle, after checking that the zip holds exactly :data:`BUNDLE_MEMBERS` and was
+    written by a compatible version; ``verify`` also checks every member's CRC (reads the whole zip). Any problem
+    is an InputError naming the bundle."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "model bundle does not exist")
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            names = set(bundle.namelist())
+            missing = [name for name in BUNDLE_MEMBERS if name not in names]
+            if missing:
+                raise InputError(path, f"not a complete iltm model bundle (missing {', '.join(missing)})")
+            extra = sorted(names - set(BUNDLE_MEMBERS))
+            if extra:
+                raise InputError(path, f"not an iltm model bundle (unexpected member {extra[0]})")
+            if verify:
+                damaged = bundle.testzip()
+                if damaged is not None:
+                    raise InputError(path, f"model bundle is damaged ({damaged} fails its checksum)")
+            text = bundle.read(BUNDLE_METADATA)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        raise InputError(path, f"not a readable zip archive, so not a model bundle ({exc.__class__.__name__})") from None
+    try:
+        metadata = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(path, f"{BUNDLE_METADATA} is not valid JSON (the model bundle is damaged)") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != BUNDLE_FORMAT:
+        raise InputError(path, f"{BUNDLE_METADATA} does not describe an iltm model bundle")
+    version = metadata.get("bundle_version")
+    if version != BUNDLE_VERSION:
+        raise InputError(path, f"written by an incompatible version (bundle format version {version}, "
+                               f"this iltm reads {BUNDLE_VERSION})")
+    return metadata

@@ -21,6 +21,18 @@ class RunFolder(RunLayout):
     def config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
 
+    def load_vqvae(self, map_location="cpu"):
+        """(VQ-VAE in eval mode, its checkpoint payload)."""
+        from .vqvae import load_vqvae
+
+        return load_vqvae(self.vqvae_path, map_location=map_location)
+
+    def load_transformer(self, iteration: int, map_location="cpu"):
+        """Iteration ``iteration``'s Transformer."""
+        from .transformer import TokenTransformer
+
+        return TokenTransformer.load(self.transformer_path(iteration), map_location=map_location)
+
     def check_for_detection(self, iteration: int | None = None) -> int:
         """Check the pieces detection needs; return the iteration to use (default: the last trained one)."""
         if not self.root.is_dir():

@@ -239,20 +239,26 @@ class TokenTransformer(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
-    def save(self, path, extra: dict | None = None) -> None:
-        """Write config, shapes, weights and ``extra`` (plain Python values only) atomically to ``path``."""
-        save_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, {
+    def checkpoint_payload(self, extra: dict | None = None) -> dict:
+        """Config, shapes, weights and ``extra`` (plain Python values only): what a checkpoint holds."""
+        return {
             "config": dataclasses.asdict(self.cfg),
             "num_codes": self.num_codes,
             "seq_len": self.seq_len,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "extra": dict(extra or {}),
-        })
+        }
+
+    def save(self, path, extra: dict | None = None) -> None:
+        """Write :meth:`checkpoint_payload` atomically to ``path``."""
+        save_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, self.checkpoint_payload(extra))
 
     @classmethod
-    def load(cls, path, map_location="cpu") -> "TokenTransformer":
-        """Rebuild a saved model; what was saved as ``extra`` is on ``model.extra``. Bad files raise InputError."""
-        ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, map_location, what="Transformer checkpoint")
+    def load(cls, path, map_location="cpu", data: bytes | None = None) -> "TokenTransformer":
+        """Rebuild a saved model (from ``data`` when given: a bundle member named ``path``); what was saved as
+        ``extra`` is on ``model.extra``. Bad files raise InputError."""
+        ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, map_location, what="Transformer checkpoint",
+                               data=data)
         try:
             model = cls(TransformerConfig(**ckpt["config"]), ckpt["num_codes"], ckpt["seq_len"])
             model.load_state_dict(ckpt["state_dict"])

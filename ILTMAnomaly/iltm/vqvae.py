@@ -97,9 +97,11 @@ def save_vqvae(model: VQVAE, cfg: VQVAEConfig, spatial_dims: int, path: str | Pa
     })
 
 
-def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VQVAE, dict]:
-    """Load a saved VQ-VAE; returns (model in eval mode, the stored payload)."""
-    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location, what="VQ-VAE checkpoint")
+def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu",
+               data: bytes | None = None) -> tuple[VQVAE, dict]:
+    """Load a saved VQ-VAE (from ``data`` when given: a bundle member named ``path``); returns (model in eval mode,
+    the stored payload)."""
+    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location, what="VQ-VAE checkpoint", data=data)
     cfg = config_mod.from_dict({"vqvae": payload["config"]}, where=str(path)).vqvae
     model = build_vqvae(cfg, payload["spatial_dims"])
     try:

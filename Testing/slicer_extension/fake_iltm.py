@@ -1,6 +1,7 @@
 """A stand-in for the ``iltm`` command line that speaks its protocol, for testing the panel's job handling fast.
 
-It takes the same arguments as ``iltm detect`` / ``iltm train`` and writes the same files, but computes nothing:
+It takes the same arguments as ``iltm detect`` / ``iltm train`` and writes the same files, but computes nothing
+(``--run`` may be a model bundle, whose zip and metadata it checks as the core does):
 ``detect`` writes the input's intensity as the "score" (so hot spots are anomalous) and ``score > -ln(tau)`` as
 the mask, on the input's geometry; ``train`` writes a run folder with the contract's layout.
 
@@ -22,8 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ILTMAnomaly"))
+from iltm.errors import InputError  # noqa: E402
 from iltm.layout import (DEFAULT_DENSITY_THRESHOLD, FORMAT_VERSION, MASK_SUFFIX, SCORE_SUFFIX,  # noqa: E402
-                         RunLayout, empty_history)
+                         RunLayout, empty_history, is_bundle, read_bundle_metadata)
 
 
 def emit(event: str, **fields) -> None:
@@ -62,9 +64,13 @@ def detect(args) -> None:
     import SimpleITK as sitk
 
     emit("start", command="detect", run=str(args.run), iteration=args.iteration)
-    run = RunLayout(args.run)
-    if not run.config_path.is_file():
-        fail(str(run), "run folder is missing config.yaml (was training finished?)")
+    if is_bundle(args.run):
+        try:
+            read_bundle_metadata(args.run, verify=True)
+        except InputError as error:
+            fail(error.where, error.problem)
+    elif not RunLayout(args.run).config_path.is_file():
+        fail(str(args.run), "run folder is missing config.yaml (was training finished?)")
     if os.environ.get("FAKE_ILTM_FAIL"):
         fail(str(args.input), "image is too small for the VQ-VAE (needs at least 8 voxels per axis)")
     if os.environ.get("FAKE_ILTM_CRASH"):
