@@ -294,7 +294,8 @@ def suv_factors(datasets: Sequence[Any], where: str | Path = "series", weight_kg
         if not all(s is not None and s > 0 for s in activity_scale):
             raise InputError(where, "Units (0054,1001) is CNTS without Philips' SUV scale factor (7053,1000) or "
                                     "activity concentration scale factor (7053,1009); counts cannot become SUV")
-        result.philips_factor = "activity concentration (7053,1009)"
+        result.factors, result.philips_factor = np.array(activity_scale, dtype=float), \
+            "activity concentration (7053,1009)"
     decay_correction = _same(datasets, "DecayCorrection", where)
     decay_correction = str(decay_correction).strip().upper() if decay_correction is not None else None
     if decay_correction not in DECAY_CORRECTIONS:
