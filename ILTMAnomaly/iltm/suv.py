@@ -94,7 +94,8 @@ class SUVFactors:
                 lines.append("decay: none (the images are decay-corrected to the injection)")
             else:
                 minutes = [(r - self.injection).total_seconds() / 60 for r in self.reference]
-                lines.append(f"decay: {_span(minutes, '.2f')} min after injection, dose left {_span(self.decay, '.6f')}")
+                lines.append(f"decay: {_span(minutes, '.2f')} min after injection, "
+                             f"dose left {_span(self.decay, '.6f')}")
         if self.philips_factor:
             lines.append(f"Philips scale factor: {self.philips_factor}")
         lines.append(f"SUV factor: {_span(self.factors, '.6g')} per rescaled pixel unit")
@@ -288,14 +289,15 @@ def suv_factors(datasets: Sequence[Any], where: str | Path = "series", weight_kg
     if units == "CNTS":
         suv_scale = [_private(ds, PHILIPS_SUV_FACTOR) for ds in datasets]
         if all(s is not None and s > 0 for s in suv_scale):
-            result.factors, result.philips_factor = np.array(suv_scale, dtype=float), "SUV (7053,1000)"
+            result.factors = np.array(suv_scale, dtype=float)
+            result.philips_factor = f"SUV (7053,1000) = {_span(result.factors, '.6g')}"
             return result
         activity_scale = [_private(ds, PHILIPS_ACTIVITY_FACTOR) for ds in datasets]
         if not all(s is not None and s > 0 for s in activity_scale):
             raise InputError(where, "Units (0054,1001) is CNTS without Philips' SUV scale factor (7053,1000) or "
                                     "activity concentration scale factor (7053,1009); counts cannot become SUV")
-        result.factors, result.philips_factor = np.array(activity_scale, dtype=float), \
-            "activity concentration (7053,1009)"
+        result.factors = np.array(activity_scale, dtype=float)
+        result.philips_factor = f"activity concentration (7053,1009) = {_span(result.factors, '.6g')} Bq/mL per count"
     decay_correction = _same(datasets, "DecayCorrection", where)
     decay_correction = str(decay_correction).strip().upper() if decay_correction is not None else None
     if decay_correction not in DECAY_CORRECTIONS:

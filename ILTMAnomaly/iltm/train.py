@@ -132,7 +132,8 @@ class TrainingSet:
         self.arrays: list[np.ndarray] = []
         self.infos: list[Any] = []
         for rec in reporter.track(records, "preprocess"):
-            array, info = preprocessor.forward(read_image(rec.image, units=preprocessor.cfg.units), where=str(rec.image))
+            image = read_image(rec.image, units=preprocessor.cfg.units)
+            array, info = preprocessor.forward(image, where=str(rec.image))
             self.arrays.append(array.astype(np.float32))
             self.infos.append(info)
 
