@@ -1,4 +1,4 @@
-"""The ``iltm`` command line: synth, train, detect, evaluate, report, demo, export.
+"""The ``iltm`` command line: synth, train, detect, evaluate, report, demo, suv, export.
 
 Bad input never ends in a traceback: an :class:`~iltm.errors.InputError` becomes one line on stderr
 (``iltm: error: <file>: <problem>``) and exit code 2.
@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import InputError
 
 EXAMPLES = {
-    "synth": "example:\n  iltm synth --out cohort --dims 3 --n 40 --anomalous-fraction 1.0 --seed 0",
+    "synth": ("examples:\n  iltm synth --out cohort --dims 3 --n 40 --anomalous-fraction 1.0 --seed 0\n"
+              "  iltm synth --out cohort --dims 3 --n 12 --dicom   # also cohort/dicom/<id>/, DICOM PET in Bq/mL"),
     "train": ("examples:\n  iltm train --data cohort --out run --preset tiny\n"
               "  iltm train --data scans.csv --out run --preset small --max-iterations 4 --set detection.samples=30\n"
               "  iltm train --resume run\n"
@@ -28,6 +29,10 @@ EXAMPLES = {
     "evaluate": "example:\n  iltm evaluate --scores results --labels cohort/labels --out results/metrics.json",
     "report": "example:\n  iltm report run",
     "demo": "example:\n  iltm demo --out iltm_demo",
+    "suv": ("examples:\n  iltm suv dicom/PET_WB --out pet_suv.nii.gz\n"
+            "  iltm suv dicom/PET_WB --out pet_suv.nii.gz --weight 72.5 --dose 350 --injection-time 08:41:00\n"
+            "train and detect on DICOM PET series in SUV (clip_value is then SUV):\n"
+            "  iltm train --data dicom_series_folders/ --out run --set data.units=suv --set data.clip_value=15"),
 }
 
 
@@ -52,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalous-fraction", type=float, default=1.0, help="fraction of subjects with lesions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs="+", help="image size in voxels (x y [z]); default per --dims")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write each subject as a DICOM PET series (Bq/mL or counts, GE/Siemens/Philips tags) "
+                        "in OUT/dicom/<id>/ whose SUV is the image")
 
     p = add("train", "Train a VQ-VAE and the ILTM loop of masked Transformers into a run folder.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -109,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-iterations", type=int)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    p = add("suv", "Convert one DICOM PET series to body-weight SUV (QIBA rules) and print every value used.")
+    p.add_argument("series", type=Path, metavar="SERIES_FOLDER", help="folder holding one DICOM PET series")
+    p.add_argument("--out", required=True, type=Path, help="SUV image to write (float32, e.g. pet_suv.nii.gz)")
+    p.add_argument("--weight", type=float, metavar="KG", help="patient weight in kg (replaces PatientWeight)")
+    p.add_argument("--dose", type=float, metavar="MBQ",
+                   help="injected dose in MBq at the injection time (replaces RadionuclideTotalDose)")
+    p.add_argument("--injection-time", metavar="HH:MM:SS",
+                   help="injection time of day on the scan's date (replaces RadiopharmaceuticalStartDateTime/Time)")
+    p.add_argument("--half-life", type=float, metavar="S",
+                   help="radionuclide half-life in seconds (replaces RadionuclideHalfLife; F-18: 6586.2)")
 
     for plugin in _plugins():  # e.g. the research bench's "benchmark"
         try:

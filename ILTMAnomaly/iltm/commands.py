@@ -23,9 +23,10 @@ def cmd_synth(args, reporter: Reporter) -> int:
     if not 0.0 <= args.anomalous_fraction <= 1.0:
         raise InputError("--anomalous-fraction", "must lie in [0, 1]")
     manifest = make_cohort(args.out, dims=args.dims, n=args.n, anomalous_fraction=args.anomalous_fraction,
-                           seed=args.seed, size=args.size, progress=reporter)
+                           seed=args.seed, size=args.size, progress=reporter, dicom=args.dicom)
     n_anom = sum(1 for s in manifest["subjects"] if s["anomalous"]) if "subjects" in manifest else None
-    reporter.log(f"wrote {args.n} {args.dims}D subjects ({n_anom} with lesions) to {args.out}")
+    reporter.log(f"wrote {args.n} {args.dims}D subjects ({n_anom} with lesions) to {args.out}"
+                 + (f" (DICOM PET series in {args.out / 'dicom'})" if args.dicom else ""))
     reporter.emit("done", out=str(args.out))
     return 0
 
@@ -133,6 +134,25 @@ def cmd_report(args, reporter: Reporter) -> int:
     for p in paths:
         reporter.log(f"wrote {p}")
         reporter.emit("output", kind="figure", path=str(p))
+    return 0
+
+
+# -- suv -------------------------------------------------------------------------------------------------------
+
+def cmd_suv(args, reporter: Reporter) -> int:
+    from .io import write_image
+    from .suv import read_suv
+
+    if not args.out.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+        raise InputError(args.out, "give an image file name (.nii.gz, .nii, .nrrd or .mha)")
+    image, factors = read_suv(args.series, weight_kg=args.weight, dose_mbq=args.dose,
+                              injection_time=args.injection_time, half_life_s=args.half_life)
+    write_image(image, args.out)
+    for line in factors.describe():
+        print(line)
+    print(f"wrote {args.out} (SUV, {'x'.join(map(str, image.GetSize()))} voxels)")
+    reporter.emit("output", kind="suv", path=str(args.out), factor=float(factors.factors.mean()))
+    reporter.emit("done", out=str(args.out))
     return 0
 
 

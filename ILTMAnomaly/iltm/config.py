@@ -50,6 +50,8 @@ class DataConfig:
         intensity: "pet" (clip, then scale to [0, 1]), "unit8bit" (0..255 -> [0, 1]), "8bit" (keep 0..255), "none".
         clip_percentile: the percentile of each scan that "pet" clips at when ``clip_value`` is null.
         clip_value: absolute upper clip for "pet" (e.g. SUV 15); the same for every scan, so preferred for cohorts.
+        units: "suv" = DICOM PET series are converted to body-weight SUV when read (other files are taken to be in
+            SUV already), so ``clip_value`` is in SUV; "as_is" = voxel values as stored.
         spatial_size: crop/pad every scan to this size (voxels, x-y(-z)); null = the training scans' largest extent.
         augment: the paper's augmentation (random affine; elastic in 3D) while training.
         rotate_degrees: largest random rotation of the augmentation.
@@ -64,6 +66,7 @@ class DataConfig:
     intensity: str = setting("pet", choices=("pet", "unit8bit", "8bit", "none"))
     clip_percentile: float = setting(99.9, low=0, high=100, above=True)
     clip_value: Optional[float] = setting(None, low=0, above=True)
+    units: str = setting("as_is", choices=("as_is", "suv"))
     spatial_size: Optional[List[int]] = setting(None, low=1)
     augment: bool = setting(True)
     rotate_degrees: float = setting(5.0, low=0, high=180)

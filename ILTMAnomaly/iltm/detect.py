@@ -217,7 +217,7 @@ def detect_files(detector: Detector, records, out: Path, reporter: Reporter, see
     problems = []
     for rec in reporter.track(records, "detect", units=1.0):
         try:
-            img = read_image(rec.image)
+            img = read_image(rec.image, units=detector.cfg.data.units)
             generator = torch.Generator(device=detector.device).manual_seed(seed)
             score, mask, result = detector.detect_image(img, generator=generator, where=str(rec.image))
         except InputError as exc:

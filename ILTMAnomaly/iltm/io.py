@@ -161,6 +161,9 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     if len(series) > 1:
         raise InputError(path, f"folder holds {len(series)} DICOM series; put each series in its own folder")
     reader = sitk.ImageSeriesReader()
+    # Floating point output: otherwise the first slice's pixel type is kept and the other slices' own
+    # RescaleSlope/Intercept are truncated to it (PET scanners give every slice its own slope).
+    reader.SetOutputPixelType(sitk.sitkFloat64)
     with _quiet_itk():
         reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
         try:
@@ -206,21 +209,36 @@ def _collapse_dims(img: sitk.Image, path: Path) -> sitk.Image:
     return img
 
 
-def read_image(path: str | Path) -> sitk.Image:
+UNITS = ("as_is", "suv")  # what ``read_image(units=...)`` (and the ``data.units`` setting) accepts
+
+
+def read_image(path: str | Path, units: str = "as_is") -> sitk.Image:
     """Read one image as a float32 scalar SimpleITK image, 2D or 3D.
 
     Any format SimpleITK reads: NIfTI, NRRD, MetaImage, PNG/JPEG/TIFF/BMP (2D; RGB is converted to grey), or a
     folder holding one DICOM series. A 3D image with a single slice is returned as 2D.
 
+    Args:
+        path: the image file or DICOM series folder.
+        units: "as_is" = the stored values (a DICOM series rescaled by each slice's slope and intercept); "suv" =
+            a DICOM PET series (a folder or a ``.dcm`` file) is converted to body-weight SUV (:mod:`iltm.suv`);
+            any other file is taken to be in SUV already.
+
     Raises:
         InputError: naming ``path`` for a missing, empty, truncated or unreadable file, a vector or 4D image,
-            or NaN/inf voxels.
+            NaN/inf voxels, or (``units="suv"``) a PET header SUV cannot be computed from.
     """
     path = Path(path)
     nonfinite = 0
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS}, not {units!r}")
     if not path.exists():
         raise InputError(path, "file not found")
-    if path.is_dir():
+    if units == "suv" and (path.is_dir() or path.name.lower().endswith(".dcm")):
+        from .suv import read_suv
+
+        img = read_suv(path, from_cli=False)[0]
+    elif path.is_dir():
         img = _read_dicom_folder(path)
     else:
         try:
@@ -437,7 +455,7 @@ class Problem(NamedTuple):
 
 
 def check_images(records: Iterable[ImageRecord], skip_unreadable: bool = False, spatial_dims: int | None = None,
-                 check_labels: bool = True) -> tuple[list[ImageRecord], list[Problem]]:
+                 check_labels: bool = True, units: str = "as_is") -> tuple[list[ImageRecord], list[Problem]]:
     """Read every image (and label) once and collect every problem before anything long starts.
 
     Nothing is raised for a bad file: the caller prints all problems at once and stops, or, with
@@ -449,6 +467,7 @@ def check_images(records: Iterable[ImageRecord], skip_unreadable: bool = False, 
         spatial_dims: 2 or 3 when the model fixes it; otherwise the dimensionality most inputs have (a tie goes to
             the first readable image), and the odd ones out are problems.
         check_labels: also read each label and compare its size with its image's.
+        units: how images are read (:func:`read_image`); labels are always read as they are.
 
     Returns:
         (good_records, problems), one ``Problem(path, message)`` per unusable record, in input order.
@@ -459,7 +478,7 @@ def check_images(records: Iterable[ImageRecord], skip_unreadable: bool = False, 
     readable: list[tuple[int, ImageRecord, int]] = []
     for k, rec in enumerate(records):
         try:
-            img = read_image(rec.image)
+            img = read_image(rec.image, units=units)
             if check_labels and rec.label is not None:
                 lab = read_image(rec.label)
                 if lab.GetSize() != img.GetSize():

@@ -24,10 +24,11 @@ def make_report(run: RunFolder, out: Path, scans: int = 6) -> list[Path]:
     history_figure(history, history_path)
     iterations = [r["iteration"] for r in history["iterations"]]
     images = run.manifest()["images"][:scans]
+    units = run.config().data.units
     fig, axes = plt.subplots(len(images), len(iterations) + 1, squeeze=False,
                              figsize=(2.2 * (len(iterations) + 1), 2.2 * len(images)))
     for r, item in enumerate(images):
-        image = sitk.GetArrayFromImage(read_image(item["image"]))
+        image = sitk.GetArrayFromImage(read_image(item["image"], units=units))
         overlay_axes(axes[r, 0], image)
         axes[r, 0].set_title(item["id"], fontsize=8)
         for c, k in enumerate(iterations, start=1):

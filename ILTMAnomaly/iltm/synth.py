@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -257,7 +258,7 @@ def _spacing_origin(dims: int, size: Sequence[int], spacing: float) -> tuple[lis
 
 def make_cohort(out_dir: str | Path, dims: int, n: int, anomalous_fraction: float, seed: int,
                 size: Sequence[int] | int | None = None, progress: Any = None,
-                spacing: float | None = None) -> dict[str, Any]:
+                spacing: float | None = None, dicom: bool = False) -> dict[str, Any]:
     """Write a synthetic cohort and return its manifest.
 
     Args:
@@ -272,10 +273,14 @@ def make_cohort(out_dir: str | Path, dims: int, n: int, anomalous_fraction: floa
         progress: an ``iltm.progress.Reporter`` (its ``track`` shows the "synth" stage), or a callable called as
             ``progress(done, total)`` after each subject.
         spacing: isotropic voxel size in mm; default 2 (2D) or 4 (3D).
+        dicom: also write each subject as a DICOM PET series in ``dicom/<id>/`` (one file per slice, 2D as one
+            slice) whose body-weight SUV is the image: Bq/mL or counts with the tags of a GE, Siemens or Philips
+            scanner in turn (:func:`iltm.dicom_pet.synthetic_tags`).
 
     Returns:
         The manifest: version, seed, dims, size, spacing, n, anomalous_fraction, n_anomalous and ``subjects``, a
-        list of {id, image, label, anomalous, n_lesions, lesions} with paths relative to ``out_dir``.
+        list of {id, image, label, anomalous, n_lesions, lesions} (with ``dicom``: also dicom, the series
+        folder, and vendor) with paths relative to ``out_dir``.
     """
     if dims not in (2, 3):
         raise InputError("--dims", f"must be 2 or 3, not {dims}")
@@ -307,14 +312,18 @@ def make_cohort(out_dir: str | Path, dims: int, n: int, anomalous_fraction: floa
     for i in indices:
         case_id = f"case{i:0{width}d}"
         subject = make_subject(np.random.default_rng([int(seed), i]), dims, size, spacing, bool(anomalous[i]))
+        written = {}
         for kind, array in (("images", subject.image), ("labels", subject.label)):
             img = image_from_array(array)
             img.SetSpacing(spacing_xyz)
             img.SetOrigin(origin)
             write_image(img, out_dir / kind / f"{case_id}.nii.gz")
+            written[kind] = img
         cases.append({"id": case_id, "image": f"images/{case_id}.nii.gz", "label": f"labels/{case_id}.nii.gz",
                       "anomalous": bool(anomalous[i]), "n_lesions": len(subject.lesions),
                       "lesions": subject.lesions})
+        if dicom:
+            cases[-1].update(_write_dicom(out_dir, case_id, written["images"], seed, i))
         if callable(progress):
             progress(i + 1, n)
     manifest = {"version": SYNTH_VERSION, "generator": "iltm.synth", "seed": int(seed), "dims": dims,
@@ -322,6 +331,18 @@ def make_cohort(out_dir: str | Path, dims: int, n: int, anomalous_fraction: floa
                 "n_anomalous": n_anomalous, "subjects": cases}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
+
+
+def _write_dicom(out_dir: Path, case_id: str, suv_image, seed: int, index: int) -> dict[str, str]:
+    """Subject ``index`` as a DICOM PET series ``dicom/<id>/`` in a vendor's style; its manifest entries."""
+    from .dicom_pet import VENDOR_STYLES, synthetic_tags, write_pet_series
+
+    style = VENDOR_STYLES[index % len(VENDOR_STYLES)]
+    rng = np.random.default_rng([int(seed), index, 0xD1C0])
+    stored, tags = synthetic_tags(suv_image, style, rng, patient_id=f"SYNTH-{case_id}",
+                                  uid_seed=f"iltm.synth/{seed}/{case_id}")
+    write_pet_series(out_dir / "dicom" / case_id, stored, tags)
+    return {"dicom": f"dicom/{case_id}", "vendor": style}
 
 
 def _prepare_folder(out_dir: Path) -> None:
@@ -341,4 +362,7 @@ def _prepare_folder(out_dir: Path) -> None:
         for key in ("image", "label"):
             if isinstance(case.get(key), str):
                 (out_dir / case[key]).unlink(missing_ok=True)
+        series = case.get("dicom")
+        if isinstance(series, str) and (out_dir / series).resolve().parent == (out_dir / "dicom").resolve():
+            shutil.rmtree(out_dir / series, ignore_errors=True)
     manifest.unlink(missing_ok=True)

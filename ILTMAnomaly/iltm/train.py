@@ -132,7 +132,8 @@ class TrainingSet:
         self.arrays: list[np.ndarray] = []
         self.infos: list[Any] = []
         for rec in reporter.track(records, "preprocess"):
-            array, info = preprocessor.forward(read_image(rec.image), where=str(rec.image))
+            image = read_image(rec.image, units=preprocessor.cfg.units)
+            array, info = preprocessor.forward(image, where=str(rec.image))
             self.arrays.append(array.astype(np.float32))
             self.infos.append(info)
 
@@ -143,7 +144,7 @@ class TrainingSet:
 def gather_inputs(data: str | Path, cfg: Config, skip_unreadable: bool, reporter: Reporter) -> list[ImageRecord]:
     """List and check every training scan; all unreadable files are reported at once."""
     records = list_images(data)
-    good, problems = check_images(records, skip_unreadable=skip_unreadable)
+    good, problems = check_images(records, skip_unreadable=skip_unreadable, units=cfg.data.units)
     if problems and not skip_unreadable:
         listing = "; ".join(f"{path}: {why}" for path, why in problems)
         raise InputError(data, f"{len(problems)} unreadable input(s) — {listing} (use --skip-unreadable to skip them)")
@@ -161,7 +162,7 @@ def model_grid_size(records: list[ImageRecord], cfg: Config) -> list[int]:
     pre = Preprocessor(cfg.data, factor)
     shape = None
     for rec in records:
-        array, _ = pre.forward(read_image(rec.image), where=str(rec.image))
+        array, _ = pre.forward(read_image(rec.image, units=cfg.data.units), where=str(rec.image))
         shape = array.shape[1:] if shape is None else np.maximum(shape, array.shape[1:])
     return [int(math.ceil(s / factor) * factor) for s in reversed(list(shape))]
 
@@ -467,7 +468,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         dist.barrier()  # every rank has checked the folder before rank 0 fills it
         records = gather_inputs(data, cfg, skip_unreadable, reporter)
         cfg.iltm.check_cohort(len(records), where="config")
-        dims = read_image(records[0].image).GetDimension()
+        dims = read_image(records[0].image, units=cfg.data.units).GetDimension()
         if cfg.data.spatial_dims not in (None, dims):
             raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
         cfg.data.spatial_dims = dims
