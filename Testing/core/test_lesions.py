@@ -97,7 +97,6 @@ def test_lesions_cli_on_a_dicom_series(tmp_path, capsys):
     activity[1:3, 4:7, 5:8] = 6000.0
     series = tmp_path / "pet"
     write_pet_series(series, activity, spacing=(4.0, 4.0, 3.0), origin=(-20.0, -30.0, 10.0))
-    pet = sitk.ReadImage([str(f) for f in sorted(series.iterdir())])  # any order; the mask comes from read_image
     from iltm.io import read_image
 
     pet = read_image(series)
