@@ -147,21 +147,36 @@ def lesion_statistics(pet: np.ndarray, mask: np.ndarray, geometry: Geometry,
         raise ValueError(f"geometry is {len(geometry.spacing)}D but the arrays are {pet.ndim}D")
     labels, count = label_regions(mask)
     kernel = peak_kernel(geometry.spacing)
-    lesions = []
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        inside = labels[box] == index
-        values = pet[box][inside].astype(np.float64)
-        voxels = int(inside.sum())
-        volume = voxels * geometry.voxel_ml
-        centre_zyx = np.argwhere(inside).mean(axis=0) + [b.start for b in box]
-        centroid = geometry.index_to_physical(centre_zyx[None, ::-1])[0]
-        mean = float(values.mean())
-        lesions.append(Lesion(
-            id=index, voxels=voxels, volume_ml=volume, suv_max=float(values.max()), suv_mean=mean,
-            suv_peak=_peak_in_region(pet, inside, box, kernel), tlg=mean * volume,
-            centroid=tuple(float(c) for c in centroid),
-            score_max=None if score is None else float(np.asarray(score)[box][inside].max())))
-    return lesions
+    return [_region(pet, labels[box] == index, box, geometry, kernel, index, score)
+            for index, box in enumerate(ndimage.find_objects(labels), start=1)]
+
+
+def region_statistics(pet: np.ndarray, region: np.ndarray, geometry: Geometry, id: int = 1,
+                      score: Optional[np.ndarray] = None) -> Optional[Lesion]:
+    """The :class:`Lesion` fields of one given region (all its voxels, connected or not); None when it is empty.
+
+    For a region drawn or edited by hand (a Slicer segment), where :func:`lesion_statistics` would split it.
+    """
+    region = np.asarray(region) > 0
+    boxes = ndimage.find_objects(region.astype(np.int8))
+    if not boxes or boxes[0] is None:
+        return None
+    box = boxes[0]
+    return _region(np.asarray(pet), region[box], box, geometry, peak_kernel(geometry.spacing), id, score)
+
+
+def _region(pet, inside, box, geometry: Geometry, kernel, index: int, score) -> Lesion:
+    values = pet[box][inside].astype(np.float64)
+    voxels = int(inside.sum())
+    volume = voxels * geometry.voxel_ml
+    centre_zyx = np.argwhere(inside).mean(axis=0) + [b.start for b in box]
+    centroid = geometry.index_to_physical(centre_zyx[None, ::-1])[0]
+    mean = float(values.mean())
+    return Lesion(
+        id=index, voxels=voxels, volume_ml=volume, suv_max=float(values.max()), suv_mean=mean,
+        suv_peak=_peak_in_region(pet, inside, box, kernel), tlg=mean * volume,
+        centroid=tuple(float(c) for c in centroid),
+        score_max=None if score is None else float(np.asarray(score)[box][inside].max()))
 
 
 def scan_score(score: np.ndarray) -> float:
