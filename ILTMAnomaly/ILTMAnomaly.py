@@ -656,7 +656,8 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
         if not segmentationNode or not petVolume:
             raise PanelError(_("Select the PET volume and a segmentation."))
         rows = segments.segment_statistics(segmentationNode, petVolume)
-        return segments.statistics_table(slicer.mrmlScene, rows, f"{segmentationNode.GetName()} statistics", tableNode)
+        return segments.statistics_table(slicer.mrmlScene, rows, f"{segmentationNode.GetName()} statistics", tableNode,
+                                         unit=segments.pet_unit(petVolume))
 
     @staticmethod
     def defaultSegmentationFile(segmentationNode, folder) -> pathlib.Path:

@@ -187,45 +187,78 @@ def segment_labels_on(segmentation_node, reference_volume) -> tuple[np.ndarray, 
     return labels.astype(np.int32), ids
 
 
+def pet_unit(volume_node):
+    """The unit of the PET's voxel values: "SUV" when the volume says it holds SUV (Slicer's voxel value units, as
+    the PET-DICOM extension's SUV conversion sets them, e.g. ``{SUVbw}g/ml``), else the units' meaning or code
+    (``Bq/ml``), else None when the volume names no unit."""
+    units = volume_node.GetVoxelValueUnits() if hasattr(volume_node, "GetVoxelValueUnits") else None
+    if units is None:
+        return None
+    value, meaning = units.GetCodeValue() or "", units.GetCodeMeaning() or ""
+    if "SUV" in value.upper() or "standardized uptake" in meaning.lower():
+        return "SUV"
+    return meaning or value or None
+
+
 def segment_statistics(segmentation_node, pet_volume) -> list[dict]:
-    """Per segment: voxel count, volume in mL, and max/mean PET value inside it (NaN for an empty segment)."""
+    """Per segment, the core's lesion statistics (:func:`iltm.lesions.region_statistics`, the same numbers as
+    ``iltm lesions``): voxels, volume in mL, max/mean/peak PET value, TLG and the centroid in patient coordinates
+    (LPS mm, on the PET's own grid); NaN values for an empty segment. ``pet_max``/``pet_mean``/``pet_peak`` are in
+    the PET's unit (:func:`pet_unit`)."""
+    from iltm.lesions import Geometry, region_statistics
+
     labels, ids = segment_labels_on(segmentation_node, pet_volume)
     pet = volumes.array_from_volume(pet_volume).astype(np.float64)
-    voxel_ml = volumes.voxel_volume_ml(pet_volume)
+    geometry = Geometry(*volumes.itk_geometry_from_ijk_to_ras(volumes.get_ijk_to_ras(pet_volume)))
     segmentation = segmentation_node.GetSegmentation()
+    nan = float("nan")
     rows = []
     for label, segment_id in enumerate(ids, start=1):
-        inside = labels == label
-        count = int(inside.sum())
-        values = pet[inside]
+        lesion = region_statistics(pet, labels == label, geometry, id=label)
         rows.append({
             "segment": segmentation.GetSegment(segment_id).GetName(),
             "segment_id": segment_id,
-            "voxels": count,
-            "volume_ml": count * voxel_ml,
-            "pet_max": float(values.max()) if count else float("nan"),
-            "pet_mean": float(values.mean()) if count else float("nan"),
+            "voxels": lesion.voxels if lesion else 0,
+            "volume_ml": lesion.volume_ml if lesion else 0.0,
+            "pet_max": lesion.suv_max if lesion else nan,
+            "pet_mean": lesion.suv_mean if lesion else nan,
+            "pet_peak": lesion.suv_peak if lesion else nan,
+            "tlg": lesion.tlg if lesion else nan,
+            "centroid_lps": lesion.centroid if lesion else (nan, nan, nan),
         })
     return rows
 
 
-STATISTICS_COLUMNS = (("segment", "Segment", "string"), ("volume_ml", "Volume [mL]", "double"),
-                      ("pet_max", "PET max", "double"), ("pet_mean", "PET mean", "double"),
-                      ("voxels", "Voxels", "int"))
+def statistics_columns(unit=None) -> list:
+    """(row key, column title, kind) of the statistics table; titles carry the PET's unit: "SUVmax [SUV]" for a PET
+    in SUV, "PET max [Bq/ml]" for another unit, "PET max" when the volume names none."""
+    if unit == "SUV":
+        value = {"pet_max": "SUVmax [SUV]", "pet_mean": "SUVmean [SUV]", "pet_peak": "SUVpeak [SUV]",
+                 "tlg": "TLG [SUV*mL]"}
+    else:
+        suffix = f" [{unit}]" if unit else ""
+        value = {"pet_max": f"PET max{suffix}", "pet_mean": f"PET mean{suffix}", "pet_peak": f"PET peak{suffix}",
+                 "tlg": f"TLG [{unit}*mL]" if unit else "TLG [mL x PET]"}
+    return ([("segment", "Segment", "string"), ("volume_ml", "Volume [mL]", "double")]
+            + [(key, title, "double") for key, title in value.items()]
+            + [(f"centroid_{axis}", f"Centroid {axis.upper()} (LPS) [mm]", "double") for axis in "xyz"]
+            + [("voxels", "Voxels", "int")])
 
 
-def statistics_table(scene, rows: list[dict], name: str, table_node=None):
-    """Write ``rows`` (from :func:`segment_statistics`) into a table node, new unless ``table_node`` is given."""
+def statistics_table(scene, rows: list[dict], name: str, table_node=None, unit=None):
+    """Write ``rows`` (from :func:`segment_statistics`) into a table node, new unless ``table_node`` is given.
+
+    ``unit``: the PET's unit for the column titles (:func:`pet_unit`; "SUV" titles the SUV columns)."""
     table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
     was_modifying = table_node.StartModify()
     table.Initialize()
-    for key, title, kind in STATISTICS_COLUMNS:
+    for key, title, kind in statistics_columns(unit):
         column = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
         column.SetName(title)
         column.SetNumberOfValues(len(rows))
         for index, row in enumerate(rows):
-            value = row[key]
+            value = row["centroid_lps"]["xyz".index(key[-1])] if key.startswith("centroid_") else row[key]
             column.SetValue(index, str(value) if kind == "string" else value)
         table.AddColumn(column)
     table_node.SetUseColumnTitleAsColumnHeader(True)

@@ -1,4 +1,4 @@
-"""The ``iltm`` command line: synth, train, detect, evaluate, report, demo, suv, export.
+"""The ``iltm`` command line: synth, train, detect, lesions, evaluate, report, demo, suv, export.
 
 Bad input never ends in a traceback: an :class:`~iltm.errors.InputError` becomes one line on stderr
 (``iltm: error: <file>: <problem>``) and exit code 2.
@@ -23,9 +23,13 @@ EXAMPLES = {
               "  torchrun --nproc_per_node 4 -m iltm train --data cohort --out run --preset paper"),
     "detect": ("examples:\n  iltm detect --run run --input scan.nii.gz --out results\n"
                "  iltm detect --run model.zip --input scan.nii.gz --out results\n"
-               "  iltm detect --run run --input cohort/images --out results --iteration 0 --device cpu"),
+               "  iltm detect --run run --input cohort/images --out results --iteration 0 --device cpu\n"
+               "  iltm detect --run run --input dicom/PET_series --out results --lesions --dicom-seg --split-lesions"),
     "export": ("examples:\n  iltm export run --out model.zip\n"
                "  iltm export run --out model-it0.zip --iteration 0 --units SUV"),
+    "lesions": ("examples:\n  iltm lesions --pet suv.nii.gz --mask results/p1_mask.nii.gz --out p1_lesions.csv\n"
+                "  iltm lesions --pet dicom/PET_series --mask m.nii.gz --score results/p1_score.nii.gz "
+                "--out p1.csv --units BQML"),
     "evaluate": "example:\n  iltm evaluate --scores results --labels cohort/labels --out results/metrics.json",
     "report": "example:\n  iltm report run",
     "demo": "example:\n  iltm demo --out iltm_demo",
@@ -89,6 +93,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--density-threshold", type=float, help="tau: voxels with density < tau are anomalous")
     p.add_argument("--seed", type=int, default=0, help="seed of the token resampling")
     p.add_argument("--no-png", action="store_true", help="no PNG overlay for 2D inputs")
+    p.add_argument("--lesions", action="store_true",
+                   help="also write <id>_lesions.csv (per-region PET statistics) per scan and scans.csv (totals)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write <id>_seg.dcm, a DICOM SEG of the mask (inputs must be DICOM series)")
+    p.add_argument("--split-lesions", action="store_true", help="with --dicom-seg: one segment per region")
+    p.add_argument("--units", help="unit of the PET values in the lesion tables' headers (default: SUV when the run "
+                                   "reads data.units=suv or the inputs are not DICOM, else the series' Units tag)")
+
+    p = add("lesions", "Per-lesion PET statistics of a binary map: volume, SUVmax/mean/peak, TLG, centroid.")
+    p.add_argument("--pet", required=True, type=Path, help="PET image (SUV for SUV statistics) or DICOM series folder")
+    p.add_argument("--mask", required=True, type=Path, help="binary map on the PET's grid (e.g. <id>_mask.nii.gz)")
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write (one row per connected region)")
+    p.add_argument("--score", type=Path, help="anomaly score map on the same grid, for score_max and the scan score")
+    p.add_argument("--units", default="SUV", help="unit of the PET values (default SUV; e.g. BQML for raw DICOM)")
 
     p = add("export", "Write a shareable model bundle (.zip): config, VQ-VAE, one iteration's Transformer, "
                       "metadata.json; nothing that names or holds a training scan.")

@@ -71,21 +71,53 @@ def detection_overrides(cfg: config_mod.Config, args) -> config_mod.DetectionCon
     return config_mod.validate(det, where="iltm detect", prefix="detection.")
 
 
+def dicom_seg_sources(records) -> dict:
+    """Record id -> its DICOM series' files in slice order, for ``--dicom-seg``; an input that is not a DICOM
+    series folder is an InputError, raised before any detection starts."""
+    from .io import dicom_series_files
+
+    sources = {}
+    for rec in records:
+        if not rec.image.is_dir():
+            raise InputError(rec.image, "--dicom-seg needs DICOM series as input (a series folder, or a folder of "
+                                        "series folders); this is a file")
+        sources[rec.id] = dicom_series_files(rec.image)
+    return sources
+
+
+def table_units(cfg: config_mod.Config, records) -> str:
+    """The unit of the PET values ``detect --lesions`` tabulates: SUV when the run converts DICOM to SUV or the
+    inputs are not DICOM (taken as SUV already), else the Units tag of the first DICOM series (e.g. BQML)."""
+    from .io import dicom_series_files
+
+    series = [rec.image for rec in records if rec.image.is_dir()]
+    if cfg.data.units == "suv" or not series:
+        return "SUV"
+    import pydicom
+
+    return str(pydicom.dcmread(str(dicom_series_files(series[0])[0]), stop_before_pixels=True).get("Units", "")
+               or "stored units")
+
+
 def cmd_detect(args, reporter: Reporter) -> int:
+    from .bundle import open_model
     from .detect import Detector, detect_files
     from .io import list_images
 
-    from .bundle import open_model
-
+    if args.split_lesions and not args.dicom_seg:
+        raise InputError("--split-lesions", "only applies with --dicom-seg")
+    records = list_images(args.input)
+    sources = dicom_seg_sources(records) if args.dicom_seg else None
     run = open_model(args.run)
     iteration = run.check_for_detection(args.iteration)
     cfg = run.config()
     detector = Detector.from_run(run, iteration, args.device, detection=detection_overrides(cfg, args))
-    records = list_images(args.input)
     reporter.units_total = 1.0
     reporter.emit("start", command="detect", run=str(run.root), iteration=iteration, inputs=len(records))
     reporter.log(f"detecting with iteration {iteration} of {run.root} on {detector.device}")
-    problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png)
+    problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png,
+                            lesions=args.lesions, dicom_seg_sources=sources, split_lesions=args.split_lesions,
+                            unit=args.units or table_units(cfg, records))
     for line in problems:
         print(f"iltm: error: {line}", file=sys.stderr)
         reporter.emit("error", message=line)
@@ -105,20 +137,52 @@ def cmd_export(args, reporter: Reporter) -> int:
     return 0
 
 
+# -- lesions ---------------------------------------------------------------------------------------------------
+
+def cmd_lesions(args, reporter: Reporter) -> int:
+    from . import lesions
+    from .io import atomic_write_text, read_image, read_label
+
+    pet = read_image(args.pet)
+    mask = read_label(args.mask)
+    score = read_image(args.score) if args.score is not None else None
+    found, totals = lesions.lesions_of_images(pet, mask, score, mask_name=str(args.mask),
+                                              score_name=str(args.score))
+    atomic_write_text(args.out, lesions.csv_text(*lesions.lesion_rows(found, args.units, score is not None)))
+    line = (f"{totals.lesion_count} lesions, metabolic tumour volume {totals.mtv_ml:.3g} mL, "
+            f"total TLG {totals.total_tlg:.4g} {args.units}*mL")
+    if totals.scan_score is not None:
+        line += f", scan score (max) {totals.scan_score:.4g}"
+    print(line)
+    reporter.log(f"wrote {args.out}")
+    reporter.emit("done", out=str(args.out), lesions=totals.lesion_count, mtv_ml=totals.mtv_ml,
+                  total_tlg=totals.total_tlg, scan_score=totals.scan_score)
+    return 0
+
+
 # -- evaluate --------------------------------------------------------------------------------------------------
 
 def cmd_evaluate(args, reporter: Reporter) -> int:
-    from .evaluate import format_table, load_pairs, summarise
+    from .evaluate import LESION_KEYS, format_table, lesion_summary, load_cohort, summarise
     from .io import atomic_write_text
 
-    ids, scores, labels = load_pairs(args.scores, args.labels)
-    summary = summarise(scores, labels)
-    summary["ids"] = ids
+    cohort = load_cohort(args.scores, args.labels)
+    summary = summarise(cohort.scores, cohort.labels)
+    summary["ids"] = cohort.ids
+    if cohort.masks is None:
+        reporter.warn(f"{args.scores}: no *_mask.nii.gz beside the score maps, so no lesion-level metrics "
+                      f"({', '.join(LESION_KEYS)}); run iltm detect into that folder to get them")
+    else:
+        lesion = lesion_summary(cohort.masks, cohort.labels, cohort.voxel_ml)
+        summary.update({k: lesion[k] for k in LESION_KEYS})
+        for entry, scan in zip(summary["per_image"], lesion["per_scan"]):
+            entry.update(scan)
     out = args.out or args.scores / "metrics.json"
     atomic_write_text(Path(out), json.dumps(summary, indent=2, default=float) + "\n")
     print(format_table({str(args.scores): summary}))
     reporter.log(f"metrics written to {out}")
-    reporter.emit("done", out=str(out), auroc=summary["auroc"], aupro=summary["aupro"], best_dice=summary["best_dice"])
+    reporter.emit("done", out=str(out), **{k: summary[k] for k in ("auroc", "aupro", "best_dice",
+                                                                     "average_precision", "scan_auroc")})
     return 0
 
 

@@ -17,8 +17,8 @@ from . import kde
 from .bundle import ModelBundle, open_model
 from .config import Config, DetectionConfig
 from .errors import InputError
-from .io import read_image, write_image
-from .layout import MASK_SUFFIX, OVERLAY_SUFFIX, SCORE_SUFFIX
+from .io import atomic_write_text, read_image, write_image
+from .layout import DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX
 from .preprocess import Preprocessor
 from .progress import Reporter
 from .run import RunFolder
@@ -211,10 +211,19 @@ def token_mask_from_map(binary: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def detect_files(detector: Detector, records, out: Path, reporter: Reporter, seed: int = 0,
-                 png: bool = True) -> list[str]:
-    """Detect every record into ``out`` (``<id>_score.nii.gz``, ``<id>_mask.nii.gz``, a PNG overlay for 2D); returns
-    the problems (one line each) of the inputs that failed. Each scan's resampling is seeded with ``seed``."""
-    problems = []
+                 png: bool = True, lesions: bool = False, dicom_seg_sources: dict | None = None,
+                 split_lesions: bool = False, unit: str = "SUV") -> list[str]:
+    """Detect every record into ``out``; returns the problems (one line each) of the inputs that failed.
+
+    Writes ``<id>_score.nii.gz``, ``<id>_mask.nii.gz`` and, for 2D, a PNG overlay per scan; with ``lesions`` also
+    ``<id>_lesions.csv`` per scan and one ``scans.csv`` (totals and scan score of every scan scored) for the
+    folder; with ``dicom_seg_sources`` (record id -> its series' files in slice order) ``<id>_seg.dcm``, one
+    segment or one per region with ``split_lesions``. ``unit`` labels the PET values in the tables. Each scan's
+    resampling is seeded with ``seed``.
+    """
+    from . import lesions as lesions_mod
+
+    problems, scans = [], []
     for rec in reporter.track(records, "detect", units=1.0):
         try:
             img = read_image(rec.image, units=detector.cfg.data.units)
@@ -238,5 +247,26 @@ def detect_files(detector: Detector, records, out: Path, reporter: Reporter, see
             save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
                              sitk.GetArrayFromImage(mask), png_path, title=rec.id)
             reporter.emit("output", kind="overlay", path=str(png_path), id=rec.id)
+        if lesions:
+            found, totals = lesions_mod.lesions_of_images(img, mask, score)
+            table_path = out / f"{rec.id}{LESIONS_SUFFIX}"
+            atomic_write_text(table_path, lesions_mod.csv_text(*lesions_mod.lesion_rows(found, unit, True)))
+            reporter.emit("output", kind="lesions", path=str(table_path), id=rec.id)
+            scans.append((rec.id, totals))
+            line += f", {totals.lesion_count} lesions, MTV {totals.mtv_ml:.2f} mL"
+        if dicom_seg_sources is not None:
+            from .dicom_seg import write_dicom_seg
+
+            seg_path = out / f"{rec.id}{DICOM_SEG_SUFFIX}"
+            try:
+                write_dicom_seg(sitk.GetArrayFromImage(mask), dicom_seg_sources[rec.id], seg_path, split_lesions)
+            except InputError as exc:
+                problems.append(str(exc))
+            else:
+                reporter.emit("output", kind="dicom_seg", path=str(seg_path), id=rec.id)
         reporter.log(line)
+    if lesions and scans:
+        scans_path = out / SCANS_TABLE
+        atomic_write_text(scans_path, lesions_mod.csv_text(*lesions_mod.scan_rows(scans, unit)))
+        reporter.emit("output", kind="scans", path=str(scans_path))
     return problems

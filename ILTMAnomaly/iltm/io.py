@@ -153,19 +153,32 @@ def _nifti_check(path: Path) -> tuple[str | None, int]:
         return f"the gzip stream is damaged or cut short ({exc.__class__.__name__})", 0
 
 
-def _read_dicom_folder(path: Path) -> sitk.Image:
+def dicom_series_files(path: str | Path) -> list[Path]:
+    """The files of the one DICOM series in folder ``path``, in the order SimpleITK stacks them (slice k of the
+    image read from the folder is file k).
+
+    Raises:
+        InputError: when the folder holds no DICOM series or more than one.
+    """
+    path = Path(path)
     with _quiet_itk():
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if not series:
         raise InputError(path, "folder holds no DICOM series (give an image file, or a folder of DICOM slices)")
     if len(series) > 1:
         raise InputError(path, f"folder holds {len(series)} DICOM series; put each series in its own folder")
+    with _quiet_itk():
+        return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])]
+
+
+def _read_dicom_folder(path: Path) -> sitk.Image:
+    files = dicom_series_files(path)
     reader = sitk.ImageSeriesReader()
     # Floating point output: otherwise the first slice's pixel type is kept and the other slices' own
     # RescaleSlope/Intercept are truncated to it (PET scanners give every slice its own slope).
     reader.SetOutputPixelType(sitk.sitkFloat64)
     with _quiet_itk():
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+        reader.SetFileNames([str(f) for f in files])
         try:
             return reader.Execute()
         except RuntimeError as exc:

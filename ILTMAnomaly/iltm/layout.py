@@ -16,7 +16,9 @@ Slicer without torch) and the tests' fake CLI all import it, and nothing else sp
     RUN/iteration_000/masks/<id>_mask.nii.gz        its binary map of each training scan (scan geometry)
     RUN/iteration_000/token_masks/<id>.npy          the same map on the latent grid (masks iteration 1)
 
-``iltm detect`` writes ``<id>_score.nii.gz`` (-log density) and ``<id>_mask.nii.gz`` (score > -ln tau) per scan.
+``iltm detect`` writes ``<id>_score.nii.gz`` (-log density) and ``<id>_mask.nii.gz`` (score > -ln tau) per scan;
+with ``--lesions`` also ``<id>_lesions.csv`` per scan and one ``scans.csv`` (per-scan totals) for the folder, with
+``--dicom-seg`` on a DICOM series ``<id>_seg.dcm``.
 
 A model bundle (``iltm export RUN --out MODEL.zip``) is a zip of what detection needs, and nothing that names or holds
 a training scan (no manifest, tokens, masks or history)::
@@ -46,6 +48,9 @@ DEFAULT_DENSITY_THRESHOLD = 0.005  # tau: a voxel whose density is below it is a
 SCORE_SUFFIX = "_score.nii.gz"
 MASK_SUFFIX = "_mask.nii.gz"
 OVERLAY_SUFFIX = "_overlay.png"
+LESIONS_SUFFIX = "_lesions.csv"
+DICOM_SEG_SUFFIX = "_seg.dcm"
+SCANS_TABLE = "scans.csv"
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"

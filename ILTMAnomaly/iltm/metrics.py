@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["auroc", "aupro", "best_dice", "evaluate"]
+__all__ = ["auroc", "aupro", "best_dice", "average_precision", "lesion_detection", "evaluate"]
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -130,6 +130,16 @@ def _best_dice(curve: _Curve) -> tuple[float, float]:
     return float(dice[best]), float(curve.thresholds[best])
 
 
+def _average_precision(curve: _Curve) -> float:
+    if curve.positives == 0:
+        return math.nan
+    # Step-wise area under the precision-recall curve, sum_k (R_k - R_k-1) P_k, one point per distinct threshold
+    # (scikit-learn's average_precision_score).
+    recall = curve.true_positives / curve.positives
+    precision = curve.true_positives / (curve.true_positives + curve.false_positives)
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
 def auroc(scores, labels) -> float:
     """Voxel-level area under the ROC curve over the pooled set, exact and tie-aware.
 
@@ -185,6 +195,59 @@ def best_dice(scores, labels) -> tuple[float, float]:
     return _best_dice(_curve(_pairs(scores, labels), with_regions=False))
 
 
+def average_precision(scores, labels) -> float:
+    """Voxel-level average precision over the pooled set: sum over distinct thresholds of the recall gained times
+    the precision there (no interpolation), as scikit-learn's ``average_precision_score``; ties never split.
+
+    Args:
+        scores: array (2D or 3D, higher = more anomalous) or a list of them; numpy or torch.
+        labels: matching array(s) of the same shapes, non-zero = anomalous.
+
+    Returns:
+        AP in [0, 1]; nan when the set has no anomalous voxels.
+    """
+    return _average_precision(_curve(_pairs(scores, labels), with_regions=False))
+
+
+# autoPET's evaluation (lab-midas/autoPET val_script.py) labels regions with cc3d connectivity 18 in 3D: faces and
+# edges, not corners. generate_binary_structure(ndim, 2) is that in 3D and the 8-neighbourhood in 2D.
+def _lesion_structure(ndim: int) -> np.ndarray:
+    return ndimage.generate_binary_structure(ndim, 2)
+
+
+def lesion_detection(prediction, label, voxel_ml: float = 1.0) -> dict:
+    """Region-level comparison of one binary prediction with one label map, as autoPET counts it.
+
+    Regions are 18-connected in 3D (8 in 2D). A predicted region is a false positive when it shares no voxel with
+    the label; a true lesion is missed (false negative) when it shares no voxel with the prediction.
+
+    Args:
+        prediction: binary map (non-zero = predicted anomalous), 2D or 3D.
+        label: ground truth of the same shape, non-zero = lesion.
+        voxel_ml: one voxel's volume in mL.
+
+    Returns:
+        ``{"lesions", "detected_lesions", "predicted_regions", "fp_regions", "fp_volume_ml", "fn_volume_ml"}``.
+    """
+    prediction, label = _to_numpy(prediction) != 0, _to_numpy(label) != 0
+    if prediction.shape != label.shape:
+        raise ValueError(f"prediction {prediction.shape} and label {label.shape} differ in shape")
+    structure = _lesion_structure(label.ndim)
+    true_regions, n_true = ndimage.label(label, structure=structure)
+    pred_regions, n_pred = ndimage.label(prediction, structure=structure)
+    true_sizes = np.bincount(true_regions.ravel(), minlength=n_true + 1)
+    pred_sizes = np.bincount(pred_regions.ravel(), minlength=n_pred + 1)
+    hit_true = np.zeros(n_true + 1, dtype=bool)
+    hit_true[np.unique(true_regions[prediction])] = True
+    hit_pred = np.zeros(n_pred + 1, dtype=bool)
+    hit_pred[np.unique(pred_regions[label])] = True
+    missed, false_pos = ~hit_true[1:], ~hit_pred[1:]
+    return {"lesions": int(n_true), "detected_lesions": int(n_true - missed.sum()), "predicted_regions": int(n_pred),
+            "fp_regions": int(false_pos.sum()),
+            "fp_volume_ml": float(pred_sizes[1:][false_pos].sum() * voxel_ml),
+            "fn_volume_ml": float(true_sizes[1:][missed].sum() * voxel_ml)}
+
+
 def evaluate(scores, labels, fpr_limit: float = 0.3) -> dict:
     """All metrics over the pooled set, and per image so callers can report mean and standard deviation.
 
@@ -194,9 +257,9 @@ def evaluate(scores, labels, fpr_limit: float = 0.3) -> dict:
         fpr_limit: AUPRO integration limit, see :func:`aupro`.
 
     Returns:
-        ``{"auroc", "aupro", "best_dice", "best_threshold"}`` pooled over the set, plus ``"per_image"``: one dict
-        per image with the same four keys (nan where undefined, e.g. AUROC and Dice on an image without
-        anomalies).
+        ``{"auroc", "aupro", "best_dice", "best_threshold", "average_precision"}`` pooled over the set, plus
+        ``"per_image"``: one dict per image with the same keys (nan where undefined, e.g. AUROC and Dice on an
+        image without anomalies).
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -204,7 +267,8 @@ def evaluate(scores, labels, fpr_limit: float = 0.3) -> dict:
     def summary(pairs) -> dict:
         curve = _curve(pairs, with_regions=True)
         dice, threshold = _best_dice(curve)
-        return {"auroc": _auroc(curve), "aupro": _aupro(curve, fpr_limit), "best_dice": dice, "best_threshold": threshold}
+        return {"auroc": _auroc(curve), "aupro": _aupro(curve, fpr_limit), "best_dice": dice, "best_threshold": threshold,
+                "average_precision": _average_precision(curve)}
 
     pairs = _pairs(scores, labels)
     result = summary(pairs)

@@ -198,7 +198,7 @@ def test_evaluate_pooled_and_per_image():
     scores = [HAND_SCORES, healthy_scores]
     labels = [HAND_LABELS, np.zeros((2, 2))]
     result = metrics.evaluate(scores, labels)
-    assert set(result) == {"auroc", "aupro", "best_dice", "best_threshold", "per_image"}
+    assert set(result) == {"auroc", "aupro", "best_dice", "best_threshold", "average_precision", "per_image"}
     assert result["auroc"] == pytest.approx(metrics.auroc(scores, labels), abs=1e-15)
     assert result["aupro"] == pytest.approx(metrics.aupro(scores, labels), abs=1e-15)
     assert (result["best_dice"], result["best_threshold"]) == metrics.best_dice(scores, labels)

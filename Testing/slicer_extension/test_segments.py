@@ -61,12 +61,51 @@ def test_statistics_give_volume_in_ml_and_pet_values(scene, pet_node):
     table = segments.statistics_table(scene, rows, "PET anomalies statistics")
     assert table.GetNumberOfRows() == 2
     assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == [
-        "Segment", "Volume [mL]", "PET max", "PET mean", "Voxels"]
+        "Segment", "Volume [mL]", "PET max", "PET mean", "PET peak", "TLG [mL x PET]", "Centroid X (LPS) [mm]",
+        "Centroid Y (LPS) [mm]", "Centroid Z (LPS) [mm]", "Voxels"]
     assert table.GetCellText(0, 0) == "Anomaly 1"
     assert float(table.GetCellText(1, 1)) == pytest.approx(rows[1]["volume_ml"])
     # Updating the same table replaces its rows.
     segments.statistics_table(scene, rows[:1], "unused", table_node=table)
     assert table.GetNumberOfRows() == 1
+
+
+def test_statistics_are_the_cores_with_units(scene, pet_node):
+    """The table's numbers are iltm.lesions' (as ``iltm lesions`` writes them), titled in the PET's unit."""
+    import slicer
+    from iltm.lesions import Geometry, lesion_statistics
+
+    pet, lesions = phantom_pet()
+    segmentation = segments.segmentation_from_mask(scene, lesions > 0, pet_node, "PET anomalies")
+    rows = segments.segment_statistics(segmentation, pet_node)
+    spacing, origin, direction = volumes.itk_geometry_from_ijk_to_ras(volumes.get_ijk_to_ras(pet_node))
+    core = lesion_statistics(pet, lesions > 0, Geometry(spacing, origin, direction))
+    assert len(core) == len(rows) == 2
+    for row, lesion in zip(rows, core):
+        assert row["voxels"] == lesion.voxels
+        assert row["pet_peak"] == pytest.approx(lesion.suv_peak) and row["tlg"] == pytest.approx(lesion.tlg)
+        assert row["centroid_lps"] == pytest.approx(lesion.centroid)
+    assert rows[0]["pet_peak"] == pytest.approx(8.0)                 # a 1 mL sphere fits inside the big lesion
+    assert rows[1]["pet_peak"] < rows[1]["pet_max"] == pytest.approx(6.5)  # not in the small one
+    # The centroid in RAS is the LPS one with x and y negated: check it against Slicer's own IJK-to-RAS.
+    centre_kji = np.argwhere(lesions == 1).mean(axis=0)
+    ras = volumes.get_ijk_to_ras(pet_node) @ np.append(centre_kji[::-1], 1.0)
+    assert rows[0]["centroid_lps"] == pytest.approx((-ras[0], -ras[1], ras[2]))
+
+    assert segments.pet_unit(pet_node) is None
+    units = slicer.vtkCodedEntry()
+    units.SetValueSchemeMeaning("{SUVbw}g/ml", "UCUM", "Standardized Uptake Value body weight")
+    pet_node.SetVoxelValueUnits(units)
+    assert segments.pet_unit(pet_node) == "SUV"
+    table = segments.statistics_table(scene, rows, "t", unit=segments.pet_unit(pet_node))
+    titles = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert titles[2:6] == ["SUVmax [SUV]", "SUVmean [SUV]", "SUVpeak [SUV]", "TLG [SUV*mL]"]
+    units.SetValueSchemeMeaning("Bq/ml", "UCUM", "Becquerels/milliliter")
+    pet_node.SetVoxelValueUnits(units)
+    assert segments.pet_unit(pet_node) == "Becquerels/milliliter"
+    table = segments.statistics_table(scene, rows, "t2", unit="Bq/ml")
+    assert table.GetColumnName(2) == "PET max [Bq/ml]" and float(table.GetCellText(0, 4)) == pytest.approx(
+        rows[0]["pet_peak"])
 
 
 def test_seg_nrrd_is_written_and_read_back_with_slicerio(scene, pet_node, tmp_path):
