@@ -107,6 +107,11 @@ def test_detect_dicom_seg_and_lesions_on_dicom_series(run2d, cohort2d, tmp_path)
         pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], combine_segments=True)[0]
         assert np.array_equal(pixels > 0, mask > 0)
         assert len(seg.get_segment_numbers()) == max(len(table) - 1, 1)
+    # Without --units the tables name the series' own Units tag (the run reads DICOM as stored, not in SUV).
+    plain = tmp_path / "plain"
+    assert run_cli("detect", "--run", run2d, "--input", root / "PET_a", "--out", plain, "--no-png",
+                   "--density-threshold", "0.5", "--lesions") == 0
+    assert (plain / "PET_a_lesions.csv").read_text(encoding="utf-8").startswith("id,voxels,volume_ml [mL],pet_max [BQML]")
 
 
 def test_dicom_seg_of_a_nifti_input_fails_before_any_work(run2d, cohort2d, tmp_path, capsys):
