@@ -17,7 +17,7 @@ from . import kde
 from .config import Config, DetectionConfig
 from .errors import InputError
 from .io import read_image, write_image
-from .layout import MASK_SUFFIX, OVERLAY_SUFFIX, SCORE_SUFFIX
+from .layout import MASK_SUFFIX, OVERLAY_SUFFIX, SCORE_SUFFIX, check_id
 from .preprocess import Preprocessor
 from .progress import Reporter
 from .run import RunFolder
@@ -221,20 +221,29 @@ def detect_files(detector: Detector, records, out: Path, reporter: Reporter, see
         except InputError as exc:
             problems.append(str(exc))
             continue
+        check_id(rec.id, str(rec.image))
         score_path, mask_path = out / f"{rec.id}{SCORE_SUFFIX}", out / f"{rec.id}{MASK_SUFFIX}"
-        write_image(score, score_path)
-        write_image(mask, mask_path)
+        png_path = out / f"{rec.id}{OVERLAY_SUFFIX}" if png and img.GetDimension() == 2 else None
+        written: list[Path] = []
+        try:  # a scan's outputs are all there or none is: a failed write takes back the ones before it
+            for image, path in ((score, score_path), (mask, mask_path)):
+                write_image(image, path)
+                written.append(path)
+            if png_path is not None:
+                from .visualize import save_overlay_png
+
+                save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
+                                 sitk.GetArrayFromImage(mask), png_path, title=rec.id)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         reporter.emit("output", kind="score", path=str(score_path), id=rec.id)
         reporter.emit("output", kind="mask", path=str(mask_path), id=rec.id)
+        if png_path is not None:
+            reporter.emit("output", kind="overlay", path=str(png_path), id=rec.id)
         flagged = int(result.flagged.sum())
         line = (f"{rec.id}: {flagged}/{result.flagged.numel()} tokens resampled, "
                 f"{int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels, {result.seconds:.1f} s")
-        if png and img.GetDimension() == 2:
-            from .visualize import save_overlay_png
-
-            png_path = out / f"{rec.id}{OVERLAY_SUFFIX}"
-            save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
-                             sitk.GetArrayFromImage(mask), png_path, title=rec.id)
-            reporter.emit("output", kind="overlay", path=str(png_path), id=rec.id)
         reporter.log(line)
     return problems

@@ -75,7 +75,9 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, epochs))
     start, losses = 0, []
     if checkpoint.is_file():
-        state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model))
+        state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model),
+                                what="training checkpoint",
+                                required=("model", "optimizer", "scheduler", "epoch", "losses"))
         inner.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
