@@ -134,6 +134,20 @@ def check_output_folder(path: str | Path, where: str = "--out") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | Path):
+    """Remove ``folder`` afterwards when this block created it and it is still empty (a command that wrote nothing,
+    e.g. because every input was bad or the disk is full, leaves no trace)."""
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        yield folder
+    finally:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def check_output_file(path: str | Path, where: str = "--out") -> Path:
     """Check, before any work, that the file ``path`` can be written (its folder is or can become writable)."""
     path = Path(path)
@@ -401,15 +415,14 @@ def _image_problem(tmp: Path, img: sitk.Image) -> str | None:
         problem, _ = _nifti_check(tmp)
         if problem:
             return f"the file came out incomplete ({problem})"
+        return None  # the header was parsed and every voxel byte is there
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(itk_name(tmp))
         with _quiet_itk():
-            reader.ReadImageInformation()
+            back = sitk.ReadImage(itk_name(tmp))
     except (RuntimeError, InputError) as exc:
         return f"the file came out unreadable ({_short_reason(exc)})"
-    if tuple(reader.GetSize()) != tuple(img.GetSize()):
-        return f"the file came out with size {reader.GetSize()} instead of {img.GetSize()}"
+    if tuple(back.GetSize()) != tuple(img.GetSize()):
+        return f"the file came out with size {back.GetSize()} instead of {img.GetSize()}"
     return None
 
 

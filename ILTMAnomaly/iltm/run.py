@@ -32,6 +32,12 @@ class RunFolder(RunLayout):
         if not iterations:
             raise InputError(self.root, "run folder has no trained Transformer (no iteration_*/transformer.pt)")
         if iteration is None:
+            recorded = [r["iteration"] for r in self.history()["iterations"]]
+            if recorded and max(recorded) > iterations[-1]:
+                last = max(recorded)
+                raise InputError(self.transformer_path(last), f"iteration {last} is recorded as finished in "
+                                 f"{self.history_path.name} but its Transformer is missing; 'iltm train --resume "
+                                 f"{self.root}' redoes it (or choose --iteration {iterations[-1]})")
             return iterations[-1]
         if iteration not in iterations:
             raise InputError(self.root, f"iteration {iteration} has no Transformer "
