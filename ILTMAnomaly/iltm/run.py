@@ -28,6 +28,8 @@ class RunFolder(RunLayout):
         for path in (self.config_path, self.vqvae_path):
             if not path.is_file():
                 raise InputError(self.root, f"run folder is missing {path.name} (was training finished?)")
+        if self.manifest_path.is_file():
+            self.manifest()  # not needed to detect, but a damaged run folder is refused before it is used
         iterations = self.trained_iterations()
         if not iterations:
             raise InputError(self.root, "run folder has no trained Transformer (no iteration_*/transformer.pt)")

@@ -1,7 +1,7 @@
 """A reusable corpus of bad inputs that every ``iltm`` command is run against (Testing/core/test_bad_input_corpus.py).
 
-Each :class:`Probe` makes one bad thing of a *kind* (a bad image, run folder, output target, setting, CSV list or
-file name); :data:`ADAPTERS` turn a bad thing of a kind into the arguments of one command, or None where the
+Each :class:`Probe` makes one bad thing of a *kind* (a bad image, run folder, checkpoint, output target, setting, CSV
+list or file name); :data:`ADAPTERS` turn a bad thing of a kind into the arguments of one command, or None where the
 command takes nothing of that kind. Every (command, probe) pair must end with exit code 2, exactly one
 ``iltm: error:`` line on stderr, no traceback, and no new file anywhere.
 
@@ -26,6 +26,13 @@ import torch
 import yaml
 
 COMMANDS = ["train", "detect", "evaluate", "report"]
+# The kinds of bad thing each command takes (its adapter turns each into arguments).
+KINDS = {
+    "train": {"image", "run", "checkpoint", "out", "setting", "csv", "name"},
+    "detect": {"image", "run", "checkpoint", "out", "setting", "csv", "name"},
+    "evaluate": {"image", "out", "name"},
+    "report": {"image", "run", "out"},
+}
 
 
 @dataclass
@@ -36,6 +43,7 @@ class Context:
     cohort: Path
     run: Path
     mounts: list = field(default_factory=list)
+    expect: Optional[str] = None  # set by an adapter that renames the bad thing: what the error line must name
 
     @property
     def good_image(self) -> Path:
@@ -57,7 +65,7 @@ class Probe:
     """One bad thing: ``make(ctx)`` returns it (a path, or a list of arguments for kind "setting")."""
 
     name: str
-    kind: str  # image, run, out, setting, csv, name
+    kind: str  # image, run, checkpoint, out, setting, csv, name
     make: Callable[[Context], object]
     expect: str = ""  # a substring the error line must hold
     subprocess: bool = False  # run the CLI in a child process (a defect here could abort the test process)
@@ -196,10 +204,10 @@ PROBES = [
     Probe("manifest id escapes", "run",
           lambda c: _run_with(c, _json_edit("manifest.json", lambda v: v["images"][0].update(id="../../x"))),
           "manifest.json"),
-    Probe("checkpoint without state_dict", "run", lambda c: _run_with(c, _checkpoint_without("state_dict")),
+    Probe("checkpoint without state_dict", "checkpoint", lambda c: _run_with(c, _checkpoint_without("state_dict")),
           "lacks state_dict"),
-    Probe("checkpoint without config", "run", lambda c: _run_with(c, _checkpoint_without("config")), "lacks config"),
-    Probe("checkpoint truncated", "run",
+    Probe("checkpoint without config", "checkpoint", lambda c: _run_with(c, _checkpoint_without("config")), "lacks config"),
+    Probe("checkpoint truncated", "checkpoint",
           lambda c: _run_with(c, lambda r: (r / "vqvae.pt").write_bytes((r / "vqvae.pt").read_bytes()[:2000])),
           "vqvae.pt"),
     # bad output targets
@@ -211,7 +219,7 @@ PROBES = [
     Probe("samples=0", "setting", lambda c: ["--set", "detection.samples=0"], "detection.samples"),
     Probe("learning_rate=fast", "setting", lambda c: ["--set", "transformer.learning_rate=fast"],
           "transformer.learning_rate"),
-    Probe("spatial_size=[64", "setting", lambda c: ["--set", "data.spatial_size=[64"], "data.spatial_size"),
+    Probe("spatial_size=[64", "setting", lambda c: ["--set", "data.spatial_size=[64"], "[64"),
     Probe("max-iterations -1", "setting", lambda c: ["--max-iterations", "-1"], "max_iterations"),
     Probe("config spatial_size: sixty-four", "setting",
           lambda c: ["--config", _write_yaml(c, {"data": {"spatial_size": "sixty-four"}})], "spatial_size"),
@@ -246,7 +254,7 @@ def _train(ctx: Context, kind: str, bad) -> Optional[list]:
     out = ctx.tmp / "trained"
     if kind in ("image", "csv", "name"):
         return ["train", "--data", bad, "--out", out]
-    if kind == "run":
+    if kind in ("run", "checkpoint"):
         return ["train", "--resume", bad]
     if kind == "out":
         return ["train", "--data", ctx.cohort, "--out", bad]
@@ -259,7 +267,7 @@ def _detect(ctx: Context, kind: str, bad) -> Optional[list]:
     out = ctx.tmp / "detected"
     if kind in ("image", "csv", "name"):
         return ["detect", "--run", ctx.run, "--input", bad, "--out", out]
-    if kind == "run":
+    if kind in ("run", "checkpoint"):
         return ["detect", "--run", bad, "--input", ctx.good_image, "--out", out]
     if kind == "out":
         return ["detect", "--run", ctx.run, "--input", ctx.good_image, "--out", bad]
@@ -275,6 +283,7 @@ def _evaluate(ctx: Context, kind: str, bad) -> Optional[list]:
         if not bad.exists():
             return None  # a score map that is not there is not listed; nothing to probe
         scores, labels = _scores_with(ctx, bad)
+        ctx.expect = "case_score.nii.gz"
         return ["evaluate", "--scores", scores, "--labels", labels, "--out", metrics]
     if kind == "name":
         # a score map with the undecodable name, and an empty undecodable sub-folder among the labels
