@@ -217,9 +217,9 @@ def history_problem(value: dict) -> Optional[str]:
 
 def manifest_problem(value: dict) -> Optional[str]:
     """What is wrong with the shape of a ``manifest.json`` object, or None."""
-    images = value.get("images")
-    if not isinstance(images, list) or not images:
-        return "'images' is not a non-empty list"
+    images = value.get("images", [])
+    if not isinstance(images, list):
+        return "'images' is not a list"
     seen = set()
     for n, item in enumerate(images):
         if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"]:

@@ -24,7 +24,9 @@ def make_report(run: RunFolder, out: Path, scans: int = 6) -> list[Path]:
     if not history["iterations"]:
         raise InputError(run.root, "run has no finished ILTM iteration to report")
     iterations = [r["iteration"] for r in history["iterations"]]
-    images = run.manifest()["images"][:scans]
+    images = run.manifest().get("images", [])[:scans]
+    if not images:
+        raise InputError(run.manifest_path, "lists no training scans to show")
     created = not out.exists()
     history_path, montage_path = out / "history.png", out / "masks.png"
     montage_written = False

@@ -512,7 +512,10 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     # Join the process group first: under torchrun every rank runs this function, and only rank 0 writes.
     device = dist.init_from_env(resolve_device(cfg.device))
     if resume:
-        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in run.manifest()["images"]]
+        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None)
+                   for r in run.manifest().get("images", [])]
+        if not records:
+            raise InputError(run.manifest_path, "cannot resume: the manifest lists no training scans")
         missing = [str(r.image) for r in records if not r.image.is_file()]
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")

@@ -305,7 +305,7 @@ def test_history_and_manifest_shapes_are_checked():
         assert history_problem({**good, **bad}) is not None, bad
     manifest = {"images": [{"id": "a", "image": "/x/a.nii.gz"}], "spatial_dims": 2}
     assert manifest_problem(manifest) is None
-    for bad in ({"images": []}, {"images": [{"id": "../a", "image": "/x"}]}, {"images": [{"id": "a"}]},
+    for bad in ({"images": "all"}, {"images": [{"id": "../a", "image": "/x"}]}, {"images": [{"id": "a"}]},
                 {"images": [{"id": "a", "image": "/x"}, {"id": "a", "image": "/y"}]}, {"spatial_dims": 4},
                 {"spatial_size": ["64"]}):
         assert manifest_problem({**manifest, **bad}) is not None, bad
