@@ -431,7 +431,8 @@ def evaluate_iteration(run, k: int, settings: SweepSettings, records, labels_dir
 
 
 def _metric_row(summary: dict[str, Any]) -> dict[str, Any]:
-    return {k: float(summary[k]) for k in ("auroc", "aupro", "best_dice", "auroc_std", "aupro_std", "best_dice_std")}
+    # summarise() gives None where a metric is undefined; the sweep's CSV keeps nan there.
+    return {k: float("nan") if summary[k] is None else float(summary[k]) for k in ("auroc", "aupro", "best_dice", "auroc_std", "aupro_std", "best_dice_std")}
 
 
 def _metrics_from_row(row: dict[str, str]) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError
-from .io import atomic_path
+from .io import atomic_path, write_error
 
 
 def save_checkpoint(path: str | Path, fmt: str, version: int, payload: dict[str, Any]) -> None:
@@ -17,8 +18,21 @@ def save_checkpoint(path: str | Path, fmt: str, version: int, payload: dict[str,
 
     Payloads hold tensors and plain Python values only, so they load with ``weights_only=True``.
     """
-    with atomic_path(path) as tmp:
-        torch.save({"format": fmt, "version": version, **payload}, tmp)
+    with atomic_path(path, verify=_zip_problem) as tmp:
+        try:
+            torch.save({"format": fmt, "version": version, **payload}, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write as "file write failed"
+            raise write_error(path, exc) from None
+
+
+def _zip_problem(tmp: Path) -> str | None:
+    """torch.save writes a zip archive: check every member's CRC, so a cut file never takes the final name."""
+    try:
+        with zipfile.ZipFile(tmp) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"the checkpoint came out incomplete ({exc.__class__.__name__})"
+    return None if bad is None else f"the checkpoint came out damaged ({bad})"
 
 
 def checkpoint_bytes(fmt: str, version: int, payload: dict[str, Any]) -> bytes:
@@ -29,7 +43,7 @@ def checkpoint_bytes(fmt: str, version: int, payload: dict[str, Any]) -> bytes:
 
 
 def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any = "cpu",
-                    what: str = "checkpoint", data: bytes | None = None) -> dict[str, Any]:
+                    what: str = "checkpoint", data: bytes | None = None, required: tuple = ()) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; every failure is an InputError naming ``path``.
 
     Args:
@@ -37,6 +51,8 @@ def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any 
         version: the format version this code reads.
         what: how to call the file in messages ("Transformer checkpoint").
         data: the checkpoint's bytes (a bundle member); ``path`` then only names it in messages.
+        required: keys the payload must hold (a checkpoint of the right format and the wrong shape is refused
+            here, not met later as a KeyError).
     """
     path = Path(path)
     if data is None and not path.is_file():
@@ -52,4 +68,7 @@ def load_checkpoint(path: str | Path, fmt: str, version: int, map_location: Any 
     if payload.get("version") != version:
         raise InputError(path, f"written by an incompatible version (format {payload.get('version')}, "
                                f"this iltm reads {version})")
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise InputError(path, f"{what} is damaged: it lacks {', '.join(missing)}")
     return payload

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, printable
 
 EXAMPLES = {
     "synth": ("examples:\n  iltm synth --out cohort --dims 3 --n 40 --anomalous-fraction 1.0 --seed 0\n"
@@ -170,9 +172,21 @@ def _tolerate_ascii_terminals() -> None:
             stream.reconfigure(errors="replace")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slicer's Cancel and most job managers send), raised like Ctrl-C so the same clean-up runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _tolerate_ascii_terminals()
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    else:
+        previous_sigterm = None
     from .progress import Reporter
     from . import distributed
 
@@ -183,18 +197,22 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command}")
         status = handler(args, reporter)
     except InputError as exc:
-        print(f"iltm: error: {exc}", file=sys.stderr)
-        reporter.emit("error", message=str(exc))
+        message = printable(str(exc))
+        print(f"iltm: error: {message}", file=sys.stderr)
+        reporter.emit("error", message=message)
         return 2
     except BrokenPipeError:
         # The reader of stdout went away (``iltm evaluate ... | head``): not an error of ours, and no traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("iltm: interrupted (finished steps are kept; 'iltm train --resume RUN' continues a run)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"iltm: {'terminated' if terminated else 'interrupted'} (temporary files removed, finished steps "
+              "kept; 'iltm train --resume RUN' continues a run)", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         distributed.cleanup()
     return status or 0
 

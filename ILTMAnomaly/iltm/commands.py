@@ -22,6 +22,9 @@ def cmd_synth(args, reporter: Reporter) -> int:
         raise InputError("--n", "must be at least 1")
     if not 0.0 <= args.anomalous_fraction <= 1.0:
         raise InputError("--anomalous-fraction", "must lie in [0, 1]")
+    from .io import check_output_folder
+
+    check_output_folder(args.out)
     manifest = make_cohort(args.out, dims=args.dims, n=args.n, anomalous_fraction=args.anomalous_fraction,
                            seed=args.seed, size=args.size, progress=reporter, dicom=args.dicom)
     n_anom = sum(1 for s in manifest["subjects"] if s["anomalous"]) if "subjects" in manifest else None
@@ -43,15 +46,20 @@ def train_config(args) -> config_mod.Config:
 
 
 def cmd_train(args, reporter: Reporter) -> int:
+    from .io import check_output_folder, removed_if_left_empty
     from .train import train
 
     if args.resume is not None:
+        if args.resume.is_dir():
+            check_output_folder(args.resume, "--resume")
         run = train(args.resume, resume=True, reporter=reporter)
     else:
         if args.out is None:
             raise InputError("--out", "required with --data (the run folder to create)")
-        run = train(args.out, cfg=train_config(args), data=args.data, skip_unreadable=args.skip_unreadable,
-                    reporter=reporter)
+        check_output_folder(args.out)
+        with removed_if_left_empty(args.out):
+            run = train(args.out, cfg=train_config(args), data=args.data, skip_unreadable=args.skip_unreadable,
+                        reporter=reporter)
     reporter.log(f"run folder: {run.root}")
     return 0
 
@@ -102,10 +110,11 @@ def table_units(cfg: config_mod.Config, records) -> str:
 def cmd_detect(args, reporter: Reporter) -> int:
     from .bundle import open_model
     from .detect import Detector, detect_files
-    from .io import list_images
+    from .io import check_output_folder, list_images, removed_if_left_empty
 
     if args.split_lesions and not args.dicom_seg:
         raise InputError("--split-lesions", "only applies with --dicom-seg")
+    check_output_folder(args.out)
     records = list_images(args.input)
     sources = dicom_seg_sources(records) if args.dicom_seg else None
     run = open_model(args.run)
@@ -115,9 +124,10 @@ def cmd_detect(args, reporter: Reporter) -> int:
     reporter.units_total = 1.0
     reporter.emit("start", command="detect", run=str(run.root), iteration=iteration, inputs=len(records))
     reporter.log(f"detecting with iteration {iteration} of {run.root} on {detector.device}")
-    problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png,
-                            lesions=args.lesions, dicom_seg_sources=sources, split_lesions=args.split_lesions,
-                            unit=args.units or table_units(cfg, records))
+    with removed_if_left_empty(args.out):
+        problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png,
+                                lesions=args.lesions, dicom_seg_sources=sources, split_lesions=args.split_lesions,
+                                unit=args.units or table_units(cfg, records))
     for line in problems:
         print(f"iltm: error: {line}", file=sys.stderr)
         reporter.emit("error", message=line)
@@ -164,8 +174,9 @@ def cmd_lesions(args, reporter: Reporter) -> int:
 
 def cmd_evaluate(args, reporter: Reporter) -> int:
     from .evaluate import LESION_KEYS, format_table, lesion_summary, load_cohort, summarise
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_output_file, removed_if_left_empty
 
+    out = check_output_file(args.out or args.scores / "metrics.json")
     cohort = load_cohort(args.scores, args.labels)
     summary = summarise(cohort.scores, cohort.labels)
     summary["ids"] = cohort.ids
@@ -175,10 +186,12 @@ def cmd_evaluate(args, reporter: Reporter) -> int:
     else:
         lesion = lesion_summary(cohort.masks, cohort.labels, cohort.voxel_ml)
         summary.update({k: lesion[k] for k in LESION_KEYS})
+        if summary["lesion_sensitivity"] is None:
+            summary["undefined"]["lesion_sensitivity"] = "the labels mark no lesion"
         for entry, scan in zip(summary["per_image"], lesion["per_scan"]):
             entry.update(scan)
-    out = args.out or args.scores / "metrics.json"
-    atomic_write_text(Path(out), json.dumps(summary, indent=2, default=float) + "\n")
+    with removed_if_left_empty(Path(out).parent):
+        atomic_write_text(Path(out), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print(format_table({str(args.scores): summary}))
     reporter.log(f"metrics written to {out}")
     reporter.emit("done", out=str(out), **{k: summary[k] for k in ("auroc", "aupro", "best_dice",
@@ -189,12 +202,16 @@ def cmd_evaluate(args, reporter: Reporter) -> int:
 # -- report ----------------------------------------------------------------------------------------------------
 
 def cmd_report(args, reporter: Reporter) -> int:
+    from .io import check_output_folder
     from .report import make_report
 
     run = RunFolder(args.run)
     if not run.root.is_dir():
         raise InputError(run.root, "run folder does not exist")
-    paths = make_report(run, args.out or run.root / "report", args.scans)
+    if args.scans < 1:
+        raise InputError("--scans", f"must be at least 1 (got {args.scans})")
+    out = check_output_folder(args.out or run.root / "report")
+    paths = make_report(run, out, args.scans)
     for p in paths:
         reporter.log(f"wrote {p}")
         reporter.emit("output", kind="figure", path=str(p))
@@ -224,6 +241,9 @@ def cmd_suv(args, reporter: Reporter) -> int:
 
 def cmd_demo(args, reporter: Reporter) -> int:
     from .demo import run_demo
+    from .io import check_output_folder
+
+    check_output_folder(args.out)
 
     run_demo(args.out, reporter, dims=args.dims, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
              preset=args.preset, max_iterations=args.max_iterations, overrides=args.set)

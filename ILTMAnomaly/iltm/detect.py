@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from . import kde
 from .bundle import ModelBundle, open_model
 from .config import Config, DetectionConfig
-from .errors import InputError
+from .errors import InputError, WriteError
 from .io import atomic_write_text, read_image, write_image
-from .layout import DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX
+from .layout import (DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX,
+                     check_id)
 from .preprocess import Preprocessor
 from .progress import Reporter
 from .run import RunFolder
@@ -218,8 +219,8 @@ def detect_files(detector: Detector, records, out: Path, reporter: Reporter, see
     Writes ``<id>_score.nii.gz``, ``<id>_mask.nii.gz`` and, for 2D, a PNG overlay per scan; with ``lesions`` also
     ``<id>_lesions.csv`` per scan and one ``scans.csv`` (totals and scan score of every scan scored) for the
     folder; with ``dicom_seg_sources`` (record id -> its series' files in slice order) ``<id>_seg.dcm``, one
-    segment or one per region with ``split_lesions``. ``unit`` labels the PET values in the tables. Each scan's
-    resampling is seeded with ``seed``.
+    segment or one per region with ``split_lesions``. A scan's outputs are all written or none is. ``unit``
+    labels the PET values in the tables. Each scan's resampling is seeded with ``seed``.
     """
     from . import lesions as lesions_mod
 
@@ -232,38 +233,53 @@ def detect_files(detector: Detector, records, out: Path, reporter: Reporter, see
         except InputError as exc:
             problems.append(str(exc))
             continue
+        check_id(rec.id, str(rec.image))
         score_path, mask_path = out / f"{rec.id}{SCORE_SUFFIX}", out / f"{rec.id}{MASK_SUFFIX}"
-        write_image(score, score_path)
-        write_image(mask, mask_path)
-        reporter.emit("output", kind="score", path=str(score_path), id=rec.id)
-        reporter.emit("output", kind="mask", path=str(mask_path), id=rec.id)
+        png_path = out / f"{rec.id}{OVERLAY_SUFFIX}" if png and img.GetDimension() == 2 else None
+        table_path = out / f"{rec.id}{LESIONS_SUFFIX}" if lesions else None
+        seg_path = out / f"{rec.id}{DICOM_SEG_SUFFIX}" if dicom_seg_sources is not None else None
         flagged = int(result.flagged.sum())
         line = (f"{rec.id}: {flagged}/{result.flagged.numel()} tokens resampled, "
                 f"{int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels, {result.seconds:.1f} s")
-        if png and img.GetDimension() == 2:
-            from .visualize import save_overlay_png
+        written: list[Path] = []
+        try:  # a scan's outputs are all there or none is: a failed write takes back the ones before it
+            for image, path in ((score, score_path), (mask, mask_path)):
+                write_image(image, path)
+                written.append(path)
+            if png_path is not None:
+                from .visualize import save_overlay_png
 
-            png_path = out / f"{rec.id}{OVERLAY_SUFFIX}"
-            save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
-                             sitk.GetArrayFromImage(mask), png_path, title=rec.id)
-            reporter.emit("output", kind="overlay", path=str(png_path), id=rec.id)
-        if lesions:
-            found, totals = lesions_mod.lesions_of_images(img, mask, score)
-            table_path = out / f"{rec.id}{LESIONS_SUFFIX}"
-            atomic_write_text(table_path, lesions_mod.csv_text(*lesions_mod.lesion_rows(found, unit, True)))
-            reporter.emit("output", kind="lesions", path=str(table_path), id=rec.id)
-            scans.append((rec.id, totals))
-            line += f", {totals.lesion_count} lesions, MTV {totals.mtv_ml:.2f} mL"
-        if dicom_seg_sources is not None:
-            from .dicom_seg import write_dicom_seg
+                save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
+                                 sitk.GetArrayFromImage(mask), png_path, title=rec.id)
+                written.append(png_path)
+            if table_path is not None:
+                found, totals = lesions_mod.lesions_of_images(img, mask, score)
+                atomic_write_text(table_path, lesions_mod.csv_text(*lesions_mod.lesion_rows(found, unit, True)))
+                written.append(table_path)
+                line += f", {totals.lesion_count} lesions, MTV {totals.mtv_ml:.2f} mL"
+            if seg_path is not None:
+                from .dicom_seg import write_dicom_seg
 
-            seg_path = out / f"{rec.id}{DICOM_SEG_SUFFIX}"
-            try:
                 write_dicom_seg(sitk.GetArrayFromImage(mask), dicom_seg_sources[rec.id], seg_path, split_lesions)
-            except InputError as exc:
-                problems.append(str(exc))
-            else:
-                reporter.emit("output", kind="dicom_seg", path=str(seg_path), id=rec.id)
+        except WriteError:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        except InputError as exc:  # e.g. a SEG the source series cannot carry: this scan fails, the next goes on
+            for path in written:
+                path.unlink(missing_ok=True)
+            problems.append(str(exc))
+            continue
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        for kind, path in (("score", score_path), ("mask", mask_path), ("overlay", png_path),
+                           ("lesions", table_path), ("dicom_seg", seg_path)):
+            if path is not None:
+                reporter.emit("output", kind=kind, path=str(path), id=rec.id)
+        if table_path is not None:
+            scans.append((rec.id, totals))
         reporter.log(line)
     if lesions and scans:
         scans_path = out / SCANS_TABLE

@@ -17,3 +17,17 @@ class InputError(Exception):
         self.where = str(where)
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
+
+
+class WriteError(InputError):
+    """An output that could not be written (disk full, read-only folder): the command stops, whatever it does with
+    a bad input."""
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: control characters and bytes that are not UTF-8 shown as escapes."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)

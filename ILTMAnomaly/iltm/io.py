@@ -7,6 +7,7 @@ import csv
 import gzip
 import os
 import re
+import shutil
 import struct
 import tempfile
 import zlib
@@ -18,7 +19,8 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, WriteError, printable
+from .layout import id_problem
 
 # Suffixes listed as images when a folder is scanned (lower case; compound ones first).
 IMAGE_SUFFIXES = (
@@ -32,31 +34,138 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def write_error(path: str | Path, exc: BaseException | None = None, problem: str | None = None) -> InputError:
+    """The InputError for a write to ``path`` that failed or came out short, naming the cause in words.
+
+    An OSError's errno gives the cause ("no space left on device", "read-only file system"); a writer that hides it
+    (SimpleITK, torch's zip writer) is checked against the free space left beside ``path``.
+    """
+    path = Path(path)
+    if isinstance(exc, OSError) and exc.errno:
+        cause = os.strerror(exc.errno)
+        cause = cause[0].lower() + cause[1:]
+    else:
+        cause = problem or (f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}" if exc else "write failed")
+        try:
+            if shutil.disk_usage(_existing_ancestor(path.parent)).free < (1 << 20):
+                cause = f"no space left on device ({cause})"
+        except OSError:
+            pass
+    return WriteError(path, f"cannot write it: {cause}; nothing was written under this name")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _fsync(path: Path) -> None:
+    # A delayed write error (a full disk under write-back caching) shows up here rather than after the rename.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed.
+def atomic_path(path: str | Path, verify=None):
+    """Yield a temporary path beside ``path``; on success it is checked and renamed to ``path``, on failure removed.
 
     A reader never sees half a file, and an interrupted write leaves nothing behind. The temporary name keeps the
     real suffix so that format-sniffing writers (SimpleITK, matplotlib) still work.
+
+    Args:
+        verify: ``tmp -> problem or None``, run on the finished temporary file before the rename: for writers that
+            do not report a short write (SimpleITK). A problem, an OSError in the body, fsync or rename becomes
+            an :class:`InputError` naming ``path`` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be as readable as any other
     try:
-        yield tmp
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{_write_suffix(path)}", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be as readable as any other
+        try:
+            yield tmp
+            _fsync(tmp)
+            problem = verify(tmp) if verify is not None else None
+            if problem:
+                raise write_error(path, problem=problem)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _write_suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    with atomic_path(path, verify=lambda tmp: _size_problem(tmp, len(data))) as tmp:
+        tmp.write_bytes(data)
+
+
+def _size_problem(tmp: Path, expected: int) -> str | None:
+    got = tmp.stat().st_size
+    return None if got == expected else f"the file came out short ({got} of {expected} bytes)"
+
+
+def check_output_folder(path: str | Path, where: str = "--out") -> Path:
+    """Check, before any work, that ``path`` is or can become a writable folder; nothing is created.
+
+    Raises:
+        InputError: naming ``where`` and ``path`` when it is a file, lies under a file, or cannot be written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"{where} exists and is not a folder")
+    _check_writable(path if path.is_dir() else _existing_ancestor(path), path, where)
+    return path
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | Path):
+    """Remove ``folder`` afterwards when this block created it and it is still empty (a command that wrote nothing,
+    e.g. because every input was bad or the disk is full, leaves no trace)."""
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        yield folder
+    finally:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def check_output_file(path: str | Path, where: str = "--out") -> Path:
+    """Check, before any work, that the file ``path`` can be written (its folder is or can become writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, f"{where} is a folder; give a file name")
+    check_output_folder(path.parent, where)
+    return path
+
+
+def _check_writable(folder: Path, path: Path, where: str) -> None:
+    if not folder.is_dir():
+        raise InputError(path, f"{where} lies under {folder}, which is not a folder")
+    try:  # an anonymous temporary file: works for root too, where os.access ignores permission bits
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        cause = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise InputError(path, f"{where} cannot be written ({cause[0].lower() + cause[1:]})") from None
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -162,13 +271,13 @@ def dicom_series_files(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     with _quiet_itk():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_name(path))
     if not series:
         raise InputError(path, "folder holds no DICOM series (give an image file, or a folder of DICOM slices)")
     if len(series) > 1:
         raise InputError(path, f"folder holds {len(series)} DICOM series; put each series in its own folder")
     with _quiet_itk():
-        return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])]
+        return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_name(path), series[0])]
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
@@ -246,7 +355,8 @@ def read_image(path: str | Path, units: str = "as_is") -> sitk.Image:
     if units not in UNITS:
         raise ValueError(f"units must be one of {UNITS}, not {units!r}")
     if not path.exists():
-        raise InputError(path, "file not found")
+        raise InputError(printable(str(path)), "file not found")
+    itk_name(path)
     if units == "suv" and (path.is_dir() or path.name.lower().endswith(".dcm")):
         from .suv import read_suv
 
@@ -266,7 +376,7 @@ def read_image(path: str | Path, units: str = "as_is") -> sitk.Image:
                 raise InputError(path, f"SimpleITK cannot read it: {problem}")
         try:
             with _quiet_itk():
-                img = sitk.ReadImage(str(path))
+                img = sitk.ReadImage(itk_name(path))
         except RuntimeError as exc:
             raise InputError(path, f"SimpleITK cannot read it: {_short_reason(exc)}") from None
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
@@ -310,11 +420,68 @@ def image_from_array(array: np.ndarray, like: sitk.Image | None = None) -> sitk.
 
 
 def write_image(img: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write an image atomically (temporary file in the same folder, then a rename); the format follows the suffix."""
+    """Write an image atomically (temporary file in the same folder, then a rename); the format follows the suffix.
+
+    SimpleITK does not report a short write (a full disk leaves a cut file and no error), so the temporary file is
+    read back before the rename: a NIfTI file's voxel data streamed to its end, any other format read whole.
+
+    Raises:
+        InputError: naming ``path`` and the cause when the file could not be written completely.
+    """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=compress)
+    itk_name(path)
+    with atomic_path(path, verify=lambda tmp: _image_problem(tmp, img)) as tmp:
+        try:
+            sitk.WriteImage(img, itk_name(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise write_error(path, problem=_short_reason(exc)) from None
     return path
+
+
+def _image_problem(tmp: Path, img: sitk.Image) -> str | None:
+    """Why the image file just written is not complete, or None."""
+    if tmp.stat().st_size == 0:
+        return "the file came out empty"
+    if tmp.name.lower().endswith((".nii", ".nii.gz")):
+        problem, _ = _nifti_check(tmp)
+        if problem:
+            return f"the file came out incomplete ({problem})"
+        return None  # the header was parsed and every voxel byte is there
+    try:
+        with _quiet_itk():
+            back = sitk.ReadImage(itk_name(tmp))
+    except (RuntimeError, InputError) as exc:
+        return f"the file came out unreadable ({_short_reason(exc)})"
+    if tuple(back.GetSize()) != tuple(img.GetSize()):
+        return f"the file came out with size {back.GetSize()} instead of {img.GetSize()}"
+    return None
+
+
+def png_problem(tmp: Path) -> str | None:
+    """Why a PNG just written is not complete (a PNG ends with its IEND chunk), or None."""
+    with open(tmp, "rb") as fh:
+        head = fh.read(8)
+        fh.seek(max(tmp.stat().st_size - 12, 0))
+        tail = fh.read()
+    if head != b"\x89PNG\r\n\x1a\n" or b"IEND" not in tail:
+        return "the PNG came out incomplete"
+    return None
+
+
+def itk_name(path: str | Path) -> str:
+    """``path`` as the UTF-8 string SimpleITK needs; a name that is not valid UTF-8 would abort the process in
+    SimpleITK's C++ (std::logic_error), so it is refused here instead.
+
+    Raises:
+        InputError: naming the path (undecodable bytes shown as \\xNN) when its name is not valid UTF-8.
+    """
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(printable(name), "the file name is not valid UTF-8, which SimpleITK cannot open; "
+                                          "rename it") from None
+    return name
 
 
 def write_png(array: np.ndarray, path: str | Path, vmin: float | None = None, vmax: float | None = None,
@@ -332,7 +499,7 @@ def write_png(array: np.ndarray, path: str | Path, vmin: float | None = None, vm
     if array.ndim == 3 and array.dtype != np.uint8:
         array = np.clip(array, 0.0, 1.0)
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=png_problem) as tmp:
         if array.ndim == 2:
             mpimage.imsave(tmp, array, vmin=vmin, vmax=vmax, cmap=cmap, format="png")
         else:
@@ -359,9 +526,13 @@ def _is_image_file(path: Path) -> bool:
 def _is_dicom_folder(path: Path) -> bool:
     if not path.is_dir() or path.name.startswith("."):
         return False
+    try:
+        name = itk_name(path)
+    except InputError:
+        return False  # SimpleITK cannot open it; a sub-folder is only listed when it holds a DICOM series
     with _quiet_itk():
         try:
-            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
         except RuntimeError:
             return False
 
@@ -427,7 +598,11 @@ def _records_from_csv(path: Path) -> list[ImageRecord]:
         if cell("label"):
             label = Path(cell("label"))
             label = label if label.is_absolute() else (path.parent / label).resolve()
-        records.append(ImageRecord(id=cell("id") or image_id(image), image=image, label=label))
+        scan_id = cell("id") or image_id(image)
+        problem = id_problem(scan_id)
+        if problem:
+            raise InputError(path, f"line {line_no}: {problem} (ids name the output files)")
+        records.append(ImageRecord(id=scan_id, image=image, label=label))
     if not records:
         raise InputError(path, "CSV list has a header but no images")
     return records
@@ -447,6 +622,9 @@ def list_images(source: str | Path) -> list[ImageRecord]:
     if source.is_file():
         if source.name.lower().endswith(".csv"):
             return _unique_ids(_records_from_csv(source))
+        problem = id_problem(image_id(source))
+        if problem:
+            raise InputError(printable(str(source)), f"this file name cannot name output files: {problem}; rename it")
         return [ImageRecord(id=image_id(source), image=source, label=None)]
     image_dir, label_dir = source, None
     if (source / "images").is_dir():
@@ -457,6 +635,11 @@ def list_images(source: str | Path) -> list[ImageRecord]:
         raise InputError(image_dir, "folder holds no images (looked for "
                                     f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} files and DICOM series)")
     records = [ImageRecord(id=image_id(p), image=p, label=_find_label(label_dir, p)) for p in images]
+    for rec in records:
+        problem = id_problem(rec.id)
+        if problem:
+            raise InputError(printable(str(rec.image)), f"this file name cannot name output files: {problem}; "
+                                                          "rename it or list the scans in a CSV with an id column")
     return _unique_ids(records)
 
 

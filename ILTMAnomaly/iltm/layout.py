@@ -67,6 +67,35 @@ BUNDLE_METADATA = "metadata.json"
 BUNDLE_MEMBERS = (BUNDLE_METADATA, CONFIG, VQVAE, TRANSFORMER)  # exactly these, at the top of the zip
 
 
+def id_problem(scan_id: object) -> Optional[str]:
+    """Why ``scan_id`` cannot name output files (``<id>_score.nii.gz``, a training mask), or None.
+
+    An id is one path component: not empty, not ``.`` or ``..``, no ``/`` or ``\\``, no control characters, and
+    valid UTF-8 (a name the imaging libraries can open). So whatever the ids, outputs stay inside their folder.
+    """
+    if not isinstance(scan_id, str) or not scan_id:
+        return "an id must be a non-empty name"
+    if scan_id in (".", ".."):
+        return f"id {scan_id!r} is not a file name"
+    if "/" in scan_id or "\\" in scan_id:
+        return f"id {scan_id!r} contains a path separator; an id must be one file name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in scan_id):
+        return f"id {scan_id!r} contains control characters"
+    try:
+        scan_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"id {scan_id.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8"
+    return None
+
+
+def check_id(scan_id: object, where: str) -> str:
+    """``scan_id`` when it can name output files (see :func:`id_problem`); otherwise an InputError at ``where``."""
+    problem = id_problem(scan_id)
+    if problem:
+        raise InputError(where, f"{problem} (ids name the output files)")
+    return scan_id  # type: ignore[return-value]
+
+
 def empty_history() -> dict:
     """``history.json`` of a run that has not finished its first iteration."""
     return {"version": FORMAT_VERSION, "vqvae": None, "iterations": [], "finished": False, "stop_reason": None}
@@ -115,10 +144,10 @@ class RunLayout:
         return self.iteration_dir(k) / "folds" / f"transformer_fold{fold}.pt"
 
     def mask_path(self, k: int, scan_id: str) -> Path:
-        return self.iteration_dir(k) / "masks" / f"{scan_id}{MASK_SUFFIX}"
+        return self.iteration_dir(k) / "masks" / f"{check_id(scan_id, str(self.manifest_path))}{MASK_SUFFIX}"
 
     def token_mask_path(self, k: int, scan_id: str) -> Path:
-        return self.iteration_dir(k) / "token_masks" / f"{scan_id}.npy"
+        return self.iteration_dir(k) / "token_masks" / f"{check_id(scan_id, str(self.manifest_path))}.npy"
 
     def iteration_dirs(self) -> List[tuple]:
         """(k, folder) of every ``iteration_<k>`` folder, ascending."""
@@ -137,7 +166,8 @@ class RunLayout:
         return [k for k, d in self.iteration_dirs() if (d / "masks").is_dir()]
 
     def read_json(self, path: Path) -> Any:
-        """A JSON object of the run folder whose ``version`` (when present) is ``FORMAT_VERSION``."""
+        """A JSON object of the run folder whose ``version`` (when present) is ``FORMAT_VERSION``; ``history.json``
+        and ``manifest.json`` also have their shape checked."""
         if not path.is_file():
             raise InputError(path, "file is missing from the run folder")
         try:
@@ -150,13 +180,21 @@ class RunLayout:
         if version != FORMAT_VERSION:
             raise InputError(path, f"written by an incompatible version (run format version {version}, "
                                    f"this iltm reads {FORMAT_VERSION})")
+        shape_problem = {HISTORY: history_problem, MANIFEST: manifest_problem}.get(path.name)
+        problem = shape_problem(value) if shape_problem else None
+        if problem:
+            raise InputError(path, f"{problem} (the run folder is damaged)")
         return value
 
     def history(self) -> dict:
-        """``history.json``; an empty history when training has not finished its first iteration."""
-        return self.read_json(self.history_path) if self.history_path.is_file() else empty_history()
+        """``history.json``, its shape checked; an empty history when training has not finished its first
+        iteration."""
+        if not self.history_path.is_file():
+            return empty_history()
+        return self.read_json(self.history_path)
 
     def manifest(self) -> dict:
+        """``manifest.json``, its shape checked (every id one file name, every image a path)."""
         return self.read_json(self.manifest_path)
 
     def spatial_dims(self) -> Optional[int]:
@@ -211,3 +249,59 @@ def read_bundle_metadata(path, verify: bool = False) -> dict:
         raise InputError(path, f"written by an incompatible version (bundle format version {version}, "
                                f"this iltm reads {BUNDLE_VERSION})")
     return metadata
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def history_problem(value: dict) -> Optional[str]:
+    """What is wrong with the shape of a ``history.json`` object, or None."""
+    iterations = value.get("iterations", [])
+    if not isinstance(iterations, list):
+        return "'iterations' is not a list"
+    seen = set()
+    for n, record in enumerate(iterations):
+        if not isinstance(record, dict):
+            return f"iterations[{n}] is not an object"
+        k = record.get("iteration")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k in seen:
+            return f"iterations[{n}] has no valid 'iteration' number (got {k!r})"
+        seen.add(k)
+        for key, field in record.items():
+            if key != "iteration" and field is not None and not _is_number(field):
+                return f"iterations[{n}].{key} is {field!r}, not a number"
+    if not isinstance(value.get("finished", False), bool):
+        return "'finished' is not true or false"
+    if not isinstance(value.get("stop_reason"), (str, type(None))):
+        return "'stop_reason' is not text"
+    for key in ("vqvae",):
+        if not isinstance(value.get(key), (dict, type(None))):
+            return f"'{key}' is not an object"
+    attempts = value.get("vqvae_attempts", [])
+    if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+        return "'vqvae_attempts' is not a list of objects"
+    return None
+
+
+def manifest_problem(value: dict) -> Optional[str]:
+    """What is wrong with the shape of a ``manifest.json`` object, or None."""
+    images = value.get("images", [])
+    if not isinstance(images, list):
+        return "'images' is not a list"
+    seen = set()
+    for n, item in enumerate(images):
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"]:
+            return f"images[{n}] is not an object with an 'image' path"
+        problem = id_problem(item.get("id"))
+        if problem:
+            return f"images[{n}]: {problem}"
+        if item["id"] in seen:
+            return f"images[{n}]: id {item['id']!r} is listed twice"
+        seen.add(item["id"])
+    if value.get("spatial_dims", 2) not in (2, 3):
+        return f"'spatial_dims' is {value.get('spatial_dims')!r}, not 2 or 3"
+    size = value.get("spatial_size")
+    if size is not None and (not isinstance(size, list) or not all(isinstance(n, int) and n > 0 for n in size)):
+        return f"'spatial_size' is {size!r}, not a list of positive sizes"
+    return None

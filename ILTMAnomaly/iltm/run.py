@@ -40,10 +40,18 @@ class RunFolder(RunLayout):
         for path in (self.config_path, self.vqvae_path):
             if not path.is_file():
                 raise InputError(self.root, f"run folder is missing {path.name} (was training finished?)")
+        if self.manifest_path.is_file():
+            self.manifest()  # not needed to detect, but a damaged run folder is refused before it is used
         iterations = self.trained_iterations()
         if not iterations:
             raise InputError(self.root, "run folder has no trained Transformer (no iteration_*/transformer.pt)")
         if iteration is None:
+            recorded = [r["iteration"] for r in self.history()["iterations"]]
+            if recorded and max(recorded) > iterations[-1]:
+                last = max(recorded)
+                raise InputError(self.transformer_path(last), f"iteration {last} is recorded as finished in "
+                                 f"{self.history_path.name} but its Transformer is missing; 'iltm train --resume "
+                                 f"{self.root}' redoes it (or choose --iteration {iterations[-1]})")
             return iterations[-1]
         if iteration not in iterations:
             raise InputError(self.root, f"iteration {iteration} has no Transformer "

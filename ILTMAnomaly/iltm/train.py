@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -75,7 +76,9 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, epochs))
     start, losses = 0, []
     if checkpoint.is_file():
-        state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model))
+        state = load_checkpoint(checkpoint, FIT_FORMAT, 1, map_location=dist.model_device(model),
+                                what="training checkpoint",
+                                required=("model", "optimizer", "scheduler", "epoch", "losses"))
         inner.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -223,7 +226,10 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
 def tokenize_stage(run: RunFolder, data: TrainingSet, vqvae, device: torch.device, reporter: Reporter) -> torch.Tensor:
     """Token rasters of every training scan, (M, L) long, cached in ``tokens.pt``."""
     if run.tokens_path.is_file():
-        return load_checkpoint(run.tokens_path, "iltm-tokens", 1)["tokens"]
+        tokens = load_checkpoint(run.tokens_path, "iltm-tokens", 1, what="token cache", required=("tokens",))["tokens"]
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] == len(data.arrays):
+            return tokens
+        reporter.warn(f"{run.tokens_path} does not match the training scans; encoding them again")
     rows = [encode_tokens(vqvae, torch.from_numpy(a)[None].to(device)).reshape(-1).cpu()
             for a in reporter.track(data.arrays, "tokenize")]
     tokens = torch.stack(rows)
@@ -435,7 +441,57 @@ def vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, history: dict[st
 
 def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
     """(M, L) bool: iteration k's stored training-scan token masks, one row per scan id (True = masked)."""
-    return torch.stack([torch.from_numpy(np.load(run.token_mask_path(k, i))).reshape(-1) for i in scan_ids])
+    rows = []
+    for scan_id in scan_ids:
+        path = run.token_mask_path(k, scan_id)
+        try:
+            rows.append(torch.from_numpy(np.load(path, allow_pickle=False)).reshape(-1).bool())
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(path, f"token mask is missing or damaged ({exc.__class__.__name__}); "
+                                   f"'iltm train --resume {run.root}' redoes it") from None
+    if len({r.numel() for r in rows}) > 1:
+        raise InputError(run.iteration_dir(k) / "token_masks", "token masks of different lengths (damaged run)")
+    return torch.stack(rows)
+
+
+def iteration_files(run: RunFolder, k: int, scan_ids: list[str], folds: int) -> list[Path]:
+    """Every file a finished iteration k leaves: its Transformer(s), and each scan's image and token mask."""
+    paths = [run.transformer_path(k)] + [run.fold_transformer_path(k, j) for j in range(folds)]
+    return paths + [p for i in scan_ids for p in (run.mask_path(k, i), run.token_mask_path(k, i))]
+
+
+def verify_finished_steps(run: RunFolder, history: dict[str, Any], scan_ids: list[str], folds: int,
+                          reporter: Reporter) -> dict[str, Any]:
+    """``history`` without the finished iterations whose files are not all present (and those after them), so
+    ``--resume`` redoes them; files derived from what is gone are removed, those still valid are reused.
+
+    A missing VQ-VAE invalidates every iteration (tokens come from it); a missing token mask of iteration k
+    invalidates iterations after k (they were trained on it); a missing Transformer or image mask only k itself.
+    """
+    records = sorted(history["iterations"], key=lambda r: r["iteration"])
+    if records and not run.vqvae_path.is_file():
+        reporter.warn(f"{run.vqvae_path} is missing: training the VQ-VAE and every ILTM iteration again")
+        if dist.is_main():
+            run.tokens_path.unlink(missing_ok=True)
+            for _, folder in run.iteration_dirs():
+                shutil.rmtree(folder)
+        history.update(vqvae=None, iterations=[], finished=False, stop_reason=None)
+        return history
+    for n, record in enumerate(records):
+        k = record["iteration"]
+        missing = [p for p in iteration_files(run, k, scan_ids, folds) if not p.is_file()]
+        if not missing:
+            continue
+        shown = ", ".join(str(p.relative_to(run.root)) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        reporter.warn(f"iteration {k} is recorded as finished but {len(missing)} of its files are missing "
+                      f"({shown}): redoing it")
+        if any(p.parent.name == "token_masks" for p in missing) and dist.is_main():
+            for later, folder in run.iteration_dirs():
+                if later > k:
+                    shutil.rmtree(folder)
+        history.update(iterations=records[:n], finished=False, stop_reason=None)
+        break
+    return history
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
@@ -457,7 +513,10 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     # Join the process group first: under torchrun every rank runs this function, and only rank 0 writes.
     device = dist.init_from_env(resolve_device(cfg.device))
     if resume:
-        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None) for r in run.manifest()["images"]]
+        records = [ImageRecord(id=r["id"], image=Path(r["image"]), label=None)
+                   for r in run.manifest().get("images", [])]
+        if not records:
+            raise InputError(run.manifest_path, "cannot resume: the manifest lists no training scans")
         missing = [str(r.image) for r in records if not r.image.is_file()]
         if missing:
             raise InputError(run.root, f"cannot resume: training scans are gone: {', '.join(missing[:5])}")
@@ -494,6 +553,12 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     max_k = cfg.iltm.max_iterations
     # Work units for the overall progress fraction: VQ-VAE, then a Transformer fit and a detection per iteration.
     folds = cfg.iltm.cross_fit_folds
+    if resume:
+        before = len(history["iterations"])
+        history = verify_finished_steps(run, history, [r.id for r in records], folds, reporter)
+        if len(history["iterations"]) != before and dist.is_main():
+            run.write_json(run.history_path, history)
+        dist.barrier()
     per_iteration = 3.0 if folds else 2.0  # Transformer fit, (fold fits,) detection
     reporter.units_total = 3.0 + per_iteration * (max_k + 1)
     reporter.emit("start", command="train", run=str(run.root), iterations=max_k + 1)

@@ -258,14 +258,14 @@ class TokenTransformer(nn.Module):
         """Rebuild a saved model (from ``data`` when given: a bundle member named ``path``); what was saved as
         ``extra`` is on ``model.extra``. Bad files raise InputError."""
         ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, map_location, what="Transformer checkpoint",
-                               data=data)
+                               data=data, required=("config", "num_codes", "seq_len", "state_dict"))
         try:
             model = cls(TransformerConfig(**ckpt["config"]), ckpt["num_codes"], ckpt["seq_len"])
             model.load_state_dict(ckpt["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
             raise InputError(path, f"Transformer checkpoint is damaged ({exc.__class__.__name__}: "
                                    f"{str(exc).splitlines()[0][:200]})") from None
-        model.extra = dict(ckpt.get("extra") or {})
+        model.extra = dict(ckpt.get("extra") or {}) if isinstance(ckpt.get("extra") or {}, dict) else {}
         # load_state_dict copies into the freshly built (CPU) parameters, so move the model where it was asked.
         if isinstance(map_location, (str, torch.device)):
             model.to(map_location)

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from .io import atomic_path, png_problem  # noqa: E402
 
 
 def to_view(array: np.ndarray, reduce: str = "max") -> np.ndarray:
@@ -30,7 +30,8 @@ def save_figure(fig, path: Path) -> None:
     """Save atomically (temporary name, then rename)."""
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
+        verify = png_problem if path.suffix.lower() == ".png" else None
+        with atomic_path(path, verify=verify) as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)

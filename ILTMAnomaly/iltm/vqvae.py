@@ -101,12 +101,20 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu",
                data: bytes | None = None) -> tuple[VQVAE, dict]:
     """Load a saved VQ-VAE (from ``data`` when given: a bundle member named ``path``); returns (model in eval mode,
     the stored payload)."""
-    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location, what="VQ-VAE checkpoint", data=data)
+    payload = load_checkpoint(path, FORMAT, FORMAT_VERSION, map_location, what="VQ-VAE checkpoint", data=data,
+                              required=("config", "spatial_dims", "state_dict", "latent_shape"))
+    if not isinstance(payload["config"], dict) or payload["spatial_dims"] not in (2, 3):
+        raise InputError(path, "VQ-VAE checkpoint is damaged: its config or spatial_dims is not what iltm writes")
+    latent = payload["latent_shape"]
+    if not isinstance(latent, (list, tuple)) or len(latent) != payload["spatial_dims"] or \
+            not all(isinstance(n, int) and n > 0 for n in latent):
+        raise InputError(path, f"VQ-VAE checkpoint is damaged: latent_shape {latent!r} is not "
+                               f"{payload['spatial_dims']} positive sizes")
     cfg = config_mod.from_dict({"vqvae": payload["config"]}, where=str(path)).vqvae
     model = build_vqvae(cfg, payload["spatial_dims"])
     try:
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise InputError(path, f"weights do not match the stored VQ-VAE config ({str(exc).splitlines()[0]})") from None
     model.eval()
     return model.to(map_location), payload

@@ -205,12 +205,12 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(sitk, "WriteImage", half_write)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(InputError, match="disk full"):
         write_image(image_from_array(_volume()), target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
     monkeypatch.undo()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match="out.unknownformat"):
         write_image(image_from_array(_volume()), tmp_path / "out.unknownformat")
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
 
