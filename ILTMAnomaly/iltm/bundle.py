@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import config as config_mod
-from .checkpoint import checkpoint_bytes, load_checkpoint
+from .checkpoint import checkpoint_bytes
 from .errors import InputError
 from .io import atomic_path
 from .layout import (BUNDLE_FORMAT, BUNDLE_METADATA, BUNDLE_VERSION, CONFIG, FORMAT_VERSION, TRANSFORMER, VQVAE,
@@ -104,7 +104,7 @@ def export_bundle(run_path: str | Path, out: str | Path, iteration: int | None =
         units: the intensity units the model expects (e.g. "SUV"), recorded in ``metadata.json``.
     """
     from .transformer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TokenTransformer
-    from .vqvae import FORMAT as VQVAE_FORMAT, FORMAT_VERSION as VQVAE_VERSION
+    from .vqvae import FORMAT as VQVAE_FORMAT, FORMAT_VERSION as VQVAE_VERSION, load_vqvae
 
     run = RunFolder(Path(run_path))
     iteration = run.check_for_detection(iteration)
@@ -116,7 +116,7 @@ def export_bundle(run_path: str | Path, out: str | Path, iteration: int | None =
         raise InputError(out, "a model bundle's name must end in .zip")
     if out.is_dir():
         raise InputError(out, "is a folder; give the bundle's file name (MODEL.zip)")
-    vqvae = load_checkpoint(run.vqvae_path, VQVAE_FORMAT, VQVAE_VERSION, what="VQ-VAE checkpoint")
+    _, vqvae = load_vqvae(run.vqvae_path)  # checks the checkpoint's keys and that its weights fit its config
     # Weights, config and shapes only: losses and any other training extras stay in the run folder.
     vqvae_member = checkpoint_bytes(VQVAE_FORMAT, VQVAE_VERSION, {
         key: vqvae[key] for key in ("config", "spatial_dims", "state_dict", "latent_shape")})

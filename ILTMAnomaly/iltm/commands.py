@@ -139,8 +139,11 @@ def cmd_detect(args, reporter: Reporter) -> int:
 
 def cmd_export(args, reporter: Reporter) -> int:
     from .bundle import export_bundle
+    from .io import check_output_file, removed_if_left_empty
 
-    metadata = export_bundle(args.run, args.out, args.iteration, units=args.units)
+    check_output_file(args.out)
+    with removed_if_left_empty(args.out.parent):
+        metadata = export_bundle(args.run, args.out, args.iteration, units=args.units)
     reporter.log(f"wrote {args.out}: iteration {metadata['iteration']}, trained on {metadata['training']['scans']} "
                  f"scans ({metadata['training']['iterations']} ILTM iterations)")
     reporter.emit("done", out=str(args.out), iteration=metadata["iteration"])
@@ -151,14 +154,16 @@ def cmd_export(args, reporter: Reporter) -> int:
 
 def cmd_lesions(args, reporter: Reporter) -> int:
     from . import lesions
-    from .io import atomic_write_text, read_image, read_label
+    from .io import atomic_write_text, check_output_file, read_image, read_label, removed_if_left_empty
 
+    check_output_file(args.out)
     pet = read_image(args.pet)
     mask = read_label(args.mask)
     score = read_image(args.score) if args.score is not None else None
     found, totals = lesions.lesions_of_images(pet, mask, score, mask_name=str(args.mask),
                                               score_name=str(args.score))
-    atomic_write_text(args.out, lesions.csv_text(*lesions.lesion_rows(found, args.units, score is not None)))
+    with removed_if_left_empty(args.out.parent):
+        atomic_write_text(args.out, lesions.csv_text(*lesions.lesion_rows(found, args.units, score is not None)))
     line = (f"{totals.lesion_count} lesions, metabolic tumour volume {totals.mtv_ml:.3g} mL, "
             f"total TLG {totals.total_tlg:.4g} {args.units}*mL")
     if totals.scan_score is not None:
@@ -221,14 +226,16 @@ def cmd_report(args, reporter: Reporter) -> int:
 # -- suv -------------------------------------------------------------------------------------------------------
 
 def cmd_suv(args, reporter: Reporter) -> int:
-    from .io import write_image
+    from .io import check_output_file, removed_if_left_empty, write_image
     from .suv import read_suv
 
     if not args.out.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
         raise InputError(args.out, "give an image file name (.nii.gz, .nii, .nrrd or .mha)")
+    check_output_file(args.out)
     image, factors = read_suv(args.series, weight_kg=args.weight, dose_mbq=args.dose,
                               injection_time=args.injection_time, half_life_s=args.half_life)
-    write_image(image, args.out)
+    with removed_if_left_empty(args.out.parent):
+        write_image(image, args.out)
     for line in factors.describe():
         print(line)
     print(f"wrote {args.out} (SUV, {'x'.join(map(str, image.GetSize()))} voxels)")

@@ -25,13 +25,16 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-COMMANDS = ["train", "detect", "evaluate", "report"]
+COMMANDS = ["train", "detect", "evaluate", "report", "lesions", "export", "suv"]
 # The kinds of bad thing each command takes (its adapter turns each into arguments).
 KINDS = {
     "train": {"image", "run", "checkpoint", "out", "setting", "csv", "name"},
     "detect": {"image", "run", "checkpoint", "out", "setting", "csv", "name"},
     "evaluate": {"image", "out", "name"},
     "report": {"image", "run", "out"},
+    "lesions": {"image", "out", "name"},
+    "export": {"run", "checkpoint", "out"},
+    "suv": {"image", "out", "name"},
 }
 
 
@@ -312,4 +315,37 @@ def _report(ctx: Context, kind: str, bad) -> Optional[list]:
     return None
 
 
-ADAPTERS = {"train": _train, "detect": _detect, "evaluate": _evaluate, "report": _report}
+def _lesions(ctx: Context, kind: str, bad) -> Optional[list]:
+    label = sorted((ctx.cohort / "labels").glob("*.nii.gz"))[0]
+    if kind in ("image", "name"):
+        return ["lesions", "--pet", bad, "--mask", label, "--out", ctx.tmp / "lesions.csv"]
+    if kind == "out":
+        return ["lesions", "--pet", ctx.good_image, "--mask", label, "--out", bad / "lesions.csv"]
+    return None
+
+
+def _export(ctx: Context, kind: str, bad) -> Optional[list]:
+    if kind in ("run", "checkpoint"):
+        return ["export", bad, "--out", ctx.tmp / "model.zip"]
+    if kind == "out":
+        return ["export", ctx.run, "--out", bad / "model.zip"]
+    return None
+
+
+def _suv(ctx: Context, kind: str, bad) -> Optional[list]:
+    if kind in ("image", "name"):  # a file, not a series folder, or an unreadable one
+        return ["suv", bad, "--out", ctx.tmp / "suv.nii.gz"]
+    if kind == "out":
+        from iltm.dicom_pet import synthetic_tags, write_pet_series
+
+        series = ctx.tmp / "series"
+        if not series.exists():
+            volume = sitk.JoinSeries(sitk.ReadImage(str(ctx.good_image)))  # the 2D scan as a one-slice volume
+            stored, tags = synthetic_tags(volume, "GE", np.random.default_rng(0), "probe")
+            write_pet_series(series, stored, tags)
+        return ["suv", series, "--out", bad / "suv.nii.gz"]
+    return None
+
+
+ADAPTERS = {"train": _train, "detect": _detect, "evaluate": _evaluate, "report": _report, "lesions": _lesions,
+            "export": _export, "suv": _suv}
