@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from importlib.metadata import entry_points
+from importlib.metadata import distributions
 from pathlib import Path
 
 from .errors import InputError, printable
@@ -159,9 +159,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plugins():
-    """Entry points of the ``iltm.commands`` group: packages that add a subcommand (``register(sub, common)``)."""
-    found = entry_points()
-    return found.select(group="iltm.commands") if hasattr(found, "select") else found.get("iltm.commands", [])
+    """Entry points of the ``iltm.commands`` group: packages that add a subcommand (``register(sub, common)``).
+
+    Every distribution on the path is asked, not only the first of each name: a stale ``iltm.egg-info`` earlier on
+    ``sys.path`` (a source folder on the path, an old build) must not hide the installed package's plugins.
+    """
+    found = {}
+    for dist in distributions():
+        for plugin in dist.entry_points:
+            if plugin.group == "iltm.commands":
+                found.setdefault(plugin.name, plugin)
+    return list(found.values())
 
 
 def _tolerate_ascii_terminals() -> None:

@@ -99,3 +99,17 @@ def test_the_core_runs_on_the_python_of_slicer_5_8():
     for path in CORE.glob("*.py"):
         assert "from __future__ import annotations" in path.read_text(encoding="utf-8") or \
             path.name in ("__init__.py", "__main__.py"), path.name
+
+
+def test_the_bench_subcommand_survives_a_stale_metadata_folder_earlier_on_the_path(tmp_path, monkeypatch):
+    """A source checkout on ``sys.path`` can hold an old ``iltm.egg-info`` without the plugin's entry point;
+    ``importlib.metadata.entry_points()`` keeps only the first distribution of a name and would lose it."""
+    from iltm.cli import _parser
+
+    stale = tmp_path / "iltm.egg-info"
+    stale.mkdir()
+    (stale / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: iltm\nVersion: 0.0.1\n", encoding="utf-8")
+    (stale / "entry_points.txt").write_text("[console_scripts]\niltm = iltm.cli:main\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    subcommands = next(a for a in _parser()._actions if a.dest == "command").choices
+    assert "benchmark" in subcommands and "detect" in subcommands
