@@ -44,6 +44,10 @@ class RunFolder(RunLayout):
         if not iterations:
             raise InputError(self.root, "run folder has no trained Transformer (no iteration_*/transformer.pt)")
         if iteration is None:
+            if self.config().iltm.select_iteration == "best":
+                best = self.history().get("best_iteration")
+                if best in iterations:
+                    return best
             return iterations[-1]
         if iteration not in iterations:
             raise InputError(self.root, f"iteration {iteration} has no Transformer "
