@@ -86,6 +86,7 @@ def _fake_run(tmp_path, masks_per_iteration):
     run = RunFolder(tmp_path / "run")
     for k, masks in enumerate(masks_per_iteration):
         (run.iteration_dir(k) / "masks").mkdir(parents=True)
+        run.token_mask_path(k, "s0").parent.mkdir(parents=True, exist_ok=True)
         run.transformer_path(k).write_bytes(b"x")
         for i, row in enumerate(masks):
             np.save(run.token_mask_path(k, f"s{i}"), np.asarray(row, bool))
