@@ -495,15 +495,18 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
     for k in iterations:
         probs, source = cohort_token_probabilities(run, k, tokens, cfg.iltm.cross_fit_folds, device)
         nll = -torch.log(probs.clamp_min(1e-12).double())
-        mean = float(nll[reference].mean()) if bool(reference.any()) else float("nan")
+        mean = float(nll[reference].mean()) if bool(reference.any()) else None
         rows.append({"iteration": k, "reference_nll": mean, "masked_fraction": float(masks[k].float().mean())})
     best = 0 if rows else None
     by_k = {r["iteration"]: r for r in rows}
-    for r in rows[1:]:
+    for r in rows[1:] if bool(reference.any()) else []:
         if r["reference_nll"] < by_k[best]["reference_nll"] * (1.0 - SELECTION_TOLERANCE):
             best = r["iteration"]
     if not rows:
         reason = "no finished iteration"
+    elif not bool(reference.any()):
+        best = 0
+        reason = "every token was flagged by some iteration's masks, so none could judge the iterations: iteration 0"
     elif len(rows) == 1:
         reason = "only iteration 0 was trained"
     else:
