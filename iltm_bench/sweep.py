@@ -56,13 +56,15 @@ SWEEP_COLUMNS = ["method", "anomalous_fraction", "auroc", "aupro", "best_dice", 
                  "best_dice_std", "iteration", "seconds"]
 ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice",
                      "auroc_std", "aupro_std", "best_dice_std", "resampling_threshold", "masked_fraction"]
+DATA_FAMILIES = ("phantom", "texture", "anatomy")  # iltm synth's phantom, or iltm_bench.families
 METHODS = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm")
 OWN_SETTINGS_KEYS = ("settings", "invocations", "preset", "dims")  # what a sweep process writes to benchmark.json
 BASELINES = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer")  # what ILTM is compared with
 METHOD_NAMES = {"intensity": "Intensity (no model)", "ae": "Dense AE", "vae": "Dense VAE",
                 "nsa": "NSA (self-supervised)", "cutpaste": "CutPaste (self-supervised)",
                 "vqvae_transformer": "VQ-VAE + Transformer (no ILTM)",
-                "iltm": "ILTM", "iltm_constant": "ILTM, constant threshold"}
+                "iltm": "ILTM", "iltm_constant": "ILTM, constant threshold",
+                "iltm_best": "ILTM, best iteration (label-free choice)"}
 METRICS = (("auroc", "AUROC"), ("aupro", "AUPRO"), ("best_dice", "best Dice"))
 TEST_FRACTION = 0.5
 # Table 1 of the paper (PET, all training scans anomalous), for orientation only: other data, other scale.
@@ -112,9 +114,10 @@ class SweepSettings:
     device: str = "auto"
     test_threshold: str = "fixed"
     cases: int = 3
+    data_family: str = "phantom"
 
     IDENTITY = ("dims", "preset", "n_train", "n_test", "seed", "test_seed", "size", "overrides", "max_iterations",
-                "test_threshold")
+                "test_threshold", "data_family")
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -147,10 +150,19 @@ class SweepSettings:
         for item in self.overrides:
             if "=" not in item:
                 raise InputError("--set", f"'{item}' is not SECTION.KEY=VALUE")
+        if self.data_family not in DATA_FAMILIES:
+            raise InputError("--data-family", f"unknown '{self.data_family}' (choose from {', '.join(DATA_FAMILIES)})")
+        if self.data_family != "phantom" and (self.dims != 2 or (self.size and len(set(self.size)) != 1)):
+            raise InputError("--data-family", f"{self.data_family} cohorts are 2D and square (--dims 2, one --size)")
 
     def identity(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items()
-                if k in self.IDENTITY}
+        # Sweeps from before --data-family existed are phantom sweeps: their benchmark.json does not name it.
+        ident = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items()
+                 if k in self.IDENTITY}
+        if ident["data_family"] == "phantom":
+            del ident["data_family"]
+        return ident
+
 
     @property
     def runs_iltm(self) -> bool:
@@ -164,7 +176,11 @@ def configs(settings: SweepSettings):
     from .baselines import build_config
 
     # The cohorts are synthetic SUV: clip at a fixed SUV (a --set data.clip_value=... still wins).
-    tree = build_config(settings.preset, [f"data.clip_value={SUV_CLIP}", *settings.overrides], seed=settings.seed,
+    from .families import FAMILY_SETTINGS
+
+    family = FAMILY_SETTINGS.get(settings.data_family, [])
+    tree = build_config(settings.preset, [f"data.clip_value={SUV_CLIP}", *family, *settings.overrides],
+                        seed=settings.seed,
                         device=settings.device, iltm__max_iterations=settings.max_iterations)
     return tree.core(), tree.baselines
 
@@ -306,14 +322,23 @@ def fraction_claim(out: Path, fraction: float):
         yield
 
 
-def ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
-    """The synthetic cohort in ``folder``, generated unless an identical one is already there.
+def ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter,
+                  family: str = "phantom", split: str = "train") -> Path:
+    """The cohort in ``folder`` (``iltm synth``'s phantom, or a :mod:`iltm_bench.families` family's ``split``),
+    generated unless an identical one is already there.
 
     Processes sharing a sweep folder start together: the first one generates the (shared) test cohort while the
     others wait for it.
     """
     with folder_lock(folder):
-        return _ensure_cohort(folder, dims, n, fraction, seed, size, reporter)
+        if family == "phantom":
+            return _ensure_cohort(folder, dims, n, fraction, seed, size, reporter)
+        from .families import DEFAULT_SIZE, make_family_cohort, same_cohort
+
+        side = int(size[0]) if size else DEFAULT_SIZE
+        if not same_cohort(folder, family, n, fraction, seed, split, side):
+            make_family_cohort(folder, family, n, fraction, seed, split, side, progress=reporter)
+        return folder
 
 
 def _ensure_cohort(folder: Path, dims: int, n: int, fraction: float, seed: int, size, reporter: Reporter) -> Path:
@@ -526,7 +551,7 @@ class Sweep:
         start = time.perf_counter()
 
         test_dir = ensure_cohort(self.out / "test", self.s.dims, self.s.n_test, TEST_FRACTION, self.s.test_seed,
-                                 self.s.size, self.inner)
+                                 self.s.size, self.inner, family=self.s.data_family, split="test")
         from .baselines import METHODS as BASELINE_METHODS
         from iltm.io import list_images
 
@@ -568,7 +593,8 @@ class Sweep:
         return figures
 
     def _cohort(self, fraction: float, train_dir: Path) -> Path:
-        return ensure_cohort(train_dir, self.s.dims, self.s.n_train, fraction, self.s.seed, self.s.size, self.inner)
+        return ensure_cohort(train_dir, self.s.dims, self.s.n_train, fraction, self.s.seed, self.s.size, self.inner,
+                             family=self.s.data_family, split="train")
 
     def _iterations_of(self, run, schedule: str, fraction: float) -> dict[int, tuple[dict[str, Any], float]]:
         """Test metrics (and test scoring seconds) of every iteration of ``run``, rows written as they come."""
@@ -626,6 +652,12 @@ class Sweep:
             metrics, seconds = results[last]
             # The last iteration's detection on the training set only decided to stop; it still had to run.
             self.add_row(method="iltm", anomalous_fraction=fraction, iteration=last, **metrics,
+                         seconds=self._training_seconds(run, last, with_last_detection=True) + seconds)
+        # The iteration training recorded as best (history.json's best_iteration); runs from before it have none.
+        best = run.history().get("best_iteration")
+        if "iltm" in wanted and best in results and not self.sweep.get(method="iltm_best", anomalous_fraction=fraction):
+            metrics, seconds = results[best]
+            self.add_row(method="iltm_best", anomalous_fraction=fraction, iteration=best, **metrics,
                          seconds=self._training_seconds(run, last, with_last_detection=True) + seconds)
 
     def constant_task(self, fraction: float, train_dir: Path) -> None:
@@ -919,7 +951,7 @@ def make_figures(out: str | Path, reporter: Reporter | None = None, cases: int =
         raise InputError(out, f"no {SWEEP_CSV} or {ITERATIONS_CSV} with results to draw")
     settings = json.loads((out / SETTINGS_JSON).read_text(encoding="utf-8")) if (out / SETTINGS_JSON).is_file() else {}
     s = settings.get("settings", {})
-    title = f"synthetic {s.get('dims', '?')}D, preset {s.get('preset', '?')}"
+    title = f"{s.get('data_family', 'synthetic')} {s.get('dims', '?')}D, preset {s.get('preset', '?')}"
     written = []
     if rows:
         written.append(figure4(rows, out / FIGURE4, title))
@@ -1098,6 +1130,9 @@ def add_benchmark_parser(subparsers, common_parent: argparse.ArgumentParser) -> 
     p.add_argument("--test-threshold", choices=("fixed", "iteration"), default="fixed",
                    help="resampling threshold when scoring the test set: the config's t (fixed, as 'iltm detect') "
                         "or each iteration's own decayed t")
+    p.add_argument("--data-family", choices=DATA_FAMILIES, default="phantom",
+                   help="training and test cohorts: iltm synth's phantom (default), or real textures or anatomy "
+                        "(iltm_bench.families: train split for training, test split for the test set; 2D only)")
     p.add_argument("--cases", type=int, default=3, help="anomalous test scans shown in Figure 5 (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set vqvae.epochs=10; 'baselines.KEY' for the Dense AE/VAE, "
@@ -1116,7 +1151,8 @@ def settings_from_args(args) -> SweepSettings:
                          methods=list(args.methods), constant_threshold_too=args.constant_threshold_too is not None,
                          constant_fractions=args.constant_threshold_too or None,
                          size=args.size, overrides=list(args.set or []), max_iterations=args.max_iterations,
-                         device=args.device, test_threshold=args.test_threshold, cases=args.cases)
+                         device=args.device, test_threshold=args.test_threshold, cases=args.cases,
+                         data_family=args.data_family)
 
 
 def command_line(settings: SweepSettings) -> str:
@@ -1136,6 +1172,8 @@ def command_line(settings: SweepSettings) -> str:
         parts += ["--size", *map(str, settings.size)]
     if settings.test_threshold != "fixed":
         parts += ["--test-threshold", settings.test_threshold]
+    if settings.data_family != "phantom":
+        parts += ["--data-family", settings.data_family]
     for item in settings.overrides:
         parts += ["--set", item]
     return shlex.join(parts)

@@ -174,6 +174,7 @@ class DetectionConfig:
 
     Attributes:
         resampling_threshold: t: tokens with p(s_i | s_<i) below it are resampled.
+        resampling_quantile: q: training sets t to the q-quantile of its scans' token probabilities; null = absolute t.
         samples: S, healed token sequences.
         dropout_passes: D, decoder passes with dropout per healed sequence; N = S x D reconstructions.
         eps: KDE bandwidth regulariser in normalised intensity units; null = 5 % of the intensity range.
@@ -183,6 +184,7 @@ class DetectionConfig:
     """
 
     resampling_threshold: float = setting(0.005, low=0, high=1, above=True)
+    resampling_quantile: Optional[float] = setting(None, low=0, high=1, above=True)
     samples: int = setting(60, low=1)
     dropout_passes: int = setting(5, low=1)
     eps: Optional[float] = setting(None, low=0, above=True)
@@ -208,6 +210,7 @@ class ILTMConfig:
         cross_fit_folds: 0 = self-scored masks (the paper); K >= 2 = fold j's scans masked by a model fitted without it.
         mask_density_threshold: tau of the training-scan masks; null = ``detection.density_threshold``.
         spare_shared_uptake: leave a token unmasked where this share of the other scans is as bright (PET; per dim.).
+        select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration).
     """
 
     max_iterations: int = setting(5, low=0)
@@ -217,6 +220,7 @@ class ILTMConfig:
     cross_fit_folds: int = setting(0, low=0)
     mask_density_threshold: Optional[float] = setting(None, low=0, above=True)
     spare_shared_uptake: Union[Optional[float], Dict[str, Optional[float]]] = setting(None, low=0, high=1)
+    select_iteration: str = setting("last", choices=("last", "best"))
 
     def spare_share(self, dims: Optional[int]) -> Optional[float]:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""

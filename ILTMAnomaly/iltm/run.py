@@ -52,6 +52,10 @@ class RunFolder(RunLayout):
                 raise InputError(self.transformer_path(last), f"iteration {last} is recorded as finished in "
                                  f"{self.history_path.name} but its Transformer is missing; 'iltm train --resume "
                                  f"{self.root}' redoes it (or choose --iteration {iterations[-1]})")
+            if self.config().iltm.select_iteration == "best":
+                best = self.history().get("best_iteration")
+                if best in iterations:
+                    return best
             return iterations[-1]
         if iteration not in iterations:
             raise InputError(self.root, f"iteration {iteration} has no Transformer "

@@ -439,6 +439,96 @@ def vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, history: dict[st
     return trained
 
 
+# -- label-free rules from the training cohort itself (opt-in, or recorded only) --------------------------------
+
+@torch.no_grad()
+def cohort_token_probabilities(run: RunFolder, k: int, tokens: torch.Tensor, folds: int,
+                               device: torch.device) -> tuple[torch.Tensor, str]:
+    """(M, L) p(s_i | s_<i) of every training scan's own tokens under iteration k, and where they come from.
+
+    With cross-fitting each scan is scored by its fold's Transformer, fitted without it ("held-out"): the full
+    Transformer has seen every scan and would rate its own training tokens too likely. Without folds the full
+    Transformer scores them ("in-sample").
+    """
+    if folds and all(run.fold_transformer_path(k, j).is_file() for j in range(folds)):
+        probs = torch.empty(tokens.shape, dtype=torch.float32)
+        for j in range(folds):
+            rows = torch.tensor([i for i in range(tokens.shape[0]) if fold_of(i, folds) == j])
+            model = TokenTransformer.load(run.fold_transformer_path(k, j), map_location=device).eval()
+            probs[rows] = model.token_probabilities(tokens[rows].to(device)).float().cpu()
+        return probs, "held-out"
+    model = TokenTransformer.load(run.transformer_path(k), map_location=device).eval()
+    return model.token_probabilities(tokens.to(device)).float().cpu(), "in-sample"
+
+
+MIN_RESAMPLING_THRESHOLD = 1e-12  # a quantile of probabilities that underflowed stays a valid t
+
+
+def adaptive_threshold(run: RunFolder, cfg: Config, tokens: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """``detection.resampling_quantile`` q: t = the q-quantile of the training scans' token probabilities under
+    iteration 0 (held-out folds where there are some); returns the record for ``history.json``."""
+    q = float(cfg.detection.resampling_quantile)
+    probs, source = cohort_token_probabilities(run, 0, tokens, cfg.iltm.cross_fit_folds, device)
+    t = max(float(np.quantile(probs.numpy().astype(np.float64).ravel(), q)), MIN_RESAMPLING_THRESHOLD)
+    return {"resampling_quantile": q, "resampling_threshold": min(t, 1.0),
+            "absolute_threshold": cfg.detection.resampling_threshold, "probabilities": source,
+            "tokens": int(probs.numel())}
+
+
+SELECTION_TOLERANCE = 0.005  # a later iteration must lower the reference NLL by this share of the best so far
+
+
+def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
+                     device: torch.device) -> dict[str, Any]:
+    """Which iteration to keep, without labels: the one whose Transformer best predicts the tokens that no
+    iteration's masks flag (tokens every model agrees are normal), on scans it did not see where cross-fitting
+    allows. Masking normal tokens takes them out of the next Transformer's targets and context, so over-masking
+    shows as a worse prediction of the plainly normal ones; masking anomalies removes what confuses the model and
+    lowers it. A later iteration replaces an earlier best only when it lowers that mean NLL by more than
+    ``SELECTION_TOLERANCE`` of it, so noise between refits keeps iteration 0.
+
+    Returns:
+        ``{"per_iteration": [{iteration, reference_nll, masked_fraction}], "reference_tokens", "probabilities",
+        "tolerance", "best_iteration", "selection_reason"}``.
+    """
+    iterations = [k for k in run.mask_iterations() if run.transformer_path(k).is_file()]
+    masks = {k: load_token_masks(run, k, scan_ids) for k in iterations}
+    flagged = torch.zeros(tokens.shape, dtype=torch.bool)
+    for m in masks.values():
+        flagged |= m
+    reference = ~flagged
+    rows, source = [], None
+    for k in iterations:
+        probs, source = cohort_token_probabilities(run, k, tokens, cfg.iltm.cross_fit_folds, device)
+        nll = -torch.log(probs.clamp_min(1e-12).double())
+        mean = float(nll[reference].mean()) if bool(reference.any()) else None
+        rows.append({"iteration": k, "reference_nll": mean, "masked_fraction": float(masks[k].float().mean())})
+    best = 0 if rows else None
+    by_k = {r["iteration"]: r for r in rows}
+    for r in rows[1:] if bool(reference.any()) else []:
+        if r["reference_nll"] < by_k[best]["reference_nll"] * (1.0 - SELECTION_TOLERANCE):
+            best = r["iteration"]
+    if not rows:
+        reason = "no finished iteration"
+    elif not bool(reference.any()):
+        best = 0
+        reason = "every token was flagged by some iteration's masks, so none could judge the iterations: iteration 0"
+    elif len(rows) == 1:
+        reason = "only iteration 0 was trained"
+    else:
+        first, chosen, last = rows[0], by_k[best], rows[-1]
+        if best == 0:
+            reason = (f"no later iteration predicted the never-flagged tokens better than iteration 0 (mean NLL "
+                      f"{first['reference_nll']:.4f}; last {last['reference_nll']:.4f}) while the masks grew from "
+                      f"{100 * first['masked_fraction']:.2f} % to {100 * last['masked_fraction']:.2f} % of the tokens")
+        else:
+            reason = (f"iteration {best} predicted the never-flagged tokens best (mean NLL "
+                      f"{chosen['reference_nll']:.4f} against {first['reference_nll']:.4f} at iteration 0, more than "
+                      f"{100 * SELECTION_TOLERANCE:g} % lower than any earlier iteration)")
+    return {"per_iteration": rows, "reference_tokens": int(reference.sum()), "probabilities": source,
+            "tolerance": SELECTION_TOLERANCE, "best_iteration": best, "selection_reason": reason}
+
+
 def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
     """(M, L) bool: iteration k's stored training-scan token masks, one row per scan id (True = masked)."""
     rows = []
@@ -593,12 +683,20 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         else:
             record.update(train_transformer_stage(run, cfg, k, tokens, previous_masks, cfg.vqvae.num_embeddings,
                                                   device, reporter, units=1.0))
-        threshold = iteration_threshold(cfg, k)
         paths = [run.transformer_path(k)]
         if folds:
             record["fold_train_seconds"] = cross_fit_stage(run, cfg, k, tokens, previous_masks, device, reporter,
                                                            units=1.0)
             paths = [run.fold_transformer_path(k, j) for j in range(folds)]
+        if k == 0 and cfg.detection.resampling_quantile is not None and "adaptive_threshold" not in history:
+            history["adaptive_threshold"] = adaptive_threshold(run, cfg, tokens, device)
+            cfg.detection.resampling_threshold = history["adaptive_threshold"]["resampling_threshold"]
+            reporter.log(f"resampling threshold t = {cfg.detection.resampling_threshold:.5g}: the "
+                         f"{cfg.detection.resampling_quantile:g}-quantile of the training scans' token probabilities "
+                         f"(detection.resampling_quantile)")
+            if dist.is_main():
+                cfg.save(run.config_path)  # detection reads t from here
+        threshold = iteration_threshold(cfg, k)
         detectors = [Detector(cfg, vqvae, TokenTransformer.load(p, map_location=device), payload["latent_shape"],
                               device) for p in paths]
         masks, seconds = detect_stage(run, cfg, k, data_set, detectors, threshold, reporter, units=1.0)
@@ -625,6 +723,15 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
         if dist.is_main():
             run.write_json(run.history_path, history)
+    if "best_iteration" not in history:
+        selection = select_iteration(run, cfg, tokens, [r.id for r in records], device)
+        history.update(iteration_selection=selection, best_iteration=selection["best_iteration"],
+                       selection_reason=selection["selection_reason"])
+        if dist.is_main():
+            run.write_json(run.history_path, history)
+    reporter.log(f"best iteration by the never-flagged tokens' likelihood: {history['best_iteration']} "
+                 f"({history['selection_reason']})" + ("; detection uses it (iltm.select_iteration=best)"
+                                                       if cfg.iltm.select_iteration == "best" else ""))
     reporter.log(f"training finished: {history['stop_reason']}")
     reporter.emit("done", run=str(run.root))
     return run

@@ -27,7 +27,8 @@ FAST = ["--set", "vqvae.epochs=3", "--set", "transformer.epochs=3", "--set", "de
         "--set", "detection.dropout_passes=2", "--set", "data.augment=false", "--set", "baselines.epochs=3",
         "--set", "baselines.nsa_epochs=3", "--set", "baselines.cutpaste_epochs=3",
         "--device", "cpu"]
-ALL_METHODS = ["intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm", "iltm_constant"]
+ALL_METHODS = ["intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm", "iltm_constant",
+               "iltm_best"]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -124,6 +125,18 @@ def test_iteration_csv_matches_the_runs_and_the_sweep_rows(sweep):
                 t1 = float(mine[1]["resampling_threshold"])
                 t0 = float(mine[0]["resampling_threshold"])
                 assert t1 == pytest.approx(t0 if schedule == "constant" else t0 * 0.875)
+
+
+def test_the_best_iteration_row_is_that_iterations_test_scores(sweep):
+    _, rows = read_csv(sweep / SWEEP_CSV)
+    _, iterations = read_csv(sweep / ITERATIONS_CSV)
+    for fraction in ("0", "1"):
+        history = json.loads((sweep / f"fraction_{fraction}" / "runs" / "iltm" / "history.json").read_text())
+        best = [r for r in rows if r["method"] == "iltm_best" and r["anomalous_fraction"] == fraction][0]
+        assert int(best["iteration"]) == history["best_iteration"]
+        same = [r for r in iterations if r["threshold_schedule"] == "decreasing"
+                and r["anomalous_fraction"] == fraction and r["iteration"] == best["iteration"]][0]
+        assert best["auroc"] == same["auroc"] and best["best_dice"] == same["best_dice"]
 
 
 def test_constant_threshold_run_starts_from_the_decreasing_runs_iteration_0(sweep):

@@ -1,0 +1,132 @@
+"""Rules taken from the training cohort itself: a resampling threshold set as a quantile of its own token
+probabilities (opt-in), and the label-free choice of the best ILTM iteration (recorded; used only when asked)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import FAST, run_cli
+from iltm import config as config_mod
+from iltm import train as train_mod
+from iltm.checkpoint import load_checkpoint
+from iltm.run import RunFolder
+from iltm.transformer import TokenTransformer
+
+
+def test_defaults_keep_the_absolute_threshold_and_the_last_iteration():
+    for name in ("paper", "small", "tiny"):
+        cfg = config_mod.preset(name)
+        assert cfg.detection.resampling_quantile is None and cfg.iltm.select_iteration == "last"
+    with pytest.raises(Exception, match="resampling_quantile"):
+        config_mod.build("tiny", overrides=["detection.resampling_quantile=1.5"])
+    with pytest.raises(Exception, match="select_iteration"):
+        config_mod.build("tiny", overrides=["iltm.select_iteration=first"])
+
+
+def test_resampling_quantile_sets_t_from_the_held_out_token_probabilities(cohort2d, tmp_path):
+    run_dir = tmp_path / "run"
+    q = 0.05
+    assert run_cli("train", "--data", cohort2d, "--out", run_dir, "--preset", "tiny", "--max-iterations", "1",
+                   "--set", "iltm.stop_change=0", "--set", f"detection.resampling_quantile={q}", *FAST) == 0
+    run = RunFolder(run_dir)
+    history = run.history()
+    record = history["adaptive_threshold"]
+    # Recompute the quantile independently: each scan scored by the fold Transformer that did not see it.
+    tokens = load_checkpoint(run.tokens_path, "iltm-tokens", 1)["tokens"]
+    probs = []
+    for i in range(tokens.shape[0]):
+        model = TokenTransformer.load(run.fold_transformer_path(0, i % 2)).eval()
+        probs.append(model.token_probabilities(tokens[i:i + 1])[0])
+    expected = float(np.quantile(torch.cat(probs).double().numpy(), q))
+    assert record["probabilities"] == "held-out" and record["resampling_quantile"] == q
+    assert math.isclose(record["resampling_threshold"], expected, rel_tol=1e-5)
+    assert record["absolute_threshold"] == config_mod.preset("tiny").detection.resampling_threshold
+    assert not math.isclose(expected, record["absolute_threshold"])
+    # Detection reads t from config.yaml; the iterations decay from it as from an absolute t.
+    cfg = run.config()
+    assert cfg.detection.resampling_threshold == record["resampling_threshold"]
+    assert cfg.detection.resampling_quantile == q
+    thresholds = [r["resampling_threshold"] for r in history["iterations"]]
+    assert math.isclose(thresholds[0], expected, rel_tol=1e-5)
+    assert math.isclose(thresholds[1], expected * (1 - cfg.iltm.threshold_decay), rel_tol=1e-5)
+    # About q of the training tokens fall below t (ties between equal probabilities aside).
+    below = float((torch.cat(probs) < record["resampling_threshold"]).float().mean())
+    assert below <= q + 1e-9 and below > q / 2
+
+
+def test_a_default_run_records_its_best_iteration_and_still_detects_with_the_last(run2d, tmp_path):
+    history = json.loads((run2d / "history.json").read_text(encoding="utf-8"))
+    selection = history["iteration_selection"]
+    assert history["best_iteration"] in (0, 1) and history["best_iteration"] == selection["best_iteration"]
+    assert history["selection_reason"] and [r["iteration"] for r in selection["per_iteration"]] == [0, 1]
+    assert selection["probabilities"] == "held-out"
+    if selection["reference_tokens"]:
+        assert all(r["reference_nll"] > -1e-4 for r in selection["per_iteration"])
+    else:  # these few-epoch test models may flag every token: then nothing can judge, and iteration 0 is kept
+        assert history["best_iteration"] == 0 and "every token was flagged" in history["selection_reason"]
+        assert all(r["reference_nll"] is None for r in selection["per_iteration"])
+    assert "adaptive_threshold" not in history
+    assert RunFolder(run2d).check_for_detection() == 1
+    # Asked for the best, detection takes history.json's best_iteration.
+    copy = tmp_path / "copy"
+    shutil.copytree(run2d, copy)
+    cfg = config_mod.load(copy / "config.yaml")
+    cfg.iltm.select_iteration = "best"
+    cfg.save(copy / "config.yaml")
+    history["best_iteration"] = 0
+    (copy / "history.json").write_text(json.dumps(history), encoding="utf-8")
+    assert RunFolder(copy).check_for_detection() == 0
+    assert RunFolder(copy).check_for_detection(1) == 1  # an explicit --iteration still wins
+
+
+def _fake_run(tmp_path, masks_per_iteration):
+    """A run folder with only what select_iteration reads: per-iteration token masks and Transformer files."""
+    run = RunFolder(tmp_path / "run")
+    for k, masks in enumerate(masks_per_iteration):
+        (run.iteration_dir(k) / "masks").mkdir(parents=True)
+        run.token_mask_path(k, "s0").parent.mkdir(parents=True, exist_ok=True)
+        run.transformer_path(k).write_bytes(b"x")
+        for i, row in enumerate(masks):
+            np.save(run.token_mask_path(k, f"s{i}"), np.asarray(row, bool))
+    return run
+
+
+@pytest.mark.parametrize("nll, best", [((1.0, 0.9, 0.899), 1),      # 2 is not 0.5 % below 1: the earlier one stays
+                                       ((1.0, 1.1, 1.2), 0),         # only worse: iteration 0
+                                       ((1.0, 0.998, 0.8), 2),       # 1 is within noise, 2 clearly better
+                                       ((1.0, 0.9, 0.85), 2)])
+def test_the_best_iteration_is_the_clearly_lowest_nll_of_the_never_flagged_tokens(tmp_path, monkeypatch, nll, best):
+    # Two scans of four tokens; iteration 1 flags token 3 of scan 0, iteration 2 token 0 of scan 1.
+    masks = [[[0, 0, 0, 0], [0, 0, 0, 0]], [[0, 0, 0, 1], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 0, 0, 0]]]
+    run = _fake_run(tmp_path, masks)
+
+    def fake_probabilities(run, k, tokens, folds, device):
+        p = torch.full(tokens.shape, math.exp(-nll[k]))
+        p[0, 3] = p[1, 0] = 1e-9  # flagged by some iteration: must not count
+        return p, "held-out"
+
+    monkeypatch.setattr(train_mod, "cohort_token_probabilities", fake_probabilities)
+    cfg = config_mod.preset("tiny")
+    out = train_mod.select_iteration(run, cfg, torch.zeros(2, 4, dtype=torch.long), ["s0", "s1"], torch.device("cpu"))
+    assert out["best_iteration"] == best
+    assert out["reference_tokens"] == 6
+    assert [round(r["reference_nll"], 6) for r in out["per_iteration"]] == [round(v, 6) for v in nll]
+    assert [r["masked_fraction"] for r in out["per_iteration"]] == [0.0, 0.125, 0.125]
+    assert (f"iteration {best}" in out["selection_reason"]) if best else ("iteration 0" in out["selection_reason"])
+
+
+def test_when_every_token_was_flagged_iteration_0_is_kept_and_says_why(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path, [[[1, 1], [0, 1]], [[0, 0], [1, 0]]])
+    monkeypatch.setattr(train_mod, "cohort_token_probabilities",
+                        lambda run, k, tokens, folds, device: (torch.full(tokens.shape, 0.5 / (k + 1)), "held-out"))
+    out = train_mod.select_iteration(run, config_mod.preset("tiny"), torch.zeros(2, 2, dtype=torch.long),
+                                     ["s0", "s1"], torch.device("cpu"))
+    assert out["reference_tokens"] == 0 and out["best_iteration"] == 0
+    assert "every token was flagged" in out["selection_reason"]
+    json.dumps(out, allow_nan=False)  # history.json stays valid JSON
