@@ -455,10 +455,18 @@ def cohort_token_probabilities(run: RunFolder, k: int, tokens: torch.Tensor, fol
         for j in range(folds):
             rows = torch.tensor([i for i in range(tokens.shape[0]) if fold_of(i, folds) == j])
             model = TokenTransformer.load(run.fold_transformer_path(k, j), map_location=device).eval()
-            probs[rows] = model.token_probabilities(tokens[rows].to(device)).float().cpu()
+            probs[rows] = _batched_probabilities(model, tokens[rows], device)
         return probs, "held-out"
     model = TokenTransformer.load(run.transformer_path(k), map_location=device).eval()
-    return model.token_probabilities(tokens.to(device)).float().cpu(), "in-sample"
+    return _batched_probabilities(model, tokens, device), "in-sample"
+
+
+def _batched_probabilities(model: TokenTransformer, tokens: torch.Tensor, device: torch.device,
+                           batch: int = 8) -> torch.Tensor:
+    """(M, L) token probabilities, ``batch`` rasters at a time: the logits of a whole cohort (M x L x V) at once
+    would not fit in memory at whole-body sizes."""
+    return torch.cat([model.token_probabilities(tokens[i:i + batch].to(device)).float().cpu()
+                      for i in range(0, tokens.shape[0], batch)])
 
 
 MIN_RESAMPLING_THRESHOLD = 1e-12  # a quantile of probabilities that underflowed stays a valid t
