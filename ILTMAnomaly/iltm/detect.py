@@ -240,8 +240,12 @@ class Detector:
         padded = np.zeros((1, *padded_shape), np.float32)
         padded[(slice(None), *[slice(0, a) for a in array.shape[1:]])] = array
         starts = [window_starts(n, m, self.cfg.detection.tile_overlap) for n, m in zip(padded_shape, model_shape)]
-        weight = compute_importance_map(model_shape, mode="gaussian", sigma_scale=0.125,
-                                        dtype=torch.float64)                     # (*model) > 0 everywhere
+        # MONAI clamps its map at 1e-3 of the peak; clamped per axis and multiplied, an axis on which windows do not
+        # overlap contributes a common factor that cancels, rather than flattening every weight near a scan's edge.
+        weight = torch.ones(())
+        for m in model_shape:
+            axis = compute_importance_map((m,), mode="gaussian", sigma_scale=0.125, dtype=torch.float64)  # (m,)
+            weight = weight[..., None] * axis                                # (*model) > 0 everywhere
         total = torch.zeros(padded_shape, dtype=torch.float64)
         weights = torch.zeros(padded_shape, dtype=torch.float64)
         flagged, probs, seconds = [], [], 0.0
