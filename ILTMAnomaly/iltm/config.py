@@ -181,6 +181,12 @@ class DetectionConfig:
         density_threshold: tau: voxels whose KDE density is below it are anomalous in the binary map.
         kde_chunk_voxels: voxels scored per KDE chunk; bounds memory at about N x chunk x 8 bytes.
         decode_batch: reconstructions decoded per decoder call.
+        stream_above_mb: the N reconstructions (N x voxels x 4 bytes) are held at once up to this size in MB; above
+            it they are decoded twice in batches (the same dropout draws) and the KDE is accumulated from them
+            (moments, then kernel sums), with decoder batches shrunk to fit this budget too; 0 = always stream.
+        tile_overlap: share of a window that overlaps the next one when a scan larger than the model grid is scored
+            in windows; the windows' log densities are blended with Gaussian weights that fall off towards their
+            edges (MONAI's sliding-window importance map).
     """
 
     resampling_threshold: float = setting(0.005, low=0, high=1, above=True)
@@ -191,6 +197,8 @@ class DetectionConfig:
     density_threshold: float = setting(DEFAULT_DENSITY_THRESHOLD, low=0, above=True)
     kde_chunk_voxels: int = setting(65536, low=1)
     decode_batch: int = setting(32, low=1)
+    stream_above_mb: float = setting(1024.0, low=0)
+    tile_overlap: float = setting(0.25, low=0, high=0.9)
 
     def check(self) -> None:
         if self.samples * self.dropout_passes < 2:
@@ -245,15 +253,20 @@ class ILTMConfig:
 
 @dataclass
 class Config:
-    """The whole tree: one section per stage, plus the run's seed and device.
+    """The whole tree: one section per stage, plus the run's seed, device and precision.
 
     A setting "per dimension" takes one value or a mapping such as ``{2d: 0, 3d: 2400}`` (a missing key = off); the
     run's ``config.yaml`` records the value that applied.
+
+    Attributes:
+        precision: "auto" = bfloat16 autocast on CUDA (training steps, detection's decoding and Transformer passes),
+            float32 on a CPU; "bfloat16" = autocast on any device; "float32" = never (see iltm.precision).
     """
 
     preset: str = setting("paper")
     seed: int = setting(0)
     device: str = setting("auto")
+    precision: str = setting("auto", choices=("auto", "float32", "bfloat16"))
     data: DataConfig = field(default_factory=DataConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)

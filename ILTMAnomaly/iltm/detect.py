@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from monai.inferers.utils import compute_importance_map
 
 from . import kde
 from .bundle import ModelBundle, open_model
@@ -21,6 +22,7 @@ from .io import atomic_write_text, read_image, write_image
 from .layout import (DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX,
                      check_id)
 from .preprocess import Preprocessor
+from .precision import autocast
 from .progress import Reporter
 from .run import RunFolder
 from .transformer import TokenTransformer
@@ -95,6 +97,10 @@ class Detector:
         detector.iteration = iteration
         return detector
 
+    def autocast(self):
+        """The context of detection's decoding and Transformer passes (``Config.precision``)."""
+        return autocast(self.cfg.precision, self.device)
+
     @torch.no_grad()
     def detect_array(self, image: torch.Tensor, resampling_threshold: float | None = None,
                      generator: torch.Generator | None = None) -> DetectionResult:
@@ -111,21 +117,74 @@ class Detector:
         start = time.perf_counter()
         x = image.to(self.device, torch.float32)[None]                      # (1, 1, *spatial)
         tokens = encode_tokens(self.vqvae, x).reshape(-1)                    # (L,)
-        probs = self.transformer.token_probabilities(tokens[None])[0]       # (L,)
+        with self.autocast():
+            probs = self.transformer.token_probabilities(tokens[None])[0]   # (L,) float32 (softmax in float32)
         flagged = probs < t                                                  # (L,)
-        healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
+        with self.autocast():
+            healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
         latents = healed.repeat_interleave(det.dropout_passes, dim=0)       # (N, *latent), N = S x D
         # Dropout draws from torch's global RNG; seeding it from the generator inside a fork makes a scan's map
         # depend on the generator's seed only, not on whatever ran before in the process.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if generator is not None:
-                torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device)))
-            recon = decode_tokens(self.vqvae, latents, batch=det.decode_batch)[:, 0]  # (N, *spatial)
-        log_f = kde.log_density(recon, x[0, 0], self.cfg.eps(), chunk_voxels=det.kde_chunk_voxels)
+        seed = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        voxels = x[0, 0].numel()
+        if self.reconstruction_bytes(latents.shape[0], voxels) > det.stream_above_mb * 2 ** 20:
+            log_f = self.log_density(latents, x[0, 0], seed, self.streamed_decode_batch(voxels), streamed=True)
+        else:
+            log_f = self.log_density(latents, x[0, 0], seed, det.decode_batch)
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def reconstruction_bytes(n: int, voxels: int) -> int:
+        """Memory of n float32 reconstructions of ``voxels`` voxels held at once."""
+        return 4 * n * voxels
+
+    def streamed_decode_batch(self, voxels: int) -> int:
+        """Decoder batch of the streamed path: ``decode_batch``, smaller where the decoder's largest activations (a
+        few tensors of the first level's channels at half resolution) would not fit ``stream_above_mb``."""
+        det = self.cfg.detection
+        spatial_dims = len(self.latent_shape)
+        per_reconstruction = 4 * 4 * self.cfg.vqvae.channels[0] * voxels / 2 ** spatial_dims
+        return max(1, min(det.decode_batch, int(det.stream_above_mb * 2 ** 20 // per_reconstruction)))
+
+    def decode_batches(self, latents: torch.Tensor, seed: int | None, batch: int, visit) -> None:
+        """Decode (N, *latent) token grids in batches of ``batch`` and call ``visit((b, *spatial) float32)`` on each,
+        in order. Dropout draws from the global RNG seeded with ``seed`` inside a fork (None: as it stands), so two
+        calls with the same seed and batch give the same reconstructions."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for i in range(0, latents.shape[0], batch):
+                with self.autocast():
+                    recon = self.vqvae.decode_samples(latents[i:i + batch])  # (b, 1, *spatial)
+                visit(recon[:, 0].float())
+
+    @torch.no_grad()
+    def log_density(self, latents: torch.Tensor, image: torch.Tensor, seed: int | None, batch: int,
+                    streamed: bool = False) -> torch.Tensor:
+        """log f of ``image`` (*spatial) under the KDE of the decodes of ``latents`` (N, *latent), decoded ``batch``
+        at a time with dropout seeded by ``seed`` (see :meth:`decode_batches`).
+
+        In memory: all N reconstructions at once, then :func:`kde.log_density` (the reference). Streamed: decoded
+        twice in batches with the same dropout draws, the KDE accumulated by :class:`kde.StreamedLogDensity`, so
+        memory does not grow with N (the same map to float32 rounding, at twice the decoding).
+        """
+        det = self.cfg.detection
+        if not streamed:
+            parts = []
+            self.decode_batches(latents, seed, batch, parts.append)
+            recon = torch.cat(parts, dim=0)                                  # (N, *spatial)
+            return kde.log_density(recon, image, self.cfg.eps(), chunk_voxels=det.kde_chunk_voxels)
+        if seed is None:  # the second pass must replay the first one's dropout draws
+            seed = int(torch.randint(0, 2 ** 62, (1,)))
+        estimate = kde.StreamedLogDensity(image, self.cfg.eps(), chunk_voxels=det.kde_chunk_voxels)
+        self.decode_batches(latents, seed, batch, estimate.add_moments)
+        self.decode_batches(latents, seed, batch, estimate.add_kernels)
+        return estimate.result()
 
     def density_threshold(self, tau: float | None = None) -> float:
         """tau: the given one, else ``detection.density_threshold``."""
@@ -156,8 +215,8 @@ class Detector:
                      generator: torch.Generator | None = None, where: str = "image"):
         """Score a SimpleITK image; returns (score image, mask image, result) on the input's grid.
 
-        A scan larger than the model's input grid (after resampling) is scored in model-sized tiles that together
-        cover it, so no part of it is left unscored; overlapping tiles average their log densities.
+        A scan larger than the model's input grid (after resampling) is scored in model-sized windows that together
+        cover it, so no part of it is left unscored; overlapping windows blend their log densities (``_detect_tiles``).
         ``where`` names the image in errors (its file path).
         """
         array, info = self.preprocessor.forward(img, where=where)
@@ -174,27 +233,44 @@ class Detector:
 
     def _detect_tiles(self, array: np.ndarray, model_shape: tuple[int, ...], resampling_threshold: float | None,
                       generator: torch.Generator | None) -> DetectionResult:
-        """Detection over model-sized windows of a (1, *spatial) array larger than the model grid on some axis."""
+        """Detection over model-sized windows of a (1, *spatial) array larger than the model grid on some axis.
+
+        Windows overlap by ``detection.tile_overlap`` of their size and their log densities are blended with MONAI's
+        Gaussian importance map (sliding-window inference's "gaussian" mode), which falls off towards a window's
+        edges, where the decoder sees zero padding instead of the scan.
+        """
         padded_shape = tuple(max(a, m) for a, m in zip(array.shape[1:], model_shape))
         padded = np.zeros((1, *padded_shape), np.float32)
         padded[(slice(None), *[slice(0, a) for a in array.shape[1:]])] = array
-        # Window starts per axis: every model-size step, the last one flush with the end.
-        starts = [sorted({*range(0, n - m, m), n - m}) for n, m in zip(padded_shape, model_shape)]
+        starts = [window_starts(n, m, self.cfg.detection.tile_overlap) for n, m in zip(padded_shape, model_shape)]
+        # MONAI clamps its map at 1e-3 of the peak; clamped per axis and multiplied, an axis on which windows do not
+        # overlap contributes a common factor that cancels, rather than flattening every weight near a scan's edge.
+        weight = torch.ones(())
+        for m in model_shape:
+            axis = compute_importance_map((m,), mode="gaussian", sigma_scale=0.125, dtype=torch.float64)  # (m,)
+            weight = weight[..., None] * axis                                # (*model) > 0 everywhere
         total = torch.zeros(padded_shape, dtype=torch.float64)
-        count = torch.zeros(padded_shape, dtype=torch.float64)
+        weights = torch.zeros(padded_shape, dtype=torch.float64)
         flagged, probs, seconds = [], [], 0.0
         for corner in itertools.product(*starts):
             window = tuple(slice(c, c + m) for c, m in zip(corner, model_shape))
             part = self.detect_array(torch.from_numpy(np.ascontiguousarray(padded[(slice(None), *window)])),
                                      resampling_threshold, generator)
-            total[window] += part.log_density.double()
-            count[window] += 1
+            total[window] += weight * part.log_density.double()
+            weights[window] += weight
             flagged.append(part.flagged)
             probs.append(part.token_probabilities)
             seconds += part.seconds
-        log_f = (total / count)[tuple(slice(0, a) for a in array.shape[1:])].float()
+        log_f = (total / weights)[tuple(slice(0, a) for a in array.shape[1:])].float()
         return DetectionResult(log_density=log_f, token_probabilities=torch.cat(probs), flagged=torch.cat(flagged),
                                seconds=seconds)
+
+
+def window_starts(n: int, m: int, overlap: float) -> list[int]:
+    """Starts of windows of m voxels that cover n >= m voxels with neighbours overlapping by about ``overlap`` of a
+    window: a step of m (1 - overlap) (at least 1), the last window flush with the end."""
+    step = max(1, int(m * (1.0 - overlap)))
+    return sorted({*range(0, n - m, step), n - m})
 
 
 def token_mask_from_map(binary: torch.Tensor, factor: int) -> torch.Tensor:

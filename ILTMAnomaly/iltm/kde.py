@@ -13,7 +13,7 @@ import torch
 
 from .layout import DEFAULT_DENSITY_THRESHOLD
 
-__all__ = ["log_density", "binary_map", "silverman_bandwidth"]
+__all__ = ["log_density", "StreamedLogDensity", "binary_map", "silverman_bandwidth"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -78,6 +78,71 @@ def log_density(samples, image, eps: float, chunk_voxels: int = 65536):
 
     log_f = log_f.reshape(image_t.shape)
     return log_f.cpu().numpy() if as_numpy else log_f
+
+
+class StreamedLogDensity:
+    """:func:`log_density` from samples that arrive in batches, without holding them all: the same samples are
+    passed twice, in the same order. Pass 1 (:meth:`add_moments`) merges per-voxel means and squared deviations
+    (Chan et al.'s pairwise update) into the bandwidth; pass 2 (:meth:`add_kernels`) accumulates the kernel sums as a
+    running log-sum-exp. Accumulators are float64 (5 numbers a voxel), so the result matches the in-memory estimate
+    to float32 rounding (a different summation order, not bit for bit).
+
+    Args:
+        image: (*spatial) the intensities to score (torch tensor; its device is where the sums run).
+        eps: bandwidth regulariser, as in :func:`log_density`.
+        chunk_voxels: voxels of a batch processed at once; peak memory is a few batch x chunk float64 arrays.
+    """
+
+    def __init__(self, image: torch.Tensor, eps: float, chunk_voxels: int = 65536):
+        self.shape = tuple(image.shape)
+        self.x = image.reshape(-1).double()                             # (V,)
+        self.eps = eps
+        self.chunk = int(chunk_voxels)
+        self.count = 0
+        self.mean = torch.zeros_like(self.x)                             # (V,) running mean
+        self.m2 = torch.zeros_like(self.x)                               # (V,) running sum of squared deviations
+        self.h = None                                                    # (V,) bandwidth, once pass 1 is complete
+        self.seen = 0
+        self.top = torch.full_like(self.x, -math.inf)                    # (V,) running max of the log kernels
+        self.total = torch.zeros_like(self.x)                            # (V,) sum of exp(log kernel - top)
+
+    def _chunks(self, samples: torch.Tensor):
+        flat = samples.reshape(samples.shape[0], -1)                     # (b, V)
+        if flat.shape[1] != self.x.numel():
+            raise ValueError(f"samples must be (b, *{self.shape}), got {tuple(samples.shape)}")
+        for start in range(0, flat.shape[1], self.chunk):
+            yield slice(start, start + self.chunk), flat[:, start:start + self.chunk].to(self.x.device).double()
+
+    def add_moments(self, samples: torch.Tensor) -> None:
+        """Pass 1: a batch (b, *spatial) of samples."""
+        b, n = samples.shape[0], self.count + samples.shape[0]
+        for where, x_n in self._chunks(samples):
+            batch_mean = x_n.mean(dim=0)
+            delta = batch_mean - self.mean[where]
+            self.m2[where] += ((x_n - batch_mean) ** 2).sum(dim=0) + delta * delta * (self.count * b / n)
+            self.mean[where] += delta * (b / n)
+        self.count = n
+
+    def add_kernels(self, samples: torch.Tensor) -> None:
+        """Pass 2: the same samples again, batch by batch in the same order."""
+        if self.h is None:
+            if self.count < 2:
+                raise ValueError("at least 2 samples per voxel are needed for a standard deviation")
+            self.h = silverman_bandwidth(torch.sqrt(self.m2 / (self.count - 1)), self.count, self.eps)
+        for where, x_n in self._chunks(samples):
+            z = (self.x[where] - x_n) / self.h[where]                    # (b, C)
+            log_k = -0.5 * z * z
+            top = torch.maximum(self.top[where], log_k.max(dim=0).values)
+            self.total[where] = self.total[where] * torch.exp(self.top[where] - top) + torch.exp(log_k - top).sum(0)
+            self.top[where] = top
+        self.seen += samples.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """(*spatial) float32 log density, once both passes have seen every sample."""
+        if self.h is None or self.seen != self.count:
+            raise ValueError(f"pass 2 saw {self.seen} samples, pass 1 saw {self.count}")
+        log_f = self.top + torch.log(self.total) - math.log(self.count) - torch.log(self.h) - _LOG_SQRT_2PI
+        return log_f.float().reshape(self.shape)
 
 
 def binary_map(log_f, density_threshold: float = DEFAULT_DENSITY_THRESHOLD):

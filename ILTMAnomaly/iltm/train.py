@@ -26,6 +26,7 @@ from .detect import Detector, resolve_device
 from .errors import InputError
 from .io import ImageRecord, atomic_path, check_images, list_images, read_image, write_image
 from .layout import FORMAT_VERSION
+from .precision import autocast
 from .preprocess import Preprocessor, augmentation
 from .progress import Reporter
 from .run import RunFolder
@@ -58,7 +59,7 @@ def lr_factor(epoch: int, epochs: int) -> float:
 
 def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of: Callable[[Any], torch.Tensor],
         epochs: int, learning_rate: float, checkpoint: Path, reporter: Reporter, stage: str, units: float,
-        weight_decay: float = 0.0) -> list[float]:
+        weight_decay: float = 0.0, precision: str = "float32") -> list[float]:
     """AdamW with a cosine schedule over ``epochs``, checkpointed at least every 30 s to ``checkpoint``.
 
     Args:
@@ -66,6 +67,8 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
         batches: epoch -> iterable of batches (this rank's share).
         loss_of: batch -> scalar loss.
         checkpoint: where the epoch state goes; when it exists the loop resumes from it.
+        precision: the forward passes' precision (``Config.precision``); bfloat16 needs no loss scaling, and the
+            weights, gradients and optimiser state stay float32.
 
     Returns:
         mean loss per epoch (all epochs, including those before a resume).
@@ -90,7 +93,8 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]], loss_of
     for epoch in reporter.track(range(start, epochs), stage, total=epochs - start, units=units):
         total, count = 0.0, 0
         for batch in batches(epoch):
-            loss = loss_of(batch)
+            with autocast(precision, device):
+                loss = loss_of(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -189,7 +193,7 @@ def image_batches(data: TrainingSet, cfg: Config, batch_size: int, device: torch
 def vqvae_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The VQ-VAE's training loss on batch ``x``: L1 reconstruction plus the quantisation (commitment) loss."""
     recon, quantization_loss = model(x)
-    return F.l1_loss(recon, x) + quantization_loss
+    return F.l1_loss(recon.float(), x) + quantization_loss.float()
 
 
 def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: torch.device, reporter: Reporter,
@@ -209,7 +213,7 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     batches = image_batches(data, cfg, batch_size, device)
     start = time.perf_counter()
     losses = fit(ddp, batches, lambda x: vqvae_loss(ddp, x), vq_cfg.epochs, vq_cfg.learning_rate,
-                 run.root / "vqvae_checkpoint.pt", reporter, "train VQ-VAE", units)
+                 run.root / "vqvae_checkpoint.pt", reporter, "train VQ-VAE", units, precision=cfg.precision)
     latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
     summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "epochs": vq_cfg.epochs, "batch_size": batch_size, "seconds": time.perf_counter() - start}
@@ -267,7 +271,7 @@ def train_transformer_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.T
     checkpoint = path.with_name(path.stem + "_checkpoint.pt")
     label = f"iteration {k}: train Transformer" + ("" if fold is None else f" without fold {fold}")
     losses = fit(ddp, batches, loss_of, t_cfg.epochs, t_cfg.learning_rate, checkpoint, reporter, label, units,
-                 weight_decay=t_cfg.weight_decay)
+                 weight_decay=t_cfg.weight_decay, precision=cfg.precision)
     if dist.is_main():
         model.save(path, extra={"iteration": k, "fold": fold, "losses": losses})
         checkpoint.unlink(missing_ok=True)

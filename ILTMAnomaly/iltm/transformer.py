@@ -39,6 +39,7 @@ def masked_cross_entropy(logits, tokens, token_mask=None):
     if token_mask is not None and bool(token_mask.all()):
         return logits.sum() * 0.0
     targets = tokens if token_mask is None else tokens.masked_fill(token_mask, -100)
+    logits = logits.float()  # the loss in float32 under autocast too
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
@@ -175,7 +176,9 @@ class TokenTransformer(nn.Module):
         than concatenating (which would copy the whole cache at every position)."""
         p = self.head.weight
         shape = (batch, self.cfg.n_head, length, self.cfg.n_embd // self.cfg.n_head)
-        return [(p.new_empty(shape), p.new_empty(shape)) for _ in self.blocks]
+        # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
+        dtype = self.blocks[0].attn.c_attn(p.new_zeros(1, self.cfg.n_embd)).dtype
+        return [(p.new_empty(shape, dtype=dtype), p.new_empty(shape, dtype=dtype)) for _ in self.blocks]
 
     def _inputs(self, tokens):
         # tokens (B, L) -> (B, L) [BOS, s_0, ..., s_{L-2}]: the shift that makes position i predict s_i.

@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from monai.networks.layers.vector_quantizer import VectorQuantizer
 from monai.networks.nets import VQVAE
 
 from . import config as config_mod
@@ -22,9 +23,10 @@ FORMAT_VERSION = 1
 
 
 def build_vqvae(cfg: VQVAEConfig, spatial_dims: int) -> VQVAE:
-    """A MONAI VQVAE with ``len(cfg.channels)`` stride-2 downsamplings, one input and one output channel."""
+    """A MONAI VQVAE with ``len(cfg.channels)`` stride-2 downsamplings, one input and one output channel; its codebook
+    distances and EMA updates run in float32 even under autocast."""
     levels = len(cfg.channels)
-    return VQVAE(
+    model = VQVAE(
         spatial_dims=spatial_dims,
         in_channels=1,
         out_channels=1,
@@ -39,6 +41,22 @@ def build_vqvae(cfg: VQVAEConfig, spatial_dims: int) -> VQVAE:
         decay=cfg.decay,
         dropout=cfg.dropout,
     )
+    # A class swap rather than a new wrapper module: the weights' names stay, and no constructor draws from the RNG.
+    model.quantizer.__class__ = Float32Quantizer
+    return model
+
+
+class Float32Quantizer(VectorQuantizer):
+    """MONAI's quantizer with autocast off for all of it: MONAI turns it off for CUDA in the codebook distances only,
+    not in the EMA update nor on a CPU. Under float32 it is MONAI's own, bit for bit."""
+
+    def forward(self, inputs: torch.Tensor):
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            return super().forward(inputs.float())
+
+    def quantize(self, encodings: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=encodings.device.type, enabled=False):
+            return super().quantize(encodings.float())
 
 
 @contextlib.contextmanager
