@@ -42,7 +42,7 @@ def report(sweep: Path, out: Path) -> str:
         its = {int(r["iteration"]): r for r in iteration_rows if float(r["anomalous_fraction"]) == fraction}
         best = history.get("best_iteration")
         entries = [("intensity", None, next((r for r in sweep_rows if r["method"] == "intensity"), None)),
-                   ("iteration 0", 0, its.get(0)), (f"last ILTM iteration", max(its), its[max(its)]),
+                   ("iteration 0", 0, its.get(0)), ("last ILTM iteration", max(its), its[max(its)]),
                    ("best iteration (label-free)", best, its.get(best))]
         for name, k, row in entries:
             if row is not None:

@@ -26,7 +26,7 @@ from .precision import autocast
 from .progress import Reporter
 from .run import RunFolder
 from .transformer import TokenTransformer
-from .vqvae import decode_tokens, encode_tokens, set_detection_mode
+from .vqvae import encode_tokens, set_detection_mode
 
 
 def resolve_device(device: str) -> torch.device:
