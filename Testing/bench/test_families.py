@@ -3,7 +3,6 @@ defects are, the same cohort from the same seed, and the layout the core and the
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,10 +14,11 @@ pytest.importorskip("skimage")
 pytest.importorskip("nilearn")
 
 from iltm.errors import InputError  # noqa: E402
+from test_sweep import parse  # noqa: E402  (the benchmark's own argument parser)
 from iltm.io import list_images  # noqa: E402
 from iltm.progress import Reporter  # noqa: E402
 from iltm_bench import families  # noqa: E402
-from iltm_bench.sweep import SWEEP_CSV, add_benchmark_parser, command_line, settings_from_args  # noqa: E402
+from iltm_bench.sweep import SWEEP_CSV, command_line, settings_from_args  # noqa: E402
 
 
 def arrays(folder: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -110,17 +110,8 @@ def test_the_module_cli_writes_a_cohort(tmp_path):
     assert (m["family"], m["split"], m["n_anomalous"]) == ("anatomy", "val", 2)
 
 
-def _parse(*argv: str):
-    parser = argparse.ArgumentParser(prog="iltm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--progress", default="none")
-    add_benchmark_parser(sub, common)
-    return parser.parse_args(["benchmark", *map(str, argv)])
-
-
 def test_the_benchmark_takes_a_data_family(tmp_path):
-    args = _parse("--out", tmp_path / "s", "--dims", "2", "--fractions", "1", "--n-train", "4", "--n-test", "4",
+    args = parse("--out", tmp_path / "s", "--dims", "2", "--fractions", "1", "--n-train", "4", "--n-test", "4",
                   "--size", "32", "--methods", "intensity", "--data-family", "texture")
     assert args.handler(args, Reporter("none")) == 0
     test = json.loads((tmp_path / "s" / "test" / "manifest.json").read_text(encoding="utf-8"))
@@ -130,7 +121,7 @@ def test_the_benchmark_takes_a_data_family(tmp_path):
     stored = json.loads((tmp_path / "s" / "benchmark.json").read_text(encoding="utf-8"))
     assert stored["settings"]["data_family"] == "texture"
     # Phantom sweeps record no data_family, as before the option existed.
-    phantom = settings_from_args(_parse("--out", tmp_path / "p"))
+    phantom = settings_from_args(parse("--out", tmp_path / "p"))
     assert "data_family" not in phantom.identity() and "--data-family" not in command_line(phantom)
     with pytest.raises(InputError, match="2D"):
-        settings_from_args(_parse("--out", tmp_path / "q", "--dims", "3", "--data-family", "anatomy"))
+        settings_from_args(parse("--out", tmp_path / "q", "--dims", "3", "--data-family", "anatomy"))
