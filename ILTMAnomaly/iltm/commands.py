@@ -115,10 +115,10 @@ def cmd_detect(args, reporter: Reporter) -> int:
     if args.split_lesions and not args.dicom_seg:
         raise InputError("--split-lesions", "only applies with --dicom-seg")
     check_output_folder(args.out)
-    records = list_images(args.input)
-    sources = dicom_seg_sources(records) if args.dicom_seg else None
     run = open_model(args.run)
     iteration = run.check_for_detection(args.iteration)
+    records = list_images(args.input)
+    sources = dicom_seg_sources(records) if args.dicom_seg else None  # refused before any model is loaded
     cfg = run.config()
     detector = Detector.from_run(run, iteration, args.device, detection=detection_overrides(cfg, args))
     reporter.units_total = 1.0
