@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from iltm.errors import InputError
 from iltm.io import atomic_write_text, image_from_array, write_image
+from iltm.synth import prepare_cohort_folder
 
 FAMILIES_VERSION = 1
 GENERATOR = "iltm_bench.families"
@@ -249,7 +250,7 @@ def make_family_cohort(out_dir: str | Path, family: str, n: int, anomalous_fract
     if size % 8 or not 16 <= size <= 128:
         raise InputError("--size", f"{size}: must be a multiple of 8 in [16, 128]")
     out_dir = Path(out_dir)
-    _prepare_folder(out_dir)
+    prepare_cohort_folder(out_dir, GENERATOR, "family cohort")
     n = int(n)
     stream = [int(seed), SPLIT_STREAM[split], FAMILIES.index(family)]
     n_anomalous = int(round(float(anomalous_fraction) * n))
@@ -280,25 +281,6 @@ def make_family_cohort(out_dir: str | Path, family: str, n: int, anomalous_fract
                 "n_anomalous": n_anomalous, "subjects": cases}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
-
-
-def _prepare_folder(out_dir: Path) -> None:
-    """Refuse to write into a folder holding anything but an earlier cohort of this module (which is cleared)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "exists and is not a folder")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
-    try:
-        old = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
-        assert old.get("generator") == GENERATOR
-    except (OSError, ValueError, AssertionError, AttributeError):
-        raise InputError(out_dir, "exists and is not empty (and is not an earlier family cohort); "
-                                  "choose a new folder") from None
-    for case in old.get("subjects", []):
-        for key in ("image", "label"):
-            if isinstance(case.get(key), str):
-                (out_dir / case[key]).unlink(missing_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
 
 
 def same_cohort(folder: Path, family: str, n: int, fraction: float, seed: int, split: str, size: int) -> bool:

@@ -299,7 +299,7 @@ def make_cohort(out_dir: str | Path, dims: int, n: int, anomalous_fraction: floa
     spacing = float(spacing or DEFAULT_SPACING[dims])
     n = int(n)
     out_dir = Path(out_dir)
-    _prepare_folder(out_dir)
+    prepare_cohort_folder(out_dir)
 
     n_anomalous = int(round(float(anomalous_fraction) * n))
     choice_rng = np.random.default_rng([int(seed), 0x5EED])
@@ -345,8 +345,9 @@ def _write_dicom(out_dir: Path, case_id: str, suv_image, seed: int, index: int) 
     return {"dicom": f"dicom/{case_id}", "vendor": style}
 
 
-def _prepare_folder(out_dir: Path) -> None:
-    """Refuse to mix a new cohort with unrelated files; clear the files of an earlier synthetic cohort."""
+def prepare_cohort_folder(out_dir: Path, generator: str = "iltm.synth", what: str = "synthetic cohort") -> None:
+    """Refuse to mix a new cohort with unrelated files; clear the files of an earlier cohort whose manifest names
+    ``generator`` (its images, labels and DICOM series)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(out_dir, "exists and is not a folder")
     if not out_dir.exists() or not any(out_dir.iterdir()):
@@ -354,9 +355,9 @@ def _prepare_folder(out_dir: Path) -> None:
     manifest = out_dir / "manifest.json"
     try:
         old = json.loads(manifest.read_text(encoding="utf-8"))
-        assert old.get("generator") == "iltm.synth"
+        assert old.get("generator") == generator
     except (OSError, ValueError, AssertionError, AttributeError):
-        raise InputError(out_dir, "exists and is not empty (and is not an earlier synthetic cohort); "
+        raise InputError(out_dir, f"exists and is not empty (and is not an earlier {what}); "
                                   "choose a new folder") from None
     for case in old.get("subjects", []):
         for key in ("image", "label"):
