@@ -52,7 +52,8 @@ Masking, which learns what is normal from training scans that may all contain le
 background, Cancel stops it. To try it at once: load "Synthetic PET" from Sample Data (ILTM Anomaly) and press Detect:
 the model field defaults to a demo model trained on synthetic phantoms (not on patients).</li>
 <li><b>Review</b>: the score in PET-Heat colours over the PET; the threshold slider updates the binary map live.</li>
-<li><b>Export</b>: binary map to a segmentation (one segment per region), region statistics, .seg.nrrd.</li>
+<li><b>Export</b>: binary map to a segmentation (one segment per region), region statistics, .seg.nrrd, and DICOM SEG
+for a PET loaded from DICOM.</li>
 <li><b>Train</b>: train a run on a folder of scans, with progress per ILTM iteration, Cancel and Resume.</li>
 <li><b>Iterations</b>: see what each ILTM iteration masked in each training scan, and the run's history.</li>
 </ul>
@@ -100,7 +101,7 @@ class ILTMAnomalyParameterNode:
     splitComponents - one segment per connected region (else a single "Anomaly" segment).
     minimumRegionVolume - regions smaller than this (mL) are left out.
     segmentation, statisticsTable - the exported segmentation and its per-region table.
-    segmentationFile - where "Save segmentation" writes (.seg.nrrd).
+    segmentationFile - where "Save segmentation" writes (.seg.nrrd); "Save DICOM SEG" writes beside it (_seg.dcm).
 
     Train:
     trainingData, trainingOutput - folder of training scans, new run folder.
@@ -187,6 +188,7 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.updateStatisticsButton.connect("clicked(bool)", self.onUpdateStatisticsButton)
         self.ui.saveSegmentationButton.connect("clicked(bool)", self.onSaveSegmentationButton)
+        self.ui.saveDicomSegButton.connect("clicked(bool)", self.onSaveDicomSegButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.cancelTrainButton.connect("clicked(bool)", self.onCancelTrainButton)
@@ -284,6 +286,11 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.enabled = bool(p.inputVolume and p.binaryMap)
         self.ui.updateStatisticsButton.enabled = bool(p.inputVolume and p.segmentation)
         self.ui.saveSegmentationButton.enabled = bool(p.segmentation and _isSet(p.segmentationFile))
+        fromDicom = bool(p.inputVolume and p.inputVolume.GetAttribute("DICOM.instanceUIDs"))
+        self.ui.saveDicomSegButton.enabled = bool(p.segmentation and _isSet(p.segmentationFile) and fromDicom)
+        self.ui.saveDicomSegButton.toolTip = (
+            _("Write the segments as a DICOM SEG beside the .seg.nrrd (..._seg.dcm), referencing the PET's series.")
+            if fromDicom else _("Needs a PET loaded with the DICOM module (Slicer's DICOM database)."))
         self.ui.trainButton.enabled = _isSet(p.trainingData) and _isSet(p.trainingOutput) and not training
         self.ui.resumeButton.enabled = _isSet(p.trainingOutput) and not training
         self.ui.cancelTrainButton.enabled = training
@@ -394,6 +401,13 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Cannot save the segmentation."), waitCursor=True):
             path = self.logic.saveSegmentation(p.segmentation, p.segmentationFile)
+            self._log(_("Saved {path}").format(path=path))
+            slicer.util.showStatusMessage(_("Saved {path}").format(path=path), 5000)
+
+    def onSaveDicomSegButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Cannot save the DICOM SEG."), waitCursor=True):
+            path = self.logic.saveDicomSegmentation(p.segmentation, p.inputVolume, p.segmentationFile)
             self._log(_("Saved {path}").format(path=path))
             slicer.util.showStatusMessage(_("Saved {path}").format(path=path), 5000)
 
@@ -669,6 +683,20 @@ class ILTMAnomalyLogic(ScriptedLoadableModuleLogic):
         if not segmentationNode:
             raise PanelError(_("Create a segmentation first."))
         return segments.save_segmentation(segmentationNode, path)
+
+    @staticmethod
+    def saveDicomSegmentation(segmentationNode, petVolume, segmentationFile, fileForInstance=None):
+        """Write the segments as a DICOM SEG referencing the PET's DICOM series, beside ``segmentationFile``
+        (``<name>_seg.dcm``). ``fileForInstance`` finds a SOP instance's file (default: Slicer's DICOM database)."""
+        if not segmentationNode or not petVolume:
+            raise PanelError(_("Select the PET volume and create a segmentation first."))
+        if fileForInstance is None:
+            database = getattr(slicer, "dicomDatabase", None)
+            if database is None or not database.isOpen:
+                raise PanelError(_("Slicer's DICOM database is not open: open the DICOM module first."))
+            fileForInstance = database.fileForInstance
+        return segments.save_dicom_seg(segmentationNode, petVolume, segments.dicom_seg_file(segmentationFile),
+                                       fileForInstance)
 
     # -- training -----------------------------------------------------------------------------------------------
 

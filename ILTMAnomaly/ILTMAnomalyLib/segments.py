@@ -1,4 +1,4 @@
-"""Binary anomaly map -> segmentation node, per-component statistics, and ``.seg.nrrd`` export.
+"""Binary anomaly map -> segmentation node, per-component statistics, ``.seg.nrrd`` and DICOM SEG export.
 
 A segmentation made here has the PET as its reference geometry, so Segment Editor edits it on the PET's grid,
 and either one segment per connected component ("Anomaly 1", "Anomaly 2", ... largest first) or a single
@@ -307,3 +307,87 @@ def save_segmentation(segmentation_node, path) -> Path:
     if not storage.WriteData(segmentation_node):
         raise PanelError(f"{path}: cannot write segmentation '{segmentation_node.GetName()}'.")
     return path
+
+
+def dicom_seg_file(segmentation_file) -> Path:
+    """Where "Save DICOM SEG" writes: beside the ``.seg.nrrd`` file, ``<same name>_seg.dcm`` (as ``iltm detect
+    --dicom-seg`` names its SEGs)."""
+    from iltm.layout import DICOM_SEG_SUFFIX
+
+    path = Path(segmentation_file)
+    name = path.name
+    for suffix in (".seg.nrrd", ".nrrd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.with_name(f"{name or 'segmentation'}{DICOM_SEG_SUFFIX}")
+
+
+def dicom_source_files(pet_volume, file_for_instance) -> list[Path]:
+    """The DICOM files of a PET loaded by Slicer's DICOM module, file k holding slice k of the volume.
+
+    Slicer's scalar volume plugin stores the series' SOP Instance UIDs in the volume's ``DICOM.instanceUIDs``
+    attribute, the k-th for slice k (reversed with the slices when it makes a left-handed volume right-handed);
+    ``file_for_instance`` (``slicer.dicomDatabase.fileForInstance``) finds each file. Each file's position and
+    orientation are checked against the volume's own geometry, so a SEG can never land on the wrong slices.
+    """
+    import pydicom
+
+    name = pet_volume.GetName()
+    uids = (pet_volume.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        raise PanelError(f"'{name}' was not loaded from DICOM (it has no DICOM instance UIDs): load the PET with "
+                         f"the DICOM module to export DICOM SEG, or save the segmentation as .seg.nrrd.")
+    dims = pet_volume.GetImageData().GetDimensions()
+    if len(uids) != dims[2]:
+        raise PanelError(f"'{name}' has {dims[2]} slices but {len(uids)} DICOM instances (a multi-frame or "
+                         f"reshaped series): DICOM SEG export needs one file per slice.")
+    ijk_to_lps = volumes.LPS_TO_RAS @ volumes.get_ijk_to_ras(pet_volume)
+    axes = ijk_to_lps[:3, :3] / np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    slice_spacing = float(np.linalg.norm(ijk_to_lps[:3, 2]))
+    files = []
+    for k, uid in enumerate(uids):
+        found = file_for_instance(uid)
+        if not found or not Path(found).is_file():
+            raise PanelError(f"'{name}': the DICOM file of slice {k} (instance {uid}) is no longer in the DICOM "
+                             f"database.")
+        path = Path(found)
+        try:
+            header = pydicom.dcmread(os.fspath(path), stop_before_pixels=True,
+                                     specific_tags=["ImagePositionPatient", "ImageOrientationPatient"])
+            position = np.array([float(v) for v in header.ImagePositionPatient])
+            orientation = np.array([float(v) for v in header.ImageOrientationPatient])
+        except Exception as exc:  # pydicom raises many types for damaged or incomplete files
+            raise PanelError(f"{path}: cannot read its position and orientation ({exc.__class__.__name__}: "
+                             f"{exc}).") from None
+        expected = ijk_to_lps[:3, 3] + k * ijk_to_lps[:3, 2]
+        if (np.abs(orientation[:3] - axes[:, 0]).max() > 1e-3 or np.abs(orientation[3:] - axes[:, 1]).max() > 1e-3
+                or np.linalg.norm(position - expected) > 0.5 * slice_spacing):
+            raise PanelError(f"'{name}': slice {k} does not lie where its DICOM file {path.name} says (the volume "
+                             f"was resampled, moved or reordered since it was loaded), so a DICOM SEG would not "
+                             f"line up: save the segmentation as .seg.nrrd instead.")
+        files.append(path)
+    return files
+
+
+def save_dicom_seg(segmentation_node, pet_volume, path, file_for_instance) -> Path:
+    """Write the segmentation's segments, as shown and edited, as a DICOM SEG that references the PET's series.
+
+    One DICOM segment per Slicer segment, with its name, coded as a lesion (``iltm.dicom_seg``); written atomically,
+    so a failure leaves no file. ``file_for_instance``: see :func:`dicom_source_files`.
+    """
+    from iltm.dicom_seg import write_dicom_seg
+    from iltm.errors import InputError, WriteError
+
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise PanelError("Choose a file name for the DICOM SEG first.")
+    files = dicom_source_files(pet_volume, file_for_instance)
+    labels, ids = segment_labels_on(segmentation_node, pet_volume)
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetSegment(segment_id).GetName() for segment_id in ids]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return write_dicom_seg(labels, files, path, segment_names=names)
+    except (InputError, WriteError) as exc:
+        raise PanelError(str(exc)) from None

@@ -30,7 +30,8 @@ def read_source_series(files: Sequence[Path]) -> list:
     return datasets
 
 
-def segmentation_dataset(mask: np.ndarray, source_images: Sequence, split_lesions: bool = False):
+def segmentation_dataset(mask: np.ndarray, source_images: Sequence, split_lesions: bool = False,
+                         segment_names: Sequence[str] | None = None):
     """A highdicom Segmentation of ``mask`` on the grid of ``source_images``.
 
     Args:
@@ -39,6 +40,9 @@ def segmentation_dataset(mask: np.ndarray, source_images: Sequence, split_lesion
         source_images: pydicom datasets of the source series, one per slice.
         split_lesions: one segment per connected region (26-connected, largest first, as ``iltm.lesions``
             numbers them) instead of one "Lesion" segment.
+        segment_names: segments chosen by the caller instead (the Slicer panel's, as the user edited them):
+            ``mask`` holds label k (1-based) for the segment named ``segment_names[k - 1]``; ``split_lesions`` is
+            then ignored.
 
     Returns:
         highdicom.seg.Segmentation (BINARY), every frame stored (empty ones too) so readers rebuild the whole grid.
@@ -49,18 +53,25 @@ def segmentation_dataset(mask: np.ndarray, source_images: Sequence, split_lesion
     from . import __version__
     from .lesions import label_regions
 
-    mask = np.asarray(mask) > 0
+    mask = np.asarray(mask)
     if mask.ndim == 2:
         mask = mask[None]
     rows, cols = int(source_images[0].Rows), int(source_images[0].Columns)
     if mask.shape != (len(source_images), rows, cols):
         raise ValueError(f"mask {mask.shape} does not match the series ({len(source_images)} slices of "
                          f"{rows}x{cols})")
-    if split_lesions:
+    if segment_names is not None:
+        # Segment Label and Tracking ID are LO: at most 64 characters, no backslash.
+        names = [str(name).replace("\\", "/")[:64] for name in segment_names]
+        if mask.min(initial=0) < 0 or mask.max(initial=0) > len(names):
+            raise ValueError(f"labels run from {mask.min()} to {mask.max()} but {len(names)} segments are named")
+        labels, count = mask, len(names)
+    elif split_lesions:
+        mask = mask > 0
         labels, count = label_regions(mask)
         names = [f"Lesion {k}" for k in range(1, count + 1)]
     else:
-        labels, count = mask.astype(np.uint8), 1
+        labels, count = (mask > 0).astype(np.uint8), 1
         names = ["Lesion"]
     if count == 0:  # a SEG needs a segment: one empty "Lesion" says "looked, found nothing"
         labels, names = np.zeros_like(mask, dtype=np.uint8), ["Lesion"]
@@ -86,11 +97,13 @@ def segmentation_dataset(mask: np.ndarray, source_images: Sequence, split_lesion
         omit_empty_frames=False)
 
 
-def write_dicom_seg(mask: np.ndarray, source_files: Sequence[Path], path: Path, split_lesions: bool = False) -> Path:
-    """Write ``mask`` as a DICOM SEG at ``path`` (atomically) referencing the series ``source_files`` (slice order)."""
+def write_dicom_seg(mask: np.ndarray, source_files: Sequence[Path], path: Path, split_lesions: bool = False,
+                    segment_names: Sequence[str] | None = None) -> Path:
+    """Write ``mask`` as a DICOM SEG at ``path`` (atomically) referencing the series ``source_files`` (slice order);
+    ``split_lesions`` and ``segment_names`` as :func:`segmentation_dataset` takes them."""
     datasets = read_source_series(source_files)
     try:
-        seg = segmentation_dataset(mask, datasets, split_lesions=split_lesions)
+        seg = segmentation_dataset(mask, datasets, split_lesions=split_lesions, segment_names=segment_names)
     except (ValueError, AttributeError) as exc:
         # highdicom checks the source's geometry and modules; a series it rejects is the input's problem.
         raise InputError(Path(source_files[0]).parent, f"cannot be referenced by a DICOM SEG: {exc}") from None
