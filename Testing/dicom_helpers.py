@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from iltm.dicom_pet import write_dataset
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 
@@ -54,6 +55,6 @@ def write_pet_series(folder: Path, bqml: np.ndarray, spacing=(4.0, 4.0, 3.0), or
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", "0"
         ds.RescaleType = "BQML"
         ds.PixelData = np.round(bqml[k] / float(ds.RescaleSlope)).astype(np.uint16).tobytes()
-        ds.save_as(path, enforce_file_format=True)
+        write_dataset(ds, path)
         files.append(path)
     return files

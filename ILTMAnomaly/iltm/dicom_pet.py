@@ -171,7 +171,8 @@ def _series_dataset(tags: PetSeriesTags, n_slices: int) -> Dataset:
     return ds
 
 
-def _write_dataset(ds: Dataset, path: Path) -> None:
+def write_dataset(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file (preamble, file meta, explicit VR little endian) with pydicom 2.4 or 3."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -251,7 +252,7 @@ def write_pet_series(folder: Union[str, Path], image: sitk.Image, tags: PetSerie
                 if activity_factors[k] is not None:
                     block.add_new(PHILIPS_ACTIVITY_FACTOR[1] & 0xFF, "DS", f"{activity_factors[k]:.10g}")
             path = tmp / f"{k + 1:04d}.dcm"
-            _write_dataset(ds, path)
+            write_dataset(ds, path)
             paths.append(folder / path.name)
         os.replace(tmp, folder)
     finally:

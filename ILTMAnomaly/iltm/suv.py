@@ -3,8 +3,9 @@
 SUVbw = activity concentration (Bq/mL) x body weight (g) / dose (Bq) decayed to the time the activity refers to:
 
 - Units BQML: the rescaled pixels are Bq/mL. DecayCorrection START: the scanner decay-corrected every slice to the
-  series' reference time, so the dose is decayed from injection to that time: the series date and time, or the
-  earliest acquisition time when the series time is later than it (a series re-created after the scan).
+  series' reference time, so the dose is decayed from injection to that time: the series date and time, or, when
+  the series time is later than the earliest acquisition time (a series re-created after the scan), GE's private
+  scan date and time (0009,100D) if present, else that earliest acquisition time.
   ADMIN: corrected to the injection itself, so no decay. NONE: not corrected, so the dose is decayed to each slice's
   own acquisition time and the factor differs per slice.
 - The injection time is RadiopharmaceuticalStartDateTime, else RadiopharmaceuticalStartTime on the series date; a
@@ -37,6 +38,7 @@ UNITS = ("BQML", "CNTS", "GML")
 DECAY_CORRECTIONS = ("START", "ADMIN", "NONE")
 MAX_MIDNIGHT_UPTAKE = timedelta(hours=12)  # longest uptake a start time "after" the scan is read as the evening before
 MAX_WEIGHT_KG = 700.0
+GE_PRIVATE_CREATOR = "GEMS_PETD_01"  # its element (0009,xx0D) is the scan date and time QIBA falls back on
 PHILIPS_SUV_FACTOR = (0x7053, 0x1000)
 PHILIPS_ACTIVITY_FACTOR = (0x7053, 0x1009)
 
@@ -191,9 +193,20 @@ def _same(datasets: list, keyword: str, where: str) -> Any:
     return _value(datasets[0], keyword)
 
 
+def _ge_scan_datetime(ds: Any) -> Optional[datetime]:
+    """GE's private scan date and time, (0009,xx0D) of private creator GEMS_PETD_01, when present and readable."""
+    try:
+        element = ds.private_block(0x0009, GE_PRIVATE_CREATOR)[0x0D]
+    except (KeyError, ValueError, AttributeError):
+        return None
+    value = element.value
+    return _parse_datetime(value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or ""))
+
+
 def _series_reference(datasets: list, where: str) -> tuple[datetime, str]:
     """The series' reference time for decay correction START (QIBA): the series date and time, unless the series
-    time is later than the earliest acquisition time, then that acquisition time."""
+    time is later than the earliest acquisition time (a post-processed series); then GE's private scan date and time
+    when the series has it, else the earliest acquisition time (as for a Siemens series with an altered time)."""
     first = datasets[0]
     series_clock = _parse_time(_value(first, "SeriesTime") or "")
     series_day = _parse_date(_value(first, "SeriesDate") or "") or _parse_date(_value(first, "StudyDate") or "") \
@@ -204,6 +217,9 @@ def _series_reference(datasets: list, where: str) -> tuple[datetime, str]:
         series = datetime.combine(series_day, series_clock)
         if earliest is None or series <= earliest:
             return series, "SeriesDate/SeriesTime (0008,0021/0031)"
+    ge_scan = _ge_scan_datetime(first)
+    if ge_scan is not None:  # QIBA: a post-processed GE series keeps the real scan time in a private tag
+        return ge_scan, "GE private scan date and time (0009,100D)"
     if earliest is not None:
         return earliest, ("earliest AcquisitionTime (0008,0032): SeriesTime is later" if series_clock is not None
                           else "earliest AcquisitionTime (0008,0032): no SeriesTime")

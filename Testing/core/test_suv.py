@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from cli_helpers import FAST, run_cli
-from iltm.dicom_pet import F18_HALF_LIFE_S, PetSeriesTags, write_pet_series
+from iltm.dicom_pet import F18_HALF_LIFE_S, PetSeriesTags, write_dataset, write_pet_series
 from iltm.io import list_images, read_image
 from iltm.suv import read_suv, series_files, suv_factors
 
@@ -120,6 +120,22 @@ def test_earliest_acquisition_time_when_series_time_is_later(tmp_path):
     assert factors.reference == [at(9, 30)] * 3
     expected = np.array(ACTIVITY) * 75_000 / (370e6 * 2 ** (-3600 / T))
     assert np.allclose(per_slice_suv(suv), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("series_time, expected_reference", [((10, 5), (9, 20)), ((9, 0), (9, 0))])
+def test_ge_private_scan_time_of_a_post_processed_series(tmp_path, series_time, expected_reference):
+    # QIBA: only when the series time is later than the acquisitions does GE's private scan time (0009,100D) count.
+    folder = write(tmp_path, ACTIVITY, injection=at(8, 30), series=at(*series_time),
+                   acquisition=[at(9, 36), at(9, 30), at(9, 42)])
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        ds.private_block(0x0009, "GEMS_PETD_01", create=True).add_new(0x0D, "DT", "20240305092000")
+        write_dataset(ds, f)
+    suv, factors = read_suv(folder)
+    assert factors.reference == [at(*expected_reference)] * 3
+    uptake = (at(*expected_reference) - at(8, 30)).total_seconds()
+    assert np.allclose(per_slice_suv(suv), np.array(ACTIVITY) * 75_000 / (370e6 * 2 ** (-uptake / T)), rtol=1e-5)
 
 
 def test_counts_with_philips_suv_scale_factor(tmp_path):
@@ -314,7 +330,7 @@ def test_train_on_dicom_without_weight_names_the_series_and_the_way_out(dicom_co
             ds = pydicom.dcmread(f)
             if case == "case001":
                 del ds.PatientWeight
-            ds.save_as(folder / f.name)
+            write_dataset(ds, folder / f.name)
     run = tmp_path / "run"
     assert run_cli("train", "--data", data, "--out", run, "--preset", "tiny", *FAST, "--set", "data.units=suv") == 2
     err = capsys.readouterr().err
