@@ -23,7 +23,7 @@ from . import kde
 from .bundle import ModelBundle, open_model
 from .config import Config, DetectionConfig
 from .errors import InputError, WriteError
-from .io import atomic_write_text, read_image, write_image
+from .io import atomic_write_text, itk_name, read_image, write_image
 from .layout import (DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX,
                      check_id)
 from .preprocess import GeometryInfo, Preprocessor
@@ -335,7 +335,7 @@ def saved_outputs(out: Path, scan_id: str, png: bool = True, lesions: bool = Fal
     if not score.is_file():
         return None
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(score))
+    reader.SetFileName(itk_name(score))
     try:
         reader.ReadImageInformation()
     except RuntimeError:

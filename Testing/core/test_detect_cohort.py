@@ -18,6 +18,7 @@ import pytest
 import iltm.detect as detect_mod
 from cli_helpers import run_cli
 from iltm.cli import main
+from iltm.run import RunFolder
 
 
 def _inputs(cohort2d: Path, folder: Path, good: list[str], bad: dict[str, bytes] | None = None) -> Path:
@@ -37,6 +38,14 @@ def _contents(folder: Path) -> dict[str, bytes]:
 def _stamps(folder: Path, pattern: str) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of the files matching ``pattern``: an atomic rewrite gives a file a new inode."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob(pattern)}
+
+
+def _counted(method, calls: list):
+    """``method`` that also appends its name to ``calls``."""
+    def counted(self, *args, **kwargs):
+        calls.append(method.__name__)
+        return method(self, *args, **kwargs)
+    return counted
 
 
 def _events(stdout: str) -> list[dict]:
@@ -68,6 +77,7 @@ def test_resume_skips_scans_with_all_outputs_and_redoes_partial_ones(run2d, coho
 
 def test_reading_ahead_gives_the_same_bytes_and_bad_scans_their_own_lines(run2d, cohort2d, tmp_path, capsys,
                                                                         monkeypatch):
+    """Also: the models are loaded once for the whole folder."""
     inputs = _inputs(cohort2d, tmp_path / "in", ["p1", "p3"],
                      {"p2_empty.nii.gz": b"", "p4_garbage.nii.gz": b"not an image\n" * 50})
     read_in = []  # the thread each scan was read in
@@ -78,10 +88,14 @@ def test_reading_ahead_gives_the_same_bytes_and_bad_scans_their_own_lines(run2d,
         return real_read(*args, **kwargs)
 
     monkeypatch.setattr(detect_mod, "read_image", read_image)
+    loads = []  # the models a command loads, whatever the number of scans
+    for name in ("load_vqvae", "load_transformer"):
+        monkeypatch.setattr(RunFolder, name, _counted(getattr(RunFolder, name), loads))
     outputs = {}
     for ahead in (1, 0):
         monkeypatch.setattr(detect_mod, "READ_AHEAD", ahead)
         read_in.clear()
+        loads.clear()
         out = tmp_path / f"ahead{ahead}"
         capsys.readouterr()
         assert run_cli("detect", "--run", run2d, "--input", inputs, "--out", out, "--lesions") == 2
@@ -91,6 +105,7 @@ def test_reading_ahead_gives_the_same_bytes_and_bad_scans_their_own_lines(run2d,
         assert len(errors) == 2, err
         assert errors[0].startswith(f"iltm: error: {inputs / 'p2_empty.nii.gz'}: ")
         assert errors[1].startswith(f"iltm: error: {inputs / 'p4_garbage.nii.gz'}: ")
+        assert sorted(loads) == ["load_transformer", "load_vqvae"]
         assert len(read_in) == 4 and all(name.startswith("iltm-read-ahead") == (ahead > 0) for name in read_in)
         outputs[ahead] = _contents(out)
     assert set(outputs[1]) == {f"{scan}_{kind}" for scan in ("p1", "p3") for kind in
