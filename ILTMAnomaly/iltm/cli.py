@@ -26,7 +26,9 @@ EXAMPLES = {
     "detect": ("examples:\n  iltm detect --run run --input scan.nii.gz --out results\n"
                "  iltm detect --run model.zip --input scan.nii.gz --out results\n"
                "  iltm detect --run run --input cohort/images --out results --iteration 0 --device cpu\n"
-               "  iltm detect --run run --input dicom/PET_series --out results --lesions --dicom-seg --split-lesions"),
+               "  iltm detect --run run --input dicom/PET_series --out results --lesions --dicom-seg --split-lesions\n"
+               "  iltm detect --run run --input cohort/images --out results --resume   # after an interruption\n"
+               "  torchrun --nproc_per_node 4 -m iltm -- detect --run run --input cohort/images --out results"),
     "export": ("examples:\n  iltm export run --out model.zip\n"
                "  iltm export run --out model-it0.zip --iteration 0 --units SUV"),
     "lesions": ("examples:\n  iltm lesions --pet suv.nii.gz --mask results/p1_mask.nii.gz --out p1_lesions.csv\n"
@@ -100,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write <id>_seg.dcm, a DICOM SEG of the mask (inputs must be DICOM series)")
     p.add_argument("--split-lesions", action="store_true", help="with --dicom-seg: one segment per region")
+    p.add_argument("--resume", action="store_true",
+                   help="skip scans whose outputs (as asked by these flags) are all in OUT already; redo the others")
     p.add_argument("--units", help="unit of the PET values in the lesion tables' headers (default: SUV when the run "
                                    "reads data.units=suv or the inputs are not DICOM, else the series' Units tag)")
 
@@ -189,6 +193,9 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # torchrun -m iltm -- detect --run RUN: torchrun would take --run for its --run-path
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     _tolerate_ascii_terminals()
     if threading.current_thread() is threading.main_thread():

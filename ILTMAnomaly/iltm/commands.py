@@ -108,8 +108,9 @@ def table_units(cfg: config_mod.Config, records) -> str:
 
 
 def cmd_detect(args, reporter: Reporter) -> int:
+    from . import distributed
     from .bundle import open_model
-    from .detect import Detector, detect_files
+    from .detect import Detector, detect_files, resolve_device
     from .io import check_output_folder, list_images, removed_if_left_empty
 
     if args.split_lesions and not args.dicom_seg:
@@ -120,14 +121,18 @@ def cmd_detect(args, reporter: Reporter) -> int:
     records = list_images(args.input)
     sources = dicom_seg_sources(records) if args.dicom_seg else None  # refused before any model is loaded
     cfg = run.config()
-    detector = Detector.from_run(run, iteration, args.device, detection=detection_overrides(cfg, args))
+    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this rank's device
+    detector = Detector.from_run(run, iteration, str(device), detection=detection_overrides(cfg, args))
     reporter.units_total = 1.0
     reporter.emit("start", command="detect", run=str(run.root), iteration=iteration, inputs=len(records))
-    reporter.log(f"detecting with iteration {iteration} of {run.root} on {detector.device}")
+    processes = f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else ""
+    reporter.log(f"detecting with iteration {iteration} of {run.root} on {detector.device}{processes}")
     with removed_if_left_empty(args.out):
         problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png,
                                 lesions=args.lesions, dicom_seg_sources=sources, split_lesions=args.split_lesions,
-                                unit=args.units or table_units(cfg, records))
+                                unit=args.units or table_units(cfg, records), resume=args.resume)
+    if not distributed.is_main():  # rank 0 reports every rank's problems; a failing rank would get the others killed
+        return 0
     for line in problems:
         print(f"iltm: error: {line}", file=sys.stderr)
         reporter.emit("error", message=line)

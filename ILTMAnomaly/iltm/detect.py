@@ -5,8 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,10 +23,10 @@ from . import kde
 from .bundle import ModelBundle, open_model
 from .config import Config, DetectionConfig
 from .errors import InputError, WriteError
-from .io import atomic_write_text, read_image, write_image
+from .io import atomic_write_text, itk_name, read_image, write_image
 from .layout import (DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX,
                      check_id)
-from .preprocess import Preprocessor
+from .preprocess import GeometryInfo, Preprocessor
 from .precision import autocast
 from .progress import Reporter
 from .run import RunFolder
@@ -211,25 +216,42 @@ class Detector:
         mask.CopyInformation(score)
         return score, mask
 
-    def detect_image(self, img: sitk.Image, resampling_threshold: float | None = None,
-                     generator: torch.Generator | None = None, where: str = "image"):
-        """Score a SimpleITK image; returns (score image, mask image, result) on the input's grid.
+    def prepare(self, img: sitk.Image, where: str = "image") -> tuple[np.ndarray, GeometryInfo]:
+        """The model's input of a SimpleITK image: a (1, *spatial) float32 array and the geometry that undoes it.
 
-        A scan larger than the model's input grid (after resampling) is scored in model-sized windows that together
-        cover it, so no part of it is left unscored; overlapping windows blend their log densities (``_detect_tiles``).
-        ``where`` names the image in errors (its file path).
+        Uses no model, so a cohort's next scan can be prepared while the current one is scored. A scan larger than
+        the model's input grid (after resampling) is prepared uncropped, for :meth:`detect_prepared` to score in
+        tiles. ``where`` names the image in errors (its file path).
         """
         array, info = self.preprocessor.forward(img, where=where)
-        if all(g <= s for g, s in zip(info.grid_size, info.spatial_size)):
-            result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold,
-                                       generator)
-        else:  # the model grid would crop the scan: preprocess it uncropped and score it in tiles
+        if any(g > s for g, s in zip(info.grid_size, info.spatial_size)):  # the model grid would crop the scan
             full = Preprocessor(replace(self.cfg.data, spatial_size=None), self.cfg.vqvae.downsample_factor)
             array, info = full.forward(img, where=where)
-            result = self._detect_tiles(array, tuple(self.cfg.data.spatial_size[::-1]), resampling_threshold,
-                                        generator)
+        return array, info
+
+    def detect_prepared(self, array: np.ndarray, info: GeometryInfo, resampling_threshold: float | None = None,
+                        generator: torch.Generator | None = None):
+        """Score what :meth:`prepare` returned; returns (score image, mask image, result) on the input's grid.
+
+        An array larger than the model's input grid on some axis is scored in model-sized windows that together
+        cover it, so no part of the scan is left unscored; overlapping windows blend their log densities
+        (``_detect_tiles``).
+        """
+        model_shape = None if self.cfg.data.spatial_size is None else tuple(self.cfg.data.spatial_size[::-1])
+        if model_shape is not None and any(a > m for a, m in zip(array.shape[1:], model_shape)):
+            result = self._detect_tiles(array, model_shape, resampling_threshold, generator)
+        else:
+            result = self.detect_array(torch.from_numpy(np.ascontiguousarray(array)), resampling_threshold,
+                                       generator)
         score, mask = self.maps_on_input_grid(result, info)
         return score, mask, result
+
+    def detect_image(self, img: sitk.Image, resampling_threshold: float | None = None,
+                     generator: torch.Generator | None = None, where: str = "image"):
+        """Score a SimpleITK image (:meth:`prepare`, then :meth:`detect_prepared`); returns (score image, mask image,
+        result) on the input's grid. ``where`` names the image in errors (its file path)."""
+        array, info = self.prepare(img, where=where)
+        return self.detect_prepared(array, info, resampling_threshold, generator)
 
     def _detect_tiles(self, array: np.ndarray, model_shape: tuple[int, ...], resampling_threshold: float | None,
                       generator: torch.Generator | None) -> DetectionResult:
@@ -287,78 +309,162 @@ def token_mask_from_map(binary: torch.Tensor, factor: int) -> torch.Tensor:
     return pool(binary.float()[None, None], kernel_size=factor, stride=factor)[0, 0] > 0
 
 
+# Scans read and prepared in a background thread while the current one is scored (0: read each when its turn comes).
+READ_AHEAD = 1
+
+
+def scan_outputs(out: Path, scan_id: str, dims: int, png: bool = True, lesions: bool = False,
+                 dicom_seg: bool = False) -> dict[str, Path]:
+    """The files :func:`detect_files` writes for one ``dims``-D scan, by kind: score, mask, and as asked overlay
+    (2D only), lesions, dicom_seg."""
+    paths = {"score": out / f"{scan_id}{SCORE_SUFFIX}", "mask": out / f"{scan_id}{MASK_SUFFIX}"}
+    if png and dims == 2:
+        paths["overlay"] = out / f"{scan_id}{OVERLAY_SUFFIX}"
+    if lesions:
+        paths["lesions"] = out / f"{scan_id}{LESIONS_SUFFIX}"
+    if dicom_seg:
+        paths["dicom_seg"] = out / f"{scan_id}{DICOM_SEG_SUFFIX}"
+    return paths
+
+
+def saved_outputs(out: Path, scan_id: str, png: bool = True, lesions: bool = False,
+                  dicom_seg: bool = False) -> dict[str, Path] | None:
+    """The scan's :func:`scan_outputs` when every one of them is there already, else None. Outputs are written
+    atomically, so a file that is there is whole; the score map's header tells the scan's dimension."""
+    score = out / f"{scan_id}{SCORE_SUFFIX}"
+    if not score.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(itk_name(score))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    paths = scan_outputs(out, scan_id, reader.GetDimension(), png, lesions, dicom_seg)
+    return paths if all(p.is_file() for p in paths.values()) else None
+
+
+def read_ahead(items: list, load: Callable[[Any], Any], ahead: int) -> Iterator[tuple[Any, Callable[[], Any]]]:
+    """``(item, outcome)`` for each item in order, where ``outcome()`` returns ``load(item)`` or raises what it
+    raised; with ``ahead`` > 0 the next ``ahead`` items are loaded by one background thread meanwhile."""
+    if ahead <= 0:
+        for item in items:
+            yield item, partial(load, item)
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iltm-read-ahead")
+    try:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(load, item).result))
+            if len(pending) > ahead:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+    finally:  # stopped early (an error, Ctrl-C): nothing more is read
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def detect_files(detector: Detector, records, out: Path, reporter: Reporter, seed: int = 0,
                  png: bool = True, lesions: bool = False, dicom_seg_sources: dict | None = None,
-                 split_lesions: bool = False, unit: str = "SUV") -> list[str]:
+                 split_lesions: bool = False, unit: str = "SUV", resume: bool = False) -> list[str]:
     """Detect every record into ``out``; returns the problems (one line each) of the inputs that failed.
 
     Writes ``<id>_score.nii.gz``, ``<id>_mask.nii.gz`` and, for 2D, a PNG overlay per scan; with ``lesions`` also
     ``<id>_lesions.csv`` per scan and one ``scans.csv`` (totals and scan score of every scan scored) for the
     folder; with ``dicom_seg_sources`` (record id -> its series' files in slice order) ``<id>_seg.dcm``, one
     segment or one per region with ``split_lesions``. A scan's outputs are all written or none is. ``unit``
-    labels the PET values in the tables. Each scan's resampling is seeded with ``seed``.
+    labels the PET values in the tables. Each scan's resampling is seeded with ``seed``. With ``resume`` a scan
+    whose outputs are all there already is not scored again (its totals still go into ``scans.csv``).
+
+    The next scan is read and prepared while the current one is scored (``READ_AHEAD``). Under torchrun each rank
+    scores its share of the records; every rank returns all the problems, and rank 0 writes ``scans.csv``.
     """
+    from . import distributed
     from . import lesions as lesions_mod
 
-    problems, scans = [], []
-    for rec in reporter.track(records, "detect", units=1.0):
+    wanted = dict(png=png, lesions=lesions, dicom_seg=dicom_seg_sources is not None)
+
+    def load(item):
+        """("skipped", its outputs, totals or None) for a scan with all its outputs, else ("scan", image, array,
+        info)."""
+        _, rec = item
+        saved = saved_outputs(out, rec.id, **wanted) if resume else None
+        img = read_image(rec.image, units=detector.cfg.data.units) if saved is None or lesions else None
+        if saved is not None:
+            totals = None
+            if lesions:  # recomputed from the maps it has, so scans.csv is what an uninterrupted run writes
+                totals = lesions_mod.lesions_of_images(img, read_image(saved["mask"]), read_image(saved["score"]),
+                                                       str(saved["mask"]), str(saved["score"]))[1]
+            return "skipped", saved, totals
+        return ("scan", img, *detector.prepare(img, where=str(rec.image)))
+
+    mine = distributed.shard(list(enumerate(records)))
+    outcomes = []  # (record index, problem or None, (id, totals) or None) of this rank's scans
+    for (index, rec), outcome in reporter.track(read_ahead(mine, load, READ_AHEAD), "detect", total=len(mine),
+                                                units=1.0):
         try:
-            img = read_image(rec.image, units=detector.cfg.data.units)
-            generator = torch.Generator(device=detector.device).manual_seed(seed)
-            score, mask, result = detector.detect_image(img, generator=generator, where=str(rec.image))
-        except InputError as exc:
-            problems.append(str(exc))
-            continue
-        check_id(rec.id, str(rec.image))
-        score_path, mask_path = out / f"{rec.id}{SCORE_SUFFIX}", out / f"{rec.id}{MASK_SUFFIX}"
-        png_path = out / f"{rec.id}{OVERLAY_SUFFIX}" if png and img.GetDimension() == 2 else None
-        table_path = out / f"{rec.id}{LESIONS_SUFFIX}" if lesions else None
-        seg_path = out / f"{rec.id}{DICOM_SEG_SUFFIX}" if dicom_seg_sources is not None else None
-        flagged = int(result.flagged.sum())
-        line = (f"{rec.id}: {flagged}/{result.flagged.numel()} tokens resampled, "
-                f"{int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels, {result.seconds:.1f} s")
-        written: list[Path] = []
-        try:  # a scan's outputs are all there or none is: a failed write takes back the ones before it
-            for image, path in ((score, score_path), (mask, mask_path)):
-                write_image(image, path)
-                written.append(path)
-            if png_path is not None:
-                from .visualize import save_overlay_png
-
-                save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
-                                 sitk.GetArrayFromImage(mask), png_path, title=rec.id)
-                written.append(png_path)
-            if table_path is not None:
-                found, totals = lesions_mod.lesions_of_images(img, mask, score)
-                atomic_write_text(table_path, lesions_mod.csv_text(*lesions_mod.lesion_rows(found, unit, True)))
-                written.append(table_path)
-                line += f", {totals.lesion_count} lesions, MTV {totals.mtv_ml:.2f} mL"
-            if seg_path is not None:
-                from .dicom_seg import write_dicom_seg
-
-                write_dicom_seg(sitk.GetArrayFromImage(mask), dicom_seg_sources[rec.id], seg_path, split_lesions)
-        except WriteError:
-            for path in written:
-                path.unlink(missing_ok=True)
+            loaded = outcome()
+            if loaded[0] == "skipped":
+                _, paths, totals = loaded
+                reporter.log(f"{rec.id}: skipped (outputs complete)")
+            else:
+                _, img, array, info = loaded
+                generator = torch.Generator(device=detector.device).manual_seed(seed)
+                score, mask, result = detector.detect_prepared(array, info, generator=generator)
+                check_id(rec.id, str(rec.image))
+                paths = scan_outputs(out, rec.id, img.GetDimension(), **wanted)
+                totals = _write_scan(rec.id, img, score, mask, result, paths, unit,
+                                     None if dicom_seg_sources is None else dicom_seg_sources[rec.id],
+                                     split_lesions, reporter)
+        except WriteError:  # a full disk or a read-only folder stops the command
             raise
-        except InputError as exc:  # e.g. a SEG the source series cannot carry: this scan fails, the next goes on
-            for path in written:
-                path.unlink(missing_ok=True)
-            problems.append(str(exc))
+        except InputError as exc:  # an unreadable scan, a SEG its series cannot carry...: the next scan goes on
+            outcomes.append((index, str(exc), None))
             continue
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
-        for kind, path in (("score", score_path), ("mask", mask_path), ("overlay", png_path),
-                           ("lesions", table_path), ("dicom_seg", seg_path)):
-            if path is not None:
-                reporter.emit("output", kind=kind, path=str(path), id=rec.id)
-        if table_path is not None:
-            scans.append((rec.id, totals))
-        reporter.log(line)
-    if lesions and scans:
+        for kind, path in paths.items():
+            reporter.emit("output", kind=kind, path=str(path), id=rec.id)
+        outcomes.append((index, None, (rec.id, totals) if lesions else None))
+    outcomes = sorted(distributed.all_gather(outcomes), key=lambda o: o[0])
+    scans = [o[2] for o in outcomes if o[2] is not None]
+    if lesions and scans and distributed.is_main():
         scans_path = out / SCANS_TABLE
         atomic_write_text(scans_path, lesions_mod.csv_text(*lesions_mod.scan_rows(scans, unit)))
         reporter.emit("output", kind="scans", path=str(scans_path))
-    return problems
+    return [o[1] for o in outcomes if o[1] is not None]
+
+
+def _write_scan(scan_id: str, img: sitk.Image, score: sitk.Image, mask: sitk.Image, result: DetectionResult,
+                paths: dict[str, Path], unit: str, seg_source: list | None, split_lesions: bool, reporter: Reporter):
+    """Write one scored scan's ``paths`` (from :func:`scan_outputs`), all or none, and log its line; returns its
+    lesion totals (None without a lesions table)."""
+    from . import lesions as lesions_mod
+
+    totals = None
+    line = (f"{scan_id}: {int(result.flagged.sum())}/{result.flagged.numel()} tokens resampled, "
+            f"{int(sitk.GetArrayViewFromImage(mask).sum())} anomalous voxels, {result.seconds:.1f} s")
+    written: list[Path] = []
+    try:  # a scan's outputs are all there or none is: a failed write takes back the ones before it
+        for image, kind in ((score, "score"), (mask, "mask")):
+            write_image(image, paths[kind])
+            written.append(paths[kind])
+        if "overlay" in paths:
+            from .visualize import save_overlay_png
+
+            save_overlay_png(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(score),
+                             sitk.GetArrayFromImage(mask), paths["overlay"], title=scan_id)
+            written.append(paths["overlay"])
+        if "lesions" in paths:
+            found, totals = lesions_mod.lesions_of_images(img, mask, score)
+            atomic_write_text(paths["lesions"], lesions_mod.csv_text(*lesions_mod.lesion_rows(found, unit, True)))
+            written.append(paths["lesions"])
+            line += f", {totals.lesion_count} lesions, MTV {totals.mtv_ml:.2f} mL"
+        if "dicom_seg" in paths:
+            from .dicom_seg import write_dicom_seg
+
+            write_dicom_seg(sitk.GetArrayFromImage(mask), seg_source, paths["dicom_seg"], split_lesions)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    reporter.log(line)
+    return totals

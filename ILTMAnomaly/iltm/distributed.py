@@ -46,6 +46,15 @@ def shard(items: list) -> list:
     return items[rank()::world_size()]
 
 
+def all_gather(items: list) -> list:
+    """Every rank's ``items`` (picklable) concatenated in rank order, on every rank; ``items`` itself when alone."""
+    if not dist.is_initialized():
+        return items
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """DistributedDataParallel when in a process group, else the model itself."""
     if not dist.is_initialized():
