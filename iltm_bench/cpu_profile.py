@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     detector = Detector(cfg, vqvae, model, latent, torch.device("cpu"))
     image = torch.rand(1, 1, *shape)
     one = encode_tokens(detector.vqvae, image).reshape(-1)
-    flagged = torch.rand(length) < args.flagged
+    flagged = torch.rand(length, generator=torch.Generator().manual_seed(1)) < args.flagged  # whatever ran before
     n = det.samples * det.dropout_passes
     with torch.no_grad():
         t = fastest({"enc": lambda: encode_tokens(detector.vqvae, image)}, args.rounds)["enc"]
@@ -186,7 +187,8 @@ def main(argv=None) -> None:
     total_ref = sum(r[1] * r[3] for r in rows)
     total_new = sum(r[2] * r[3] for r in rows)
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fastest of {args.rounds} alternating rounds after a warm-up")
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end; fastest of "
+          f"{args.rounds} alternating rounds after a warm-up")
     print(f"# preset {args.preset}, scans {'x'.join(map(str, args.size))} ({math.prod(shape)} voxels), tokens "
           f"{'x'.join(map(str, latent))} = {length}; run of {args.n_train} scans: {calls['iterations']} iterations, "
           f"{calls['fits']} Transformer fits each, detections healing {args.flagged:.0%} of the tokens, later "
