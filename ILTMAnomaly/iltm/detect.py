@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -125,7 +126,7 @@ class Detector:
         with self.autocast():
             probs = self.transformer.token_probabilities(tokens[None])[0]   # (L,) float32 (softmax in float32)
         flagged = probs < t                                                  # (L,)
-        with self.autocast():
+        with self.autocast(), one_cpu_thread(self.device):
             healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
@@ -286,6 +287,22 @@ class Detector:
         log_f = (total / weights)[tuple(slice(0, a) for a in array.shape[1:])].float()
         return DetectionResult(log_density=log_f, token_probabilities=torch.cat(probs), flagged=torch.cat(flagged),
                                seconds=seconds)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """On a CPU, torch's intra-op threads set to one for the block, then back. Healing makes one small model call
+    per flagged token (S rows): threads hardly split such calls, and where another process holds a core every call
+    waits for the slowest thread (docs/research.md, "Where a CPU run's time goes")."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def window_starts(n: int, m: int, overlap: float) -> list[int]:

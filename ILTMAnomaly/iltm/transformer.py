@@ -22,6 +22,10 @@ from .config import TransformerConfig
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 
+# The attention mask of a pass from position 0 with no masked key: scaled_dot_product_attention's own causal mask,
+# whose fused CPU kernel skips the blocks above the diagonal instead of reading a (T, K) mask.
+CAUSAL = "causal"
+
 CHECKPOINT_FORMAT = "iltm-transformer"
 CHECKPOINT_VERSION = 1
 
@@ -55,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, attn_mask, kv=None, start=0):
-        # x (B, T, C); attn_mask (B or 1, 1, T, K) bool, True = may attend; kv: this layer's cache buffers
+        # x (B, T, C); attn_mask from TokenTransformer._attention_mask; kv: this layer's cache buffers
         # (B, H, L, C/H) each, into which positions [start, start + T) are written.
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -65,7 +69,8 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, K, C/H), K = start + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is CAUSAL else attn_mask,
+                                           is_causal=attn_mask is CAUSAL,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -157,19 +162,34 @@ class TokenTransformer(nn.Module):
         B, T = inputs.shape
         if start + T > self.seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {self.seq_len}")
-        device = inputs.device
-        q_pos = torch.arange(start, start + T, device=device)
-        k_pos = torch.arange(start + T, device=device)
-        attn_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
-        if key_masked is not None:
-            # One mask for every layer and head. The BOS key (position 0) is never masked by construction, so no
-            # row is all -inf and softmax stays finite.
-            attn_mask = attn_mask & ~key_masked[:, None, None, :]  # (B, 1, T, K)
-
+        q_pos = torch.arange(start, start + T, device=inputs.device)
+        attn_mask = self._attention_mask(start, T, key_masked, inputs.device)
         x = self.drop(self.wte(inputs) + self.wpe(q_pos))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, attn_mask, None if cache is None else cache[layer], start)
         return self.head(self.ln_f(x))  # (B, T, V)
+
+    @staticmethod
+    def _attention_mask(start, T, key_masked=None, device=None):
+        """The mask every layer and head of one pass shares, for the queries at positions [start, start + T) over the
+        keys [0, K), K = start + T: ``CAUSAL`` from position 0 with no masked key, None for one query that sees every
+        key (a cached step), else a (B or 1, 1, T, K) float mask, 0 = may attend, -inf = may not, built once per
+        pass in the form attention would otherwise make from a bool mask in every layer, forward and backward.
+
+        Args:
+            key_masked: (B, K) bool, True = no query may attend to that key. The BOS key (position 0) is never
+                masked by construction, so no row is all -inf and softmax stays finite.
+        """
+        if key_masked is None and start == 0:
+            return CAUSAL
+        if key_masked is None and T == 1:
+            return None
+        q_pos = torch.arange(start, start + T, device=device)
+        k_pos = torch.arange(start + T, device=device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
+        if key_masked is not None:
+            allowed = allowed & ~key_masked[:, None, None, :]  # (B, 1, T, K)
+        return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
     def _new_cache(self, batch: int, length: int):
         """Per layer, key and value buffers (B, H, length, C/H), preallocated so a step writes in place rather
