@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path, help="folder of scans (or images/ + labels/), CSV list, or one file")
     src.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
     p.add_argument("--out", type=Path, help="run folder to create (required with --data)")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes), small, paper (default tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny (CPU: minutes in 2D, hours for a 3D cohort), small, paper (default tiny)")
     p.add_argument("--config", type=Path, help="YAML config to start from instead of a preset")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-iterations", type=int, help="ILTM iterations after the unmasked iteration 0")
