@@ -184,6 +184,7 @@ class DetectionConfig:
         stream_above_mb: the N reconstructions (N x voxels x 4 bytes) are held at once up to this size in MB; above
             it they are decoded twice in batches (the same dropout draws) and the KDE is accumulated from them
             (moments, then kernel sums), with decoder batches shrunk to fit this budget too; 0 = always stream.
+            Healing runs as many of the S sequences at once as their KV caches fit in this budget (at least one).
         tile_overlap: share of a window that overlaps the next one when a scan larger than the model grid is scored
             in windows; the windows' log densities are blended with Gaussian weights that fall off towards their
             edges (MONAI's sliding-window importance map).

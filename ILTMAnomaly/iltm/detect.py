@@ -121,7 +121,8 @@ class Detector:
             probs = self.transformer.token_probabilities(tokens[None])[0]   # (L,) float32 (softmax in float32)
         flagged = probs < t                                                  # (L,)
         with self.autocast():
-            healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
+            healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator,
+                                           batch=self.heal_batch(flagged))  # (S, L)
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
         latents = healed.repeat_interleave(det.dropout_passes, dim=0)       # (N, *latent), N = S x D
@@ -137,6 +138,17 @@ class Detector:
             log_f = self.log_density(latents, x[0, 0], seed, det.decode_batch)
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
+
+    def heal_batch(self, flagged: torch.Tensor) -> int:
+        """Sequences healed at once: as many as fit ``stream_above_mb`` (their KV caches up to the last flagged token,
+        :meth:`TokenTransformer.heal_bytes`; call it in the autocast context healing runs in), at least 1, at most S.
+        The draws do not depend on it."""
+        det = self.cfg.detection
+        positions = torch.nonzero(flagged.reshape(-1)).flatten()
+        if positions.numel() == 0:
+            return det.samples
+        per_sequence = self.transformer.heal_bytes(int(positions[-1]) + 1)
+        return max(1, min(det.samples, int(det.stream_above_mb * 2 ** 20 // per_sequence)))
 
     @staticmethod
     def reconstruction_bytes(n: int, voxels: int) -> int:

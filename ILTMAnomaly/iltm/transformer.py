@@ -24,6 +24,8 @@ from .errors import InputError
 
 CHECKPOINT_FORMAT = "iltm-transformer"
 CHECKPOINT_VERSION = 1
+# Most tokens healing teacher-forces in one call: bounds a call's attention mask (piece x keys) and activations.
+TEACHER_FORCED_PIECE = 1024
 
 
 def masked_cross_entropy(logits, tokens, token_mask=None):
@@ -54,9 +56,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, kv=None, start=0):
-        # x (B, T, C); attn_mask (B or 1, 1, T, K) bool, True = may attend; kv: this layer's cache buffers
-        # (B, H, L, C/H) each, into which positions [start, start + T) are written.
+    def forward(self, x, attn_mask, kv=None, start=0, causal=False):
+        # x (B, T, C); attn_mask (B or 1, 1, T, K) bool, True = may attend, or None with ``causal`` (T == K) or without
+        # (every key visible); kv: this layer's cache buffers (B, H, L, C/H) each, into which positions
+        # [start, start + T) are written.
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
@@ -65,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, K, C/H), K = start + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -94,8 +97,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask, kv=None, start=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv, start)
+    def forward(self, x, attn_mask, kv=None, start=0, causal=False):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv, start, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -159,16 +162,21 @@ class TokenTransformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {self.seq_len}")
         device = inputs.device
         q_pos = torch.arange(start, start + T, device=device)
-        k_pos = torch.arange(start + T, device=device)
-        attn_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
-        if key_masked is not None:
-            # One mask for every layer and head. The BOS key (position 0) is never masked by construction, so no
-            # row is all -inf and softmax stays finite.
-            attn_mask = attn_mask & ~key_masked[:, None, None, :]  # (B, 1, T, K)
+        attn_mask = None
+        if key_masked is not None or (start > 0 and T > 1):
+            k_pos = torch.arange(start + T, device=device)
+            attn_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
+            if key_masked is not None:
+                # One mask for every layer and head. The BOS key (position 0) is never masked by construction, so no
+                # row is all -inf and softmax stays finite.
+                attn_mask = attn_mask & ~key_masked[:, None, None, :]  # (B, 1, T, K)
+        # Otherwise the queries start at 0 (K = T: SDPA's causal flag) or are one query that sees every key. No T x K
+        # mask then: for a whole scan's likelihoods it is T^2 bytes, and SDPA would copy it to floats in every layer.
+        causal = attn_mask is None and T > 1
 
         x = self.drop(self.wte(inputs) + self.wpe(q_pos))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block(x, attn_mask, None if cache is None else cache[layer], start)
+            x = block(x, attn_mask, None if cache is None else cache[layer], start, causal)
         return self.head(self.ln_f(x))  # (B, T, V)
 
     def _new_cache(self, batch: int, length: int):
@@ -176,9 +184,19 @@ class TokenTransformer(nn.Module):
         than concatenating (which would copy the whole cache at every position)."""
         p = self.head.weight
         shape = (batch, self.cfg.n_head, length, self.cfg.n_embd // self.cfg.n_head)
-        # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
-        dtype = self.blocks[0].attn.c_attn(p.new_zeros(1, self.cfg.n_embd)).dtype
+        dtype = self._cache_dtype()
         return [(p.new_empty(shape, dtype=dtype), p.new_empty(shape, dtype=dtype)) for _ in self.blocks]
+
+    def _cache_dtype(self) -> torch.dtype:
+        # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
+        return self.blocks[0].attn.c_attn(self.head.weight.new_zeros(1, self.cfg.n_embd)).dtype
+
+    def heal_bytes(self, length: int) -> int:
+        """Memory of one sequence in :meth:`heal` (what its ``batch`` multiplies) when the last flagged token is at
+        ``length - 1``: its KV cache of ``length`` positions, in the dtype of the current context, plus the float32
+        activations of one teacher-forced piece (a few (P, C) tensors, the MLP's (P, 4C) and the logits (P, V))."""
+        cache = 2 * self.cfg.n_layer * length * self.cfg.n_embd * self._cache_dtype().itemsize
+        return cache + 4 * min(length, TEACHER_FORCED_PIECE) * (8 * self.cfg.n_embd + self.num_codes)
 
     def _inputs(self, tokens):
         # tokens (B, L) -> (B, L) [BOS, s_0, ..., s_{L-2}]: the shift that makes position i predict s_i.
@@ -207,13 +225,20 @@ class TokenTransformer(nn.Module):
         return probs.gather(-1, tokens[..., None]).squeeze(-1)
 
     @torch.no_grad()
-    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0):
-        """Draw ``samples`` healed versions of one image's tokens, all in one batch.
+    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0, batch=None):
+        """Draw ``samples`` healed versions of one image's tokens, ``batch`` sequences at a time.
 
         Walking the raster in order, each flagged token is resampled from p(. | healed prefix); the others are kept.
         Between two flagged positions every token is known, so each such run is teacher-forced into the KV cache in
-        one parallel call (the first run, up to the first flagged token, is the prefill). That is one model call per
-        flagged token, every position processed at most once, and nothing after the last flagged token.
+        parallel calls of at most ``TEACHER_FORCED_PIECE`` tokens (the first run, up to the first flagged token, is
+        the prefill). That is about one model call per flagged token, every position processed at most once, and
+        nothing after the last flagged token. Memory is ``batch`` x :meth:`heal_bytes` (positions up to the last
+        flagged one), whatever ``samples``.
+
+        Reproducibility: one uniform per (sequence, flagged position) is drawn from ``generator`` up front, as
+        ``torch.rand(samples, flagged count, dtype=float64)``, and a flagged token is the inverse CDF of its
+        p(. | healed prefix) at its uniform (codes in order). So the same generator state gives the same sequences
+        whatever ``batch``, and sequence j of a draw is the same whatever ``samples`` above j.
 
         Args:
             tokens: (L,) long codes.
@@ -221,6 +246,7 @@ class TokenTransformer(nn.Module):
             samples: number of healed sequences S.
             generator: ``torch.Generator`` on the model's device, for reproducible draws.
             temperature: divides the logits before the softmax.
+            batch: sequences healed at once; None = all S.
         Returns:
             (S, L) long.
         """
@@ -228,17 +254,29 @@ class TokenTransformer(nn.Module):
         positions = torch.nonzero(flagged.reshape(-1)).flatten().tolist()
         if not positions:
             return healed
-        inputs = self._inputs(healed)  # (S, L); column i + 1 is updated once s_i has been drawn
-        cache = self._new_cache(samples, positions[-1] + 1)
+        uniforms = torch.rand(samples, len(positions), generator=generator, device=healed.device,
+                              dtype=torch.float64)  # (S, F)
+        batch = samples if batch is None else batch
+        for first in range(0, samples, batch):
+            self._heal_batch(healed[first:first + batch], positions, uniforms[first:first + batch], temperature)
+        return healed
+
+    def _heal_batch(self, healed, positions, uniforms, temperature):
+        # healed (b, L), resampled in place at ``positions``; uniforms (b, F), one per flagged position.
+        inputs = self._inputs(healed)  # (b, L); column i + 1 is updated once s_i has been drawn
+        cache = self._new_cache(healed.shape[0], positions[-1] + 1)
         done = 0  # positions [0, done) are in the cache
-        for i in positions:
-            logits = self._decode(inputs[:, done:i + 1], start=done, cache=cache)[:, -1]  # (S, V) for s_i
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            healed[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        for k, i in enumerate(positions):
+            # A long run in pieces: its attention mask (piece x keys) and activations stay small next to the cache.
+            for a in range(done, i + 1, TEACHER_FORCED_PIECE):
+                end = min(a + TEACHER_FORCED_PIECE, i + 1)
+                logits = self._decode(inputs[:, a:end], start=a, cache=cache)
+            cdf = F.softmax(logits[:, -1].double() / temperature, dim=-1).cumsum(-1)  # (b, V) for s_i
+            drawn = torch.searchsorted(cdf, uniforms[:, k:k + 1] * cdf[:, -1:], right=True)  # (b, 1)
+            healed[:, i] = drawn.squeeze(1).clamp_(max=self.num_codes - 1)  # rounding can reach the end
             if i + 1 < inputs.shape[1]:
                 inputs[:, i + 1] = healed[:, i]
             done = i + 1
-        return healed
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
