@@ -140,14 +140,12 @@ class Detector:
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
 
     def heal_batch(self, flagged: torch.Tensor) -> int:
-        """Sequences healed at once: as many as fit ``stream_above_mb`` (their KV caches up to the last flagged token,
-        :meth:`TokenTransformer.heal_bytes`; call it in the autocast context healing runs in), at least 1, at most S.
-        The draws do not depend on it."""
+        """Sequences healed at once: as many as fit ``stream_above_mb`` (:meth:`TokenTransformer.heal_bytes` each, in
+        the autocast context healing runs in), at least 1, at most S. The draws do not depend on it."""
         det = self.cfg.detection
-        positions = torch.nonzero(flagged.reshape(-1)).flatten()
-        if positions.numel() == 0:
+        per_sequence = self.transformer.heal_bytes(flagged)
+        if per_sequence == 0:
             return det.samples
-        per_sequence = self.transformer.heal_bytes(int(positions[-1]) + 1)
         return max(1, min(det.samples, int(det.stream_above_mb * 2 ** 20 // per_sequence)))
 
     @staticmethod

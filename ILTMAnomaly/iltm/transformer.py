@@ -191,12 +191,18 @@ class TokenTransformer(nn.Module):
         # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
         return self.blocks[0].attn.c_attn(self.head.weight.new_zeros(1, self.cfg.n_embd)).dtype
 
-    def heal_bytes(self, length: int) -> int:
-        """Memory of one sequence in :meth:`heal` (what its ``batch`` multiplies) when the last flagged token is at
-        ``length - 1``: its KV cache of ``length`` positions, in the dtype of the current context, plus the float32
-        activations of one teacher-forced piece (a few (P, C) tensors, the MLP's (P, 4C) and the logits (P, V))."""
+    def heal_bytes(self, flagged) -> int:
+        """Memory of one sequence in :meth:`heal` of ``flagged`` (L,) bool, what its ``batch`` multiplies: the KV cache
+        up to the last flagged token in the dtype of the current context, that sequence's exponential noise (float32,
+        flagged count x V), and the float32 activations of one teacher-forced piece (a few (P, C) tensors, the MLP's
+        (P, 4C) and the logits (P, V)). 0 when nothing is flagged."""
+        positions = torch.nonzero(flagged.reshape(-1)).flatten()
+        if positions.numel() == 0:
+            return 0
+        length = int(positions[-1]) + 1
         cache = 2 * self.cfg.n_layer * length * self.cfg.n_embd * self._cache_dtype().itemsize
-        return cache + 4 * min(length, TEACHER_FORCED_PIECE) * (8 * self.cfg.n_embd + self.num_codes)
+        noise = 4 * positions.numel() * self.num_codes
+        return cache + noise + 4 * min(length, TEACHER_FORCED_PIECE) * (8 * self.cfg.n_embd + self.num_codes)
 
     def _inputs(self, tokens):
         # tokens (B, L) -> (B, L) [BOS, s_0, ..., s_{L-2}]: the shift that makes position i predict s_i.
@@ -232,19 +238,19 @@ class TokenTransformer(nn.Module):
         Between two flagged positions every token is known, so each such run is teacher-forced into the KV cache in
         parallel calls of at most ``TEACHER_FORCED_PIECE`` tokens (the first run, up to the first flagged token, is
         the prefill). That is about one model call per flagged token, every position processed at most once, and
-        nothing after the last flagged token. Memory is ``batch`` x :meth:`heal_bytes` (positions up to the last
-        flagged one), whatever ``samples``.
+        nothing after the last flagged token. Memory is ``batch`` x :meth:`heal_bytes`, whatever ``samples``.
 
-        Reproducibility: one uniform per (sequence, flagged position) is drawn from ``generator`` up front, as
-        ``torch.rand(samples, flagged count, dtype=float64)``, and a flagged token is the inverse CDF of its
-        p(. | healed prefix) at its uniform (codes in order). So the same generator state gives the same sequences
-        whatever ``batch``, and sequence j of a draw is the same whatever ``samples`` above j.
+        Reproducibility: ``generator`` gives each sequence j a seed, ``torch.randint(0, 2**62, (samples,))[j]``; a
+        generator on the model's device seeded with it draws that sequence's noise ``E`` ~ Exp(1), (flagged count, V)
+        in one call, and its k-th flagged token is ``argmax(p(. | healed prefix) / E[k])`` (what ``torch.multinomial``
+        does for one sample, with its own noise). So the same generator state gives the same sequences whatever
+        ``batch``, and sequence j is the same for any ``samples`` above j.
 
         Args:
             tokens: (L,) long codes.
             flagged: (L,) bool, True = resample this token.
             samples: number of healed sequences S.
-            generator: ``torch.Generator`` on the model's device, for reproducible draws.
+            generator: ``torch.Generator`` (None: torch's global one) that seeds the sequences' noise.
             temperature: divides the logits before the softmax.
             batch: sequences healed at once; None = all S.
         Returns:
@@ -254,15 +260,18 @@ class TokenTransformer(nn.Module):
         positions = torch.nonzero(flagged.reshape(-1)).flatten().tolist()
         if not positions:
             return healed
-        uniforms = torch.rand(samples, len(positions), generator=generator, device=healed.device,
-                              dtype=torch.float64)  # (S, F)
+        seeds = torch.randint(0, 2 ** 62, (samples,), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
+        shape, device = (len(positions), self.num_codes), healed.device
         batch = samples if batch is None else batch
         for first in range(0, samples, batch):
-            self._heal_batch(healed[first:first + batch], positions, uniforms[first:first + batch], temperature)
+            noise = torch.stack([torch.empty(shape, device=device).exponential_(
+                generator=torch.Generator(device=device).manual_seed(seed)) for seed in seeds[first:first + batch]])
+            self._heal_batch(healed[first:first + batch], positions, noise, temperature)  # noise (b, F, V)
         return healed
 
-    def _heal_batch(self, healed, positions, uniforms, temperature):
-        # healed (b, L), resampled in place at ``positions``; uniforms (b, F), one per flagged position.
+    def _heal_batch(self, healed, positions, noise, temperature):
+        # healed (b, L), resampled in place at ``positions``; noise (b, F, V) Exp(1), a row per flagged position.
         inputs = self._inputs(healed)  # (b, L); column i + 1 is updated once s_i has been drawn
         cache = self._new_cache(healed.shape[0], positions[-1] + 1)
         done = 0  # positions [0, done) are in the cache
@@ -271,9 +280,8 @@ class TokenTransformer(nn.Module):
             for a in range(done, i + 1, TEACHER_FORCED_PIECE):
                 end = min(a + TEACHER_FORCED_PIECE, i + 1)
                 logits = self._decode(inputs[:, a:end], start=a, cache=cache)
-            cdf = F.softmax(logits[:, -1].double() / temperature, dim=-1).cumsum(-1)  # (b, V) for s_i
-            drawn = torch.searchsorted(cdf, uniforms[:, k:k + 1] * cdf[:, -1:], right=True)  # (b, 1)
-            healed[:, i] = drawn.squeeze(1).clamp_(max=self.num_codes - 1)  # rounding can reach the end
+            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)  # (b, V) for s_i
+            healed[:, i] = (probs / noise[:, k]).argmax(-1)
             if i + 1 < inputs.shape[1]:
                 inputs[:, i + 1] = healed[:, i]
             done = i + 1

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from iltm.config import TransformerConfig
+from iltm import transformer as transformer_mod
 from iltm.errors import InputError
 from iltm.transformer import CHECKPOINT_VERSION, TokenTransformer, masked_cross_entropy
 
@@ -220,15 +221,16 @@ def test_heal_is_reproducible_and_conditions_on_the_healed_prefix():
     c = model.heal(tokens, flagged, 16, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
-    # Reference without cache: a full forward pass per flagged token on the sequence healed so far, each draw the
-    # inverse CDF at that (sequence, position)'s uniform of the documented up-front draw, must make the same draws.
+    # Reference without cache: a full forward pass per flagged token on the sequence healed so far, each draw made
+    # by the documented rule (a seed per sequence, its Exp(1) noise, argmax p / noise), must make the same draws.
     positions = torch.nonzero(flagged).flatten().tolist()
-    uniforms = torch.rand(16, len(positions), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    seeds = torch.randint(0, 2 ** 62, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+    noise = torch.stack([torch.empty(len(positions), V).exponential_(generator=torch.Generator().manual_seed(s))
+                         for s in seeds])                                   # (16, F, V)
     ref = tokens.repeat(16, 1)
     with torch.no_grad():
         for k, i in enumerate(positions):
-            cdf = F.softmax(model(ref)[:, i].double(), dim=-1).cumsum(-1)
-            ref[:, i] = (cdf <= uniforms[:, k:k + 1] * cdf[:, -1:]).sum(-1)
+            ref[:, i] = (F.softmax(model(ref)[:, i], dim=-1) / noise[:, k]).argmax(-1)
     assert torch.equal(a, ref)
 
 
@@ -247,6 +249,20 @@ def test_heal_draws_do_not_depend_on_the_batch(monkeypatch):
     # The first sequences of a larger draw are the same draw.
     more = model.heal(tokens, flagged, 9, generator=torch.Generator().manual_seed(5), batch=2)
     assert torch.equal(more[:7], healed[7])
+
+
+def test_heal_in_short_teacher_forced_pieces_makes_the_same_draws(monkeypatch):
+    model = make_model()
+    tokens, flagged = flagged_example()
+    whole = model.heal(tokens, flagged, 5, generator=torch.Generator().manual_seed(7))
+    calls = []
+    decode = model._decode
+    monkeypatch.setattr(model, "_decode", lambda inputs, start=0, cache=None, key_masked=None:
+                        calls.append(inputs.shape[1]) or decode(inputs, start, cache, key_masked))
+    monkeypatch.setattr(transformer_mod, "TEACHER_FORCED_PIECE", 2)
+    pieces = model.heal(tokens, flagged, 5, generator=torch.Generator().manual_seed(7))
+    assert max(calls) == 2 and sum(calls) == 20  # the prefill of 6 tokens and the runs to 19 went in pieces
+    assert torch.equal(pieces, whole)
 
 
 def test_heal_draws_follow_the_model_probabilities():
