@@ -132,10 +132,8 @@ class Detector:
         if generator is not None:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         voxels = x[0, 0].numel()
-        if self.reconstruction_bytes(latents.shape[0], voxels) > det.stream_above_mb * 2 ** 20:
-            log_f = self.log_density(latents, x[0, 0], seed, self.streamed_decode_batch(voxels), streamed=True)
-        else:
-            log_f = self.log_density(latents, x[0, 0], seed, det.decode_batch)
+        log_f = self.log_density(latents, x[0, 0], seed, self.decoder_batch(voxels),
+                                 streamed=self.streams(latents.shape[0], voxels))
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
 
@@ -153,13 +151,22 @@ class Detector:
         """Memory of n float32 reconstructions of ``voxels`` voxels held at once."""
         return 4 * n * voxels
 
-    def streamed_decode_batch(self, voxels: int) -> int:
-        """Decoder batch of the streamed path: ``decode_batch``, smaller where the decoder's largest activations (a
-        few tensors of the first level's channels at half resolution) would not fit ``stream_above_mb``."""
+    def decoder_bytes(self, voxels: int) -> float:
+        """The decoder's largest activations for one reconstruction: a few float32 tensors of the first level's
+        channels at half resolution."""
+        return 4 * 4 * self.cfg.vqvae.channels[0] * voxels / 2 ** len(self.latent_shape)
+
+    def streams(self, n: int, voxels: int) -> bool:
+        """Whether the KDE of n reconstructions is streamed: when they and one reconstruction's decoder activations
+        (held while the next batch decodes) do not fit ``stream_above_mb`` together."""
+        budget = self.cfg.detection.stream_above_mb * 2 ** 20
+        return self.reconstruction_bytes(n, voxels) + self.decoder_bytes(voxels) > budget
+
+    def decoder_batch(self, voxels: int) -> int:
+        """Reconstructions per decoder call: ``decode_batch``, fewer where their decoder activations would not fit
+        ``stream_above_mb``; at least 1."""
         det = self.cfg.detection
-        spatial_dims = len(self.latent_shape)
-        per_reconstruction = 4 * 4 * self.cfg.vqvae.channels[0] * voxels / 2 ** spatial_dims
-        return max(1, min(det.decode_batch, int(det.stream_above_mb * 2 ** 20 // per_reconstruction)))
+        return max(1, min(det.decode_batch, int(det.stream_above_mb * 2 ** 20 // self.decoder_bytes(voxels))))
 
     def decode_batches(self, latents: torch.Tensor, seed: int | None, batch: int, visit) -> None:
         """Decode (N, *latent) token grids in batches of ``batch`` and call ``visit((b, *spatial) float32)`` on each,

@@ -86,6 +86,23 @@ def test_detection_streams_above_the_memory_setting_only(detector, cohort2d, mon
     assert result.log_density.shape == default.log_density.shape and bool(torch.isfinite(result.log_density).all())
 
 
+def test_decoder_batches_and_streaming_fit_the_memory_setting(detector):
+    det, voxels = detector.cfg.detection, 4096
+
+    def with_budget(mb):
+        budget = dataclasses.replace(det, stream_above_mb=mb)
+        return Detector(dataclasses.replace(detector.cfg, detection=budget), detector.vqvae, detector.transformer,
+                        detector.latent_shape, detector.device)
+
+    per = detector.decoder_bytes(voxels)
+    assert per == 4 * 4 * detector.cfg.vqvae.channels[0] * voxels / 4  # 2D: half resolution is a quarter
+    fits = (Detector.reconstruction_bytes(10, voxels) + per) / 2 ** 20
+    assert not with_budget(fits).streams(10, voxels) and with_budget(fits * 0.99).streams(10, voxels)
+    assert with_budget(0.0).decoder_batch(voxels) == 1
+    assert with_budget(2.5 * per / 2 ** 20).decoder_batch(voxels) == min(2, det.decode_batch)
+    assert with_budget(1e6).decoder_batch(voxels) == det.decode_batch
+
+
 def test_healing_batches_fit_the_memory_setting(detector, cohort2d, monkeypatch):
     det = detector.cfg.detection
     flagged = torch.zeros(int(np.prod(detector.latent_shape)), dtype=torch.bool)
