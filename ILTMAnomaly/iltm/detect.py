@@ -109,8 +109,8 @@ class Detector:
         Args:
             image: (1, *spatial) normalised intensities, spatial = the model's input size.
             resampling_threshold: t; defaults to ``cfg.detection.resampling_threshold``.
-            generator: seeds the multinomial resampling and the decoder's dropout; the same seed gives the same
-                map whatever ran before.
+            generator: seeds the resampling (a seed per healed sequence) and the decoder's dropout; the same seed
+                gives the same map whatever ran before.
         """
         det = self.cfg.detection
         t = det.resampling_threshold if resampling_threshold is None else resampling_threshold
