@@ -171,7 +171,7 @@ class TokenTransformer(nn.Module):
                 # row is all -inf and softmax stays finite.
                 attn_mask = attn_mask & ~key_masked[:, None, None, :]  # (B, 1, T, K)
         # Otherwise the queries start at 0 (K = T: SDPA's causal flag) or are one query that sees every key. No T x K
-        # mask then: for a whole scan's likelihoods it is T^2 bytes, and SDPA would copy it to floats in every layer.
+        # mask then: for a whole scan's likelihoods it is T^2 bytes, which SDPA may also copy to floats in every layer.
         causal = attn_mask is None and T > 1
 
         x = self.drop(self.wte(inputs) + self.wpe(q_pos))  # (B, T, C)
@@ -244,7 +244,7 @@ class TokenTransformer(nn.Module):
         generator on the model's device seeded with it draws that sequence's noise ``E`` ~ Exp(1), (flagged count, V)
         in one call, and its k-th flagged token is ``argmax(p(. | healed prefix) / E[k])`` (what ``torch.multinomial``
         does for one sample, with its own noise). So the same generator state gives the same sequences whatever
-        ``batch``, and sequence j is the same for any ``samples`` above j.
+        ``batch``, and (on a CPU, where a test checks it) sequence j is the same for any ``samples`` above j.
 
         Args:
             tokens: (L,) long codes.
