@@ -181,9 +181,11 @@ class DetectionConfig:
         density_threshold: tau: voxels whose KDE density is below it are anomalous in the binary map.
         kde_chunk_voxels: voxels scored per KDE chunk; bounds memory at about N x chunk x 8 bytes.
         decode_batch: reconstructions decoded per decoder call.
-        stream_above_mb: the N reconstructions (N x voxels x 4 bytes) are held at once up to this size in MB; above
-            it they are decoded twice in batches (the same dropout draws) and the KDE is accumulated from them
-            (moments, then kernel sums), with decoder batches shrunk to fit this budget too; 0 = always stream.
+        stream_above_mb: detection's memory budget in MB. The N reconstructions (N x voxels x 4 bytes) are held at
+            once while they and one decoder call fit in it; beyond, they are decoded twice in batches (the same
+            dropout draws) and the KDE is accumulated from them (moments, then kernel sums); 0 = always stream.
+            Decoder batches shrink to fit it, and healing runs as many of the S sequences at once as their KV caches
+            fit in it (at least one of each).
         tile_overlap: share of a window that overlaps the next one when a scan larger than the model grid is scored
             in windows; the windows' log densities are blended with Gaussian weights that fall off towards their
             edges (MONAI's sliding-window importance map).

@@ -115,8 +115,8 @@ class Detector:
         Args:
             image: (1, *spatial) normalised intensities, spatial = the model's input size.
             resampling_threshold: t; defaults to ``cfg.detection.resampling_threshold``.
-            generator: seeds the multinomial resampling and the decoder's dropout; the same seed gives the same
-                map whatever ran before.
+            generator: seeds the resampling (a seed per healed sequence) and the decoder's dropout; the same seed
+                gives the same map whatever ran before.
         """
         det = self.cfg.detection
         t = det.resampling_threshold if resampling_threshold is None else resampling_threshold
@@ -127,7 +127,8 @@ class Detector:
             probs = self.transformer.token_probabilities(tokens[None])[0]   # (L,) float32 (softmax in float32)
         flagged = probs < t                                                  # (L,)
         with self.autocast(), one_cpu_thread(self.device):
-            healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator)  # (S, L)
+            healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator,
+                                           batch=self.heal_batch(flagged))  # (S, L)
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
         latents = healed.repeat_interleave(det.dropout_passes, dim=0)       # (N, *latent), N = S x D
@@ -137,25 +138,41 @@ class Detector:
         if generator is not None:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         voxels = x[0, 0].numel()
-        if self.reconstruction_bytes(latents.shape[0], voxels) > det.stream_above_mb * 2 ** 20:
-            log_f = self.log_density(latents, x[0, 0], seed, self.streamed_decode_batch(voxels), streamed=True)
-        else:
-            log_f = self.log_density(latents, x[0, 0], seed, det.decode_batch)
+        log_f = self.log_density(latents, x[0, 0], seed, self.decoder_batch(voxels),
+                                 streamed=self.streams(latents.shape[0], voxels))
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
+
+    def heal_batch(self, flagged: torch.Tensor) -> int:
+        """Sequences healed at once: as many as fit ``stream_above_mb`` (:meth:`TokenTransformer.heal_bytes` each, in
+        the autocast context healing runs in), at least 1, at most S. The draws do not depend on it."""
+        det = self.cfg.detection
+        per_sequence = self.transformer.heal_bytes(flagged)
+        if per_sequence == 0:
+            return det.samples
+        return max(1, min(det.samples, int(det.stream_above_mb * 2 ** 20 // per_sequence)))
 
     @staticmethod
     def reconstruction_bytes(n: int, voxels: int) -> int:
         """Memory of n float32 reconstructions of ``voxels`` voxels held at once."""
         return 4 * n * voxels
 
-    def streamed_decode_batch(self, voxels: int) -> int:
-        """Decoder batch of the streamed path: ``decode_batch``, smaller where the decoder's largest activations (a
-        few tensors of the first level's channels at half resolution) would not fit ``stream_above_mb``."""
+    def decoder_bytes(self, voxels: int) -> float:
+        """The decoder's largest activations for one reconstruction: a few float32 tensors of the first level's
+        channels at half resolution."""
+        return 4 * 4 * self.cfg.vqvae.channels[0] * voxels / 2 ** len(self.latent_shape)
+
+    def streams(self, n: int, voxels: int) -> bool:
+        """Whether the KDE of n reconstructions is streamed: when they and one reconstruction's decoder activations
+        (held while the next batch decodes) do not fit ``stream_above_mb`` together."""
+        budget = self.cfg.detection.stream_above_mb * 2 ** 20
+        return self.reconstruction_bytes(n, voxels) + self.decoder_bytes(voxels) > budget
+
+    def decoder_batch(self, voxels: int) -> int:
+        """Reconstructions per decoder call: ``decode_batch``, fewer where their decoder activations would not fit
+        ``stream_above_mb``; at least 1."""
         det = self.cfg.detection
-        spatial_dims = len(self.latent_shape)
-        per_reconstruction = 4 * 4 * self.cfg.vqvae.channels[0] * voxels / 2 ** spatial_dims
-        return max(1, min(det.decode_batch, int(det.stream_above_mb * 2 ** 20 // per_reconstruction)))
+        return max(1, min(det.decode_batch, int(det.stream_above_mb * 2 ** 20 // self.decoder_bytes(voxels))))
 
     def decode_batches(self, latents: torch.Tensor, seed: int | None, batch: int, visit) -> None:
         """Decode (N, *latent) token grids in batches of ``batch`` and call ``visit((b, *spatial) float32)`` on each,

@@ -28,6 +28,8 @@ CAUSAL = "causal"
 
 CHECKPOINT_FORMAT = "iltm-transformer"
 CHECKPOINT_VERSION = 1
+# Most tokens healing teacher-forces in one call: bounds a call's attention mask (piece x keys) and activations.
+TEACHER_FORCED_PIECE = 1024
 
 
 def masked_cross_entropy(logits, tokens, token_mask=None):
@@ -69,6 +71,9 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, K, C/H), K = start + T
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            # bfloat16 under autocast: the fused CUDA kernels take a float mask only in the query's dtype.
+            attn_mask = attn_mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is CAUSAL else attn_mask,
                                            is_causal=attn_mask is CAUSAL,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -196,9 +201,25 @@ class TokenTransformer(nn.Module):
         than concatenating (which would copy the whole cache at every position)."""
         p = self.head.weight
         shape = (batch, self.cfg.n_head, length, self.cfg.n_embd // self.cfg.n_head)
-        # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
-        dtype = self.blocks[0].attn.c_attn(p.new_zeros(1, self.cfg.n_embd)).dtype
+        dtype = self._cache_dtype()
         return [(p.new_empty(shape, dtype=dtype), p.new_empty(shape, dtype=dtype)) for _ in self.blocks]
+
+    def _cache_dtype(self) -> torch.dtype:
+        # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
+        return self.blocks[0].attn.c_attn(self.head.weight.new_zeros(1, self.cfg.n_embd)).dtype
+
+    def heal_bytes(self, flagged) -> int:
+        """Memory of one sequence in :meth:`heal` of ``flagged`` (L,) bool, what its ``batch`` multiplies: the KV cache
+        up to the last flagged token in the dtype of the current context, that sequence's exponential noise (float32,
+        flagged count x V), and the float32 activations of one teacher-forced piece (a few (P, C) tensors, the MLP's
+        (P, 4C) and the logits (P, V)). 0 when nothing is flagged."""
+        positions = torch.nonzero(flagged.reshape(-1)).flatten()
+        if positions.numel() == 0:
+            return 0
+        length = int(positions[-1]) + 1
+        cache = 2 * self.cfg.n_layer * length * self.cfg.n_embd * self._cache_dtype().itemsize
+        noise = 4 * positions.numel() * self.num_codes
+        return cache + noise + 4 * min(length, TEACHER_FORCED_PIECE) * (8 * self.cfg.n_embd + self.num_codes)
 
     def _inputs(self, tokens):
         # tokens (B, L) -> (B, L) [BOS, s_0, ..., s_{L-2}]: the shift that makes position i predict s_i.
@@ -227,20 +248,28 @@ class TokenTransformer(nn.Module):
         return probs.gather(-1, tokens[..., None]).squeeze(-1)
 
     @torch.no_grad()
-    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0):
-        """Draw ``samples`` healed versions of one image's tokens, all in one batch.
+    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0, batch=None):
+        """Draw ``samples`` healed versions of one image's tokens, ``batch`` sequences at a time.
 
         Walking the raster in order, each flagged token is resampled from p(. | healed prefix); the others are kept.
         Between two flagged positions every token is known, so each such run is teacher-forced into the KV cache in
-        one parallel call (the first run, up to the first flagged token, is the prefill). That is one model call per
-        flagged token, every position processed at most once, and nothing after the last flagged token.
+        parallel calls of at most ``TEACHER_FORCED_PIECE`` tokens (the first run, up to the first flagged token, is
+        the prefill). That is about one model call per flagged token, every position processed at most once, and
+        nothing after the last flagged token. Memory is ``batch`` x :meth:`heal_bytes`, whatever ``samples``.
+
+        Reproducibility: ``generator`` gives each sequence j a seed, ``torch.randint(0, 2**62, (samples,))[j]``; a
+        generator on the model's device seeded with it draws that sequence's noise ``E`` ~ Exp(1), (flagged count, V)
+        in one call, and its k-th flagged token is ``argmax(p(. | healed prefix) / E[k])`` (what ``torch.multinomial``
+        does for one sample, with its own noise). So the same generator state gives the same sequences whatever
+        ``batch``, and (on a CPU, where a test checks it) sequence j is the same for any ``samples`` above j.
 
         Args:
             tokens: (L,) long codes.
             flagged: (L,) bool, True = resample this token.
             samples: number of healed sequences S.
-            generator: ``torch.Generator`` on the model's device, for reproducible draws.
+            generator: ``torch.Generator`` (None: torch's global one) that seeds the sequences' noise.
             temperature: divides the logits before the softmax.
+            batch: sequences healed at once; None = all S.
         Returns:
             (S, L) long.
         """
@@ -248,17 +277,31 @@ class TokenTransformer(nn.Module):
         positions = torch.nonzero(flagged.reshape(-1)).flatten().tolist()
         if not positions:
             return healed
-        inputs = self._inputs(healed)  # (S, L); column i + 1 is updated once s_i has been drawn
-        cache = self._new_cache(samples, positions[-1] + 1)
+        seeds = torch.randint(0, 2 ** 62, (samples,), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
+        shape, device = (len(positions), self.num_codes), healed.device
+        batch = samples if batch is None else batch
+        for first in range(0, samples, batch):
+            noise = torch.stack([torch.empty(shape, device=device).exponential_(
+                generator=torch.Generator(device=device).manual_seed(seed)) for seed in seeds[first:first + batch]])
+            self._heal_batch(healed[first:first + batch], positions, noise, temperature)  # noise (b, F, V)
+        return healed
+
+    def _heal_batch(self, healed, positions, noise, temperature):
+        # healed (b, L), resampled in place at ``positions``; noise (b, F, V) Exp(1), a row per flagged position.
+        inputs = self._inputs(healed)  # (b, L); column i + 1 is updated once s_i has been drawn
+        cache = self._new_cache(healed.shape[0], positions[-1] + 1)
         done = 0  # positions [0, done) are in the cache
-        for i in positions:
-            logits = self._decode(inputs[:, done:i + 1], start=done, cache=cache)[:, -1]  # (S, V) for s_i
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            healed[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        for k, i in enumerate(positions):
+            # A long run in pieces: its attention mask (piece x keys) and activations stay small next to the cache.
+            for a in range(done, i + 1, TEACHER_FORCED_PIECE):
+                end = min(a + TEACHER_FORCED_PIECE, i + 1)
+                logits = self._decode(inputs[:, a:end], start=a, cache=cache)
+            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)  # (b, V) for s_i
+            healed[:, i] = (probs / noise[:, k]).argmax(-1)
             if i + 1 < inputs.shape[1]:
                 inputs[:, i + 1] = healed[:, i]
             done = i + 1
-        return healed
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 

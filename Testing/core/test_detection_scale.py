@@ -86,6 +86,53 @@ def test_detection_streams_above_the_memory_setting_only(detector, cohort2d, mon
     assert result.log_density.shape == default.log_density.shape and bool(torch.isfinite(result.log_density).all())
 
 
+def test_decoder_batches_and_streaming_fit_the_memory_setting(detector):
+    det, voxels = detector.cfg.detection, 4096
+
+    def with_budget(mb):
+        budget = dataclasses.replace(det, stream_above_mb=mb)
+        return Detector(dataclasses.replace(detector.cfg, detection=budget), detector.vqvae, detector.transformer,
+                        detector.latent_shape, detector.device)
+
+    per = detector.decoder_bytes(voxels)
+    assert per == 4 * 4 * detector.cfg.vqvae.channels[0] * voxels / 4  # 2D: half resolution is a quarter
+    fits = (Detector.reconstruction_bytes(10, voxels) + per) / 2 ** 20
+    assert not with_budget(fits).streams(10, voxels) and with_budget(fits * 0.99).streams(10, voxels)
+    assert with_budget(0.0).decoder_batch(voxels) == 1
+    assert with_budget(2.5 * per / 2 ** 20).decoder_batch(voxels) == min(2, det.decode_batch)
+    assert with_budget(1e6).decoder_batch(voxels) == det.decode_batch
+
+
+def test_healing_batches_fit_the_memory_setting(detector, cohort2d, monkeypatch):
+    det = detector.cfg.detection
+    flagged = torch.zeros(int(np.prod(detector.latent_shape)), dtype=torch.bool)
+    assert detector.heal_batch(flagged) == det.samples  # nothing to heal
+    flagged[[3, 10]] = True
+    per_sequence = detector.transformer.heal_bytes(flagged)
+    cache = sum(t.numel() * t.element_size() for kv in detector.transformer._new_cache(1, 11) for t in kv)
+    assert cache < per_sequence  # the KV cache up to the last flagged token, the noise and a piece's activations
+    detectors = {}
+    for budget_mb, expected in ((0.0, 1), (2.5 * per_sequence / 2 ** 20, 2), (1e6, det.samples)):
+        budget = dataclasses.replace(det, stream_above_mb=budget_mb)
+        detectors[budget_mb] = Detector(dataclasses.replace(detector.cfg, detection=budget), detector.vqvae,
+                                        detector.transformer, detector.latent_shape, detector.device)
+        assert detectors[budget_mb].heal_batch(flagged) == min(expected, det.samples)
+
+    calls = []
+    heal = detector.transformer.heal
+
+    def spy(*args, batch=None, **kwargs):
+        calls.append((batch, heal(*args, batch=batch, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(detector.transformer, "heal", spy)
+    x = _scan(detector, cohort2d)
+    results = [d.detect_array(x, resampling_threshold=0.5, generator=torch.Generator().manual_seed(4))
+               for d in (detectors[0.0], detectors[1e6])]
+    assert [batch for batch, _ in calls] == [1, det.samples] and bool(results[0].flagged.any())
+    assert torch.equal(calls[0][1], calls[1][1])  # the same draws whatever the batch
+
+
 def test_window_starts_overlap_and_cover():
     assert window_starts(64, 32, 0.0) == [0, 32]
     assert window_starts(64, 32, 0.25) == [0, 24, 32]

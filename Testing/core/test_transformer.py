@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from iltm.config import TransformerConfig
+from iltm import transformer as transformer_mod
 from iltm.errors import InputError
 from iltm.transformer import CHECKPOINT_VERSION, TokenTransformer, masked_cross_entropy
 
@@ -220,15 +221,82 @@ def test_heal_is_reproducible_and_conditions_on_the_healed_prefix():
     c = model.heal(tokens, flagged, 16, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
-    # Reference without cache: a full forward pass per flagged token on the sequence healed so far, drawing
-    # from the same generator stream, must make the same draws.
-    g = torch.Generator().manual_seed(3)
+    # Reference without cache: a full forward pass per flagged token on the sequence healed so far, each draw made
+    # by the documented rule (a seed per sequence, its Exp(1) noise, argmax p / noise), must make the same draws.
+    positions = torch.nonzero(flagged).flatten().tolist()
+    seeds = torch.randint(0, 2 ** 62, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+    noise = torch.stack([torch.empty(len(positions), V).exponential_(generator=torch.Generator().manual_seed(s))
+                         for s in seeds])                                   # (16, F, V)
     ref = tokens.repeat(16, 1)
     with torch.no_grad():
-        for i in torch.nonzero(flagged).flatten().tolist():
-            probs = F.softmax(model(ref)[:, i], dim=-1)
-            ref[:, i] = torch.multinomial(probs, 1, generator=g).squeeze(1)
+        for k, i in enumerate(positions):
+            ref[:, i] = (F.softmax(model(ref)[:, i], dim=-1) / noise[:, k]).argmax(-1)
     assert torch.equal(a, ref)
+
+
+def test_heal_draws_do_not_depend_on_the_batch(monkeypatch):
+    model = make_model(n_layer=3)
+    tokens, flagged = flagged_example()
+    sizes = []
+    new_cache = model._new_cache
+    monkeypatch.setattr(model, "_new_cache", lambda batch, length: sizes.append(batch) or new_cache(batch, length))
+    healed = {b: model.heal(tokens, flagged, 7, generator=torch.Generator().manual_seed(5), batch=b)
+              for b in (1, 3, 7)}
+    assert sizes == [1] * 7 + [3, 3, 1] + [7]  # the batches really were healed apart
+    assert torch.equal(healed[1], healed[7]) and torch.equal(healed[3], healed[7])
+    assert (healed[7][:, ~flagged] == tokens[~flagged]).all()
+    assert len({tuple(row.tolist()) for row in healed[7]}) > 1  # the sequences differ from each other
+    # The first sequences of a larger draw are the same draw.
+    more = model.heal(tokens, flagged, 9, generator=torch.Generator().manual_seed(5), batch=2)
+    assert torch.equal(more[:7], healed[7])
+
+
+def test_heal_in_short_teacher_forced_pieces_makes_the_same_draws(monkeypatch):
+    model = make_model()
+    tokens, flagged = flagged_example()
+    whole = model.heal(tokens, flagged, 5, generator=torch.Generator().manual_seed(7))
+    calls = []
+    decode = model._decode
+    monkeypatch.setattr(model, "_decode", lambda inputs, start=0, cache=None, key_masked=None:
+                        calls.append(inputs.shape[1]) or decode(inputs, start, cache, key_masked))
+    monkeypatch.setattr(transformer_mod, "TEACHER_FORCED_PIECE", 2)
+    pieces = model.heal(tokens, flagged, 5, generator=torch.Generator().manual_seed(7))
+    assert max(calls) == 2 and sum(calls) == 20  # the prefill of 6 tokens and the runs to 19 went in pieces
+    assert torch.equal(pieces, whole)
+
+
+def test_heal_draws_follow_the_model_probabilities():
+    model = make_model()
+    tokens = random_tokens(1, 15)[0]
+    i, samples = 9, 6000
+    flagged = torch.zeros(L, dtype=torch.bool)
+    flagged[i] = True
+    healed = model.heal(tokens, flagged, samples, generator=torch.Generator().manual_seed(6), batch=1000)
+    with torch.no_grad():
+        p = F.softmax(model(tokens[None])[0, i].double(), dim=-1)          # (V,) p(. | the kept prefix)
+    assert float(p.max()) < 0.6 and int((p > 0.02).sum()) >= 4         # a spread to compare, not one code
+    freq = torch.bincount(healed[:, i], minlength=V).double() / samples
+    sigma = (p * (1 - p) / samples).sqrt()
+    assert bool(((freq - p).abs() <= 4 * sigma + 1e-3).all()), (freq, p)
+
+
+def test_a_forward_without_masks_builds_no_attention_mask(monkeypatch):
+    model = make_model()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(random_tokens(2, 16))
+    assert seen == [(True, True)] * 2  # per layer: SDPA's causal flag, no (T, T) mask
+    seen.clear()
+    with torch.no_grad():
+        model(random_tokens(2, 16), random_masks(4, 0)[:2])
+    assert seen == [(False, False)] * 2
 
 
 def test_heal_uses_a_bounded_number_of_model_calls(monkeypatch):
@@ -308,3 +376,19 @@ def test_load_rejects_bad_files(tmp_path):
     torch.save(ckpt, damaged)
     with pytest.raises(InputError, match="damaged"):
         TokenTransformer.load(damaged)
+
+
+def test_a_masked_forward_under_bfloat16_autocast_hands_attention_a_mask_in_the_querys_dtype(monkeypatch):
+    # CUDA's fused kernels take a float mask only in the query's dtype (bfloat16 under autocast).
+    model = make_model()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.dtype, attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(random_tokens(2, 16), random_masks(4, 0)[:2])
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2

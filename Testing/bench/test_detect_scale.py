@@ -1,0 +1,33 @@
+"""iltm_bench/detect_scale.py: a smoke run with two S, and the old path's healing in one batch."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def detect_scale():
+    return importlib.import_module("iltm_bench.detect_scale")
+
+
+def _table(out):
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line and not line.startswith("#")}
+
+
+def test_a_smoke_run_prints_every_stage_for_every_column(detect_scale, capsys):
+    detect_scale.main(["--dims", "2", "--size", "32", "32", "--preset", "tiny", "--samples", "2", "5",
+                       "--passes", "2", "--columns", "new-float32", "old-float32"])
+    rows = _table(capsys.readouterr().out)
+    for stage in ("encode", "likelihood", "resampling", "decoding", "KDE", "total"):
+        assert len(rows[stage]) == 8, stage  # seconds and MB of 4 columns
+    # The old path heals all S in one batch; at this size the new one's batch is all S too.
+    assert rows["heal"][1:] == ["2", "2", "5", "5"]
+
+
+def test_no_decoding_stops_after_resampling(detect_scale, capsys):
+    detect_scale.main(["--dims", "2", "--size", "32", "32", "--preset", "tiny", "--samples", "2", "--passes", "1",
+                       "--columns", "new-float32", "--no-decoding"])
+    rows = _table(capsys.readouterr().out)
+    assert "resampling" in rows and "decoding" not in rows and "KDE" not in rows
