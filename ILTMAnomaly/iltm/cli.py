@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write <id>_seg.dcm, a DICOM SEG of the mask (inputs must be DICOM series)")
     p.add_argument("--split-lesions", action="store_true", help="with --dicom-seg: one segment per region")
     p.add_argument("--resume", action="store_true",
-                   help="skip scans whose outputs (as asked by these flags) are all in OUT already; redo the others")
+                   help="skip scans whose outputs (as asked by these flags) are all in OUT already; redo the others. "
+                        "Refused when OUT/detect.json records another model, iteration or setting")
     p.add_argument("--units", help="unit of the PET values in the lesion tables' headers (default: SUV when the run "
                                    "reads data.units=suv or the inputs are not DICOM, else the series' Units tag)")
 

@@ -110,7 +110,7 @@ def table_units(cfg: config_mod.Config, records) -> str:
 def cmd_detect(args, reporter: Reporter) -> int:
     from . import distributed
     from .bundle import open_model
-    from .detect import Detector, detect_files, resolve_device
+    from .detect import Detector, detect_files, detection_settings, record_settings, resolve_device
     from .io import check_output_folder, list_images, removed_if_left_empty
 
     if args.split_lesions and not args.dicom_seg:
@@ -127,10 +127,19 @@ def cmd_detect(args, reporter: Reporter) -> int:
     reporter.emit("start", command="detect", run=str(run.root), iteration=iteration, inputs=len(records))
     processes = f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else ""
     reporter.log(f"detecting with iteration {iteration} of {run.root} on {detector.device}{processes}")
+    unit = args.units or table_units(cfg, records)
     with removed_if_left_empty(args.out):
-        problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png,
-                                lesions=args.lesions, dicom_seg_sources=sources, split_lesions=args.split_lesions,
-                                unit=args.units or table_units(cfg, records), resume=args.resume)
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = record_settings(args.out, detection_settings(str(run.root), iteration, detector.cfg.detection,
+                                                              args.seed, unit),
+                                 resume=args.resume, write=distributed.is_main())
+        try:
+            problems = detect_files(detector, records, args.out, reporter, seed=args.seed, png=not args.no_png,
+                                    lesions=args.lesions, dicom_seg_sources=sources,
+                                    split_lesions=args.split_lesions, unit=unit, resume=args.resume)
+        finally:  # no map written: no record of what would have made them
+            if distributed.is_main() and [f.name for f in args.out.iterdir()] == [record.name]:
+                record.unlink()
     if not distributed.is_main():  # rank 0 reports every rank's problems; a failing rank would get the others killed
         return 0
     for line in problems:

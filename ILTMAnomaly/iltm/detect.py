@@ -25,8 +25,8 @@ from .bundle import ModelBundle, open_model
 from .config import Config, DetectionConfig
 from .errors import InputError, WriteError
 from .io import atomic_write_text, itk_name, read_image, write_image
-from .layout import (DICOM_SEG_SUFFIX, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX, SCANS_TABLE, SCORE_SUFFIX,
-                     check_id)
+from .layout import (DETECTION_RECORD, DICOM_SEG_SUFFIX, FORMAT_VERSION, LESIONS_SUFFIX, MASK_SUFFIX, OVERLAY_SUFFIX,
+                     SCANS_TABLE, SCORE_SUFFIX, check_id)
 from .preprocess import GeometryInfo, Preprocessor
 from .precision import autocast
 from .progress import Reporter
@@ -376,6 +376,40 @@ def saved_outputs(out: Path, scan_id: str, png: bool = True, lesions: bool = Fal
         return None
     paths = scan_outputs(out, scan_id, reader.GetDimension(), png, lesions, dicom_seg)
     return paths if all(p.is_file() for p in paths.values()) else None
+
+
+def record_settings(out: Path, settings: dict, resume: bool = False, write: bool = True) -> Path:
+    """Write ``out/detect.json``: what made the maps in ``out`` (``settings``: model, iteration, detection settings,
+    seed...). With ``resume``, first check that the record already there says the same, so that a resumed folder
+    never mixes maps of two models or settings: a difference is an InputError naming each changed setting. Only the
+    writing process (``write``; rank 0 under torchrun) writes; every process checks."""
+    import json
+
+    settings = json.loads(json.dumps(settings))  # as JSON gives it back (tuples become lists)
+    path = out / DETECTION_RECORD
+    if resume and path.is_file():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(path, f"cannot be read ({exc.__class__.__name__}); remove it, or leave out --resume "
+                                   "to score every scan again") from None
+        earlier = earlier if isinstance(earlier, dict) else {}
+        changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if earlier.get(key) != value]
+        if changed:
+            raise InputError(path, f"the maps there were made with other settings ({', '.join(changed)}); give "
+                                   "another --out, or leave out --resume to score every scan again")
+    if write:
+        atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def detection_settings(model: str, iteration: int, detection: DetectionConfig, seed: int, unit: str) -> dict:
+    """The record :func:`record_settings` keeps: everything that changes a detect folder's maps and tables."""
+    import dataclasses
+
+    return {"format_version": FORMAT_VERSION, "model": model, "iteration": iteration, "seed": seed, "units": unit,
+            **{f"detection.{key}": value for key, value in dataclasses.asdict(detection).items()}}
 
 
 def read_ahead(items: list, load: Callable[[Any], Any], ahead: int) -> Iterator[tuple[Any, Callable[[], Any]]]:

@@ -51,6 +51,7 @@ OVERLAY_SUFFIX = "_overlay.png"
 LESIONS_SUFFIX = "_lesions.csv"
 DICOM_SEG_SUFFIX = "_seg.dcm"
 SCANS_TABLE = "scans.csv"
+DETECTION_RECORD = "detect.json"  # in a detect output folder: the model, iteration and settings that made its maps
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"

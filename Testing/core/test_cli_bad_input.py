@@ -76,7 +76,7 @@ def test_detect_folder_keeps_good_outputs_and_names_bad_ones(run2d, cohort2d, ba
     out = tmp_path / "out"
     proc = cli_subprocess("detect", "--run", run2d, "--input", folder, "--out", out, "--no-png")
     assert_clean_failure(proc, "nan.nii.gz")
-    assert sorted(p.name for p in out.iterdir()) == ["good_mask.nii.gz", "good_score.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["detect.json", "good_mask.nii.gz", "good_score.nii.gz"]
 
 
 def test_detect_rejects_incomplete_or_foreign_runs(run2d, cohort2d, tmp_path):

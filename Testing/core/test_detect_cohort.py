@@ -75,6 +75,34 @@ def test_resume_skips_scans_with_all_outputs_and_redoes_partial_ones(run2d, coho
     assert _contents(out) == first
 
 
+def test_resume_refuses_a_folder_made_with_other_settings(run2d, cohort2d, tmp_path, capsys):
+    inputs = _inputs(cohort2d, tmp_path / "in", ["p1", "p2"])
+    out = tmp_path / "out"
+    assert run_cli("detect", "--run", run2d, "--input", inputs, "--out", out, "--samples", "3") == 0
+    record = json.loads((out / "detect.json").read_text())
+    assert record["detection.samples"] == 3 and record["iteration"] >= 0 and record["model"] == str(run2d)
+    (out / "p2_mask.nii.gz").unlink()
+    before = _contents(out)
+    capsys.readouterr()
+    assert run_cli("detect", "--run", run2d, "--input", inputs, "--out", out, "--samples", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "detect.json" in err and "detection.samples 3 -> 4" in err, err
+    assert "Traceback" not in err
+    assert _contents(out) == before                     # nothing scored, nothing rewritten
+    # The same settings resume; without --resume other settings score every scan again.
+    assert run_cli("detect", "--run", run2d, "--input", inputs, "--out", out, "--samples", "3", "--resume") == 0
+    assert run_cli("detect", "--run", run2d, "--input", inputs, "--out", out, "--samples", "4") == 0
+    assert json.loads((out / "detect.json").read_text())["detection.samples"] == 4
+
+
+def test_a_folder_of_only_bad_inputs_leaves_no_record(run2d, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "bad.nii.gz").write_bytes(b"not an image")
+    assert run_cli("detect", "--run", run2d, "--input", inputs, "--out", tmp_path / "out") == 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_reading_ahead_gives_the_same_bytes_and_bad_scans_their_own_lines(run2d, cohort2d, tmp_path, capsys,
                                                                         monkeypatch):
     """Also: the models are loaded once for the whole folder."""
@@ -109,7 +137,8 @@ def test_reading_ahead_gives_the_same_bytes_and_bad_scans_their_own_lines(run2d,
         assert len(read_in) == 4 and all(name.startswith("iltm-read-ahead") == (ahead > 0) for name in read_in)
         outputs[ahead] = _contents(out)
     assert set(outputs[1]) == {f"{scan}_{kind}" for scan in ("p1", "p3") for kind in
-                               ("score.nii.gz", "mask.nii.gz", "overlay.png", "lesions.csv")} | {"scans.csv"}
+                               ("score.nii.gz", "mask.nii.gz", "overlay.png", "lesions.csv")} | {
+        "scans.csv", "detect.json"}
     assert outputs[1] == outputs[0]
 
 

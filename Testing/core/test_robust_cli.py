@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from cli_helpers import FAST, run_cli
 from iltm import io as iltm_io
-from iltm.layout import MASK_SUFFIX, SCORE_SUFFIX
+from iltm.layout import DETECTION_RECORD, MASK_SUFFIX, SCORE_SUFFIX
 
 
 def hidden_files(root) -> list[str]:
@@ -88,7 +88,7 @@ def test_detect_lists_past_an_undecodable_empty_sub_folder(run2d, cohort2d, tmp_
                            "--out", str(out), "--no-png", "--progress", "none"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["good" + MASK_SUFFIX, "good" + SCORE_SUFFIX]
+    assert sorted(p.name for p in out.iterdir()) == [DETECTION_RECORD, "good" + MASK_SUFFIX, "good" + SCORE_SUFFIX]
 
 
 def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(cohort2d, tmp_path):
