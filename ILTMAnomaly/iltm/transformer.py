@@ -71,9 +71,6 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, K, C/H), K = start + T
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
-            # bfloat16 under autocast: the fused CUDA kernels take a float mask only in the query's dtype.
-            attn_mask = attn_mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is CAUSAL else attn_mask,
                                            is_causal=attn_mask is CAUSAL,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -169,6 +166,9 @@ class TokenTransformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {self.seq_len}")
         q_pos = torch.arange(start, start + T, device=inputs.device)
         attn_mask = self._attention_mask(start, T, key_masked, inputs.device)
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+            # In the queries' dtype (bfloat16 under autocast), which the fused CUDA kernels need; once per pass.
+            attn_mask = attn_mask.to(self._cache_dtype())
         x = self.drop(self.wte(inputs) + self.wpe(q_pos))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, attn_mask, None if cache is None else cache[layer], start)
