@@ -315,6 +315,8 @@ def dicom_seg_file(segmentation_file) -> Path:
     from iltm.layout import DICOM_SEG_SUFFIX
 
     path = Path(segmentation_file)
+    if str(path) in ("", "."):
+        raise PanelError("Choose a file name for the segmentation first: the DICOM SEG is saved beside it.")
     name = path.name
     for suffix in (".seg.nrrd", ".nrrd"):
         if name.lower().endswith(suffix):

@@ -56,6 +56,8 @@ def test_edited_segments_go_out_on_the_pets_own_slices(scene, dicom_pet, tmp_pat
     segmentation.GetSegmentation().GetSegment(second).SetName("Node, left hilum")
     path = segments.dicom_seg_file(tmp_path / "out" / "3_ PET WB anomalies.seg.nrrd")
     assert path.name == "3_ PET WB anomalies_seg.dcm"
+    with pytest.raises(PanelError, match="Choose a file name"):
+        segments.dicom_seg_file("")
 
     written = segments.save_dicom_seg(segmentation, node, path, database.get)
 
