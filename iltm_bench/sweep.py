@@ -11,7 +11,8 @@ and score maps already on disk are reused.
     DIR/benchmark.json                       the sweep's settings and the invocations that built it (command, time)
     DIR/contamination_sweep.csv              one row per (method, fraction)
     DIR/iltm_iterations.csv                  one row per (threshold schedule, fraction, ILTM iteration)
-    DIR/test/                                held-out cohort (images/, labels/, manifest.json)
+    DIR/test/                                held-out cohort (images/, labels/, manifest.json; with
+                                             --eval-split val the families' validation split)
     DIR/fraction_0.4/train/                  the training cohort with 40 % anomalous scans
     DIR/fraction_0.4/runs/iltm/              ILTM run folder (decreasing threshold; iteration 0 = no ILTM)
     DIR/fraction_0.4/runs/iltm_constant/     the same with a constant threshold (--constant-threshold-too)
@@ -57,6 +58,7 @@ SWEEP_COLUMNS = ["method", "anomalous_fraction", "auroc", "aupro", "best_dice", 
 ITERATION_COLUMNS = ["threshold_schedule", "anomalous_fraction", "iteration", "auroc", "aupro", "best_dice",
                      "auroc_std", "aupro_std", "best_dice_std", "resampling_threshold", "masked_fraction"]
 DATA_FAMILIES = ("phantom", "texture", "anatomy")  # iltm synth's phantom, or iltm_bench.families
+EVAL_SPLITS = ("test", "val")  # the families' split that the held-out cohort comes from; defaults are chosen on val
 METHODS = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer", "iltm")
 OWN_SETTINGS_KEYS = ("settings", "invocations", "preset", "dims")  # what a sweep process writes to benchmark.json
 BASELINES = ("intensity", "ae", "vae", "nsa", "cutpaste", "vqvae_transformer")  # what ILTM is compared with
@@ -115,9 +117,10 @@ class SweepSettings:
     test_threshold: str = "fixed"
     cases: int = 3
     data_family: str = "phantom"
+    eval_split: str = "test"
 
     IDENTITY = ("dims", "preset", "n_train", "n_test", "seed", "test_seed", "size", "overrides", "max_iterations",
-                "test_threshold", "data_family")
+                "test_threshold", "data_family", "eval_split")
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -154,14 +157,21 @@ class SweepSettings:
             raise InputError("--data-family", f"unknown '{self.data_family}' (choose from {', '.join(DATA_FAMILIES)})")
         if self.data_family != "phantom" and (self.dims != 2 or (self.size and len(set(self.size)) != 1)):
             raise InputError("--data-family", f"{self.data_family} cohorts are 2D and square (--dims 2, one --size)")
+        if self.eval_split not in EVAL_SPLITS:
+            raise InputError("--eval-split", f"unknown '{self.eval_split}' (choose from {', '.join(EVAL_SPLITS)})")
+        if self.eval_split != "test" and self.data_family == "phantom":
+            raise InputError("--eval-split", "the phantom has no splits: its validation cohorts are other --test-seed "
+                                             "values; --eval-split val needs --data-family texture or anatomy")
 
-    def identity(self) -> dict[str, Any]:
-        # Sweeps from before --data-family existed are phantom sweeps: their benchmark.json does not name it.
+    # Settings that came later: a benchmark.json without them was made with these values, and they are written
+    # only when they differ, so older sweep folders stay as they were.
+    LATER = {"data_family": "phantom", "eval_split": "test"}
+
+    def identity(self, complete: bool = False) -> dict[str, Any]:
+        """The settings that make the sweep (``complete``: also the later ones at their old values)."""
         ident = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items()
                  if k in self.IDENTITY}
-        if ident["data_family"] == "phantom":
-            del ident["data_family"]
-        return ident
+        return ident if complete else {k: v for k, v in ident.items() if self.LATER.get(k, object()) != v}
 
 
     @property
@@ -487,8 +497,8 @@ class Sweep:
         path = self.out / SETTINGS_JSON
         if path.is_file():
             stored = json.loads(path.read_text(encoding="utf-8"))
-            differ = {k: (stored.get("settings", {}).get(k), v) for k, v in self.s.identity().items()
-                      if stored.get("settings", {}).get(k) != v}
+            there = {**self.s.LATER, **stored.get("settings", {})}
+            differ = {k: (there.get(k), v) for k, v in self.s.identity(complete=True).items() if there.get(k) != v}
             if differ:
                 listing = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
                 raise InputError(self.out, f"holds a sweep with other settings ({listing}); "
@@ -551,7 +561,7 @@ class Sweep:
         start = time.perf_counter()
 
         test_dir = ensure_cohort(self.out / "test", self.s.dims, self.s.n_test, TEST_FRACTION, self.s.test_seed,
-                                 self.s.size, self.inner, family=self.s.data_family, split="test")
+                                 self.s.size, self.inner, family=self.s.data_family, split=self.s.eval_split)
         from .baselines import METHODS as BASELINE_METHODS
         from iltm.io import list_images
 
@@ -1133,6 +1143,9 @@ def add_benchmark_parser(subparsers, common_parent: argparse.ArgumentParser) -> 
     p.add_argument("--data-family", choices=DATA_FAMILIES, default="phantom",
                    help="training and test cohorts: iltm synth's phantom (default), or real textures or anatomy "
                         "(iltm_bench.families: train split for training, test split for the test set; 2D only)")
+    p.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
+                   help="the families' split that the held-out cohort comes from: test (default, for reporting) or "
+                        "val (for choosing settings; never choose them on test)")
     p.add_argument("--cases", type=int, default=3, help="anomalous test scans shown in Figure 5 (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set vqvae.epochs=10; 'baselines.KEY' for the Dense AE/VAE, "
@@ -1152,7 +1165,7 @@ def settings_from_args(args) -> SweepSettings:
                          constant_fractions=args.constant_threshold_too or None,
                          size=args.size, overrides=list(args.set or []), max_iterations=args.max_iterations,
                          device=args.device, test_threshold=args.test_threshold, cases=args.cases,
-                         data_family=args.data_family)
+                         data_family=args.data_family, eval_split=args.eval_split)
 
 
 def command_line(settings: SweepSettings) -> str:
@@ -1174,6 +1187,8 @@ def command_line(settings: SweepSettings) -> str:
         parts += ["--test-threshold", settings.test_threshold]
     if settings.data_family != "phantom":
         parts += ["--data-family", settings.data_family]
+    if settings.eval_split != "test":
+        parts += ["--eval-split", settings.eval_split]
     for item in settings.overrides:
         parts += ["--set", item]
     return shlex.join(parts)

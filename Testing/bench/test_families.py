@@ -125,3 +125,21 @@ def test_the_benchmark_takes_a_data_family(tmp_path):
     assert "data_family" not in phantom.identity() and "--data-family" not in command_line(phantom)
     with pytest.raises(InputError, match="2D"):
         settings_from_args(parse("--out", tmp_path / "q", "--dims", "3", "--data-family", "anatomy"))
+
+
+def test_the_benchmark_can_hold_out_the_validation_split(tmp_path):
+    args = parse("--out", tmp_path / "s", "--dims", "2", "--fractions", "1", "--n-train", "4", "--n-test", "4",
+                 "--size", "32", "--methods", "intensity", "--data-family", "anatomy", "--eval-split", "val")
+    assert args.handler(args, Reporter("none")) == 0
+    held_out = json.loads((tmp_path / "s" / "test" / "manifest.json").read_text(encoding="utf-8"))
+    assert (held_out["family"], held_out["split"]) == ("anatomy", "val")
+    assert "--eval-split val" in command_line(settings_from_args(args))
+    stored = json.loads((tmp_path / "s" / "benchmark.json").read_text(encoding="utf-8"))
+    assert stored["settings"]["eval_split"] == "val"
+    # The same folder cannot switch to the test split: its rows were scored on the validation scans.
+    again = parse("--out", tmp_path / "s", "--dims", "2", "--fractions", "1", "--n-train", "4", "--n-test", "4",
+                  "--size", "32", "--methods", "intensity", "--data-family", "anatomy")
+    with pytest.raises(InputError, match="eval_split"):
+        again.handler(again, Reporter("none"))
+    with pytest.raises(InputError, match="phantom has no splits"):
+        settings_from_args(parse("--out", tmp_path / "q", "--eval-split", "val"))
