@@ -1,10 +1,14 @@
-"""One table per sweep of the pieces issue 22 asks for: the test metrics of the intensity reference, iteration 0, the
-last ILTM iteration and the iteration training recorded as best (label-free), and per iteration the label-free
-selection's reference NLL beside the training masks' precision and recall against the training labels.
+"""The tables issue 22 asks for, from one or more finished sweeps (``iltm benchmark``, any data family): per data
+family, setting and anomalous fraction, the held-out metrics of the intensity reference, iteration 0 (the pipeline
+without ILTM), the last ILTM iteration and the iteration training recorded as best (label-free), as mean and spread
+over the sweeps' seeds, with ILTM's paired differences to iteration 0; and per iteration the label-free selection's
+reference NLL beside the training masks' precision and recall against the training labels.
 
-    python -m iltm_bench.family_report SWEEP OUT_DIR
+    python -m iltm_bench.family_report SWEEP [SWEEP ...] OUT_DIR
 
-Writes ``OUT_DIR/summary.csv``, ``OUT_DIR/iterations.csv`` and ``OUT_DIR/report.md``.
+Sweeps that differ only in ``--seed`` (same family, preset, ``--set`` items and held-out split) are one group.
+Writes ``OUT_DIR/summary.csv`` (one row per sweep, fraction and method), ``OUT_DIR/iterations.csv`` and
+``OUT_DIR/report.md``.
 """
 
 from __future__ import annotations
@@ -12,76 +16,154 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 from iltm.run import RunFolder
 
-from .sweep import ITERATIONS_CSV, SWEEP_CSV, read_table
+from .sweep import ITERATIONS_CSV, SETTINGS_JSON, SWEEP_CSV, read_table
 from .training_masks import mask_coverage
 
 METRICS = ("auroc", "aupro", "best_dice")
+ENTRIES = ("intensity", "iteration 0", "last ILTM iteration", "best iteration (label-free)")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
         writer.writeheader()
         writer.writerows(rows)
 
 
-def report(sweep: Path, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
+def group_of(settings: dict[str, Any]) -> str:
+    """What a sweep is, apart from its seed: family, preset, held-out split and ``--set`` items."""
+    overrides = " ".join(f"--set {o}" for o in settings.get("overrides", [])) or "as shipped"
+    return (f"{settings.get('data_family', 'phantom')}, {settings.get('preset')}, "
+            f"{settings.get('eval_split', 'test')} split, {overrides}")
+
+
+def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[str]]:
+    """(settings, summary rows, per-iteration rows, notes) of one finished sweep folder."""
+    stored = json.loads((sweep / SETTINGS_JSON).read_text(encoding="utf-8"))
+    settings = stored["settings"]
     sweep_rows = read_table(sweep / SWEEP_CSV)
     iteration_rows = [r for r in read_table(sweep / ITERATIONS_CSV) if r["threshold_schedule"] == "decreasing"]
-    summary, per_iteration, lines = [], [], []
-    settings = json.loads((sweep / "benchmark.json").read_text(encoding="utf-8"))
-    lines.append(f"Sweep `{sweep.name}`: `{settings['invocations'][-1]['command']}`\n")
+    base = {"sweep": sweep.name, "group": group_of(settings), "seed": settings.get("seed")}
+    summary, per_iteration, notes = [], [], []
     for fraction in sorted({float(r["anomalous_fraction"]) for r in iteration_rows}):
         run = RunFolder(sweep / f"fraction_{fraction:g}" / "runs" / "iltm")
         history = run.history()
         its = {int(r["iteration"]): r for r in iteration_rows if float(r["anomalous_fraction"]) == fraction}
         best = history.get("best_iteration")
-        entries = [("intensity", None, next((r for r in sweep_rows if r["method"] == "intensity"), None)),
-                   ("iteration 0", 0, its.get(0)), ("last ILTM iteration", max(its), its[max(its)]),
-                   ("best iteration (label-free)", best, its.get(best))]
-        for name, k, row in entries:
+        intensity = next((r for r in sweep_rows if r["method"] == "intensity"), None)
+        for name, k, row in zip(ENTRIES, (None, 0, max(its), best), (intensity, its.get(0), its[max(its)],
+                                                                     its.get(best))):
             if row is not None:
-                summary.append({"anomalous_fraction": fraction, "method": name, "iteration": k,
+                summary.append({**base, "anomalous_fraction": fraction, "method": name, "iteration": k,
                                 **{m: round(float(row[m]), 4) for m in METRICS}})
-        coverage = {r["iteration"]: r for r in mask_coverage(run, sweep / f"fraction_{fraction:g}" / "train" / "labels")}
+        labels = sweep / f"fraction_{fraction:g}" / "train" / "labels"
+        coverage = {r["iteration"]: r for r in mask_coverage(run, labels)} if labels.is_dir() else {}
         selection = {r["iteration"]: r for r in (history.get("iteration_selection") or {}).get("per_iteration", [])}
         for k, row in sorted(its.items()):
-            per_iteration.append({"anomalous_fraction": fraction, "iteration": k,
+            per_iteration.append({**base, "anomalous_fraction": fraction, "iteration": k,
                                   **{m: round(float(row[m]), 4) for m in METRICS},
                                   "resampling_threshold": row["resampling_threshold"],
                                   "masked_fraction": row["masked_fraction"],
                                   "reference_nll": selection.get(k, {}).get("reference_nll"),
                                   "mask_precision": coverage.get(k, {}).get("precision"),
                                   "mask_recall": coverage.get(k, {}).get("recall")})
-        lines.append(f"{100 * fraction:g} % anomalous; best iteration {best}: {history.get('selection_reason')}\n")
+        notes.append(f"`{sweep.name}`, {100 * fraction:g} % anomalous: best iteration {best} "
+                     f"({history.get('selection_reason')})")
+    return settings, summary, per_iteration, notes
+
+
+def _spread(values: list[float], scale: float = 100.0, sign: str = "") -> str:
+    if not values:
+        return ""
+    mean = f"{round(scale * statistics.fmean(values), 1) + 0.0:{sign}.1f}"  # + 0.0: no "-0.0" from rounding noise
+    return mean if len(values) == 1 else f"{mean} ± {scale * statistics.stdev(values):.1f}"
+
+
+def _cell(rows: list[dict]) -> str:
+    """'AUROC / best Dice' as mean ± sd over the rows (seeds)."""
+    if not rows:
+        return ""
+    return f"{_spread([r['auroc'] for r in rows])} / {_spread([r['best_dice'] for r in rows])}"
+
+
+def _paired(rows: list[dict], method: str, metric: str) -> tuple[list[float], int]:
+    """Per seed, ``method`` minus iteration 0 on ``metric``; and in how many seeds it is at least as high."""
+    by_seed: dict[Any, dict[str, float]] = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["method"]] = r[metric]
+    diffs = [m[method] - m["iteration 0"] for m in by_seed.values() if method in m and "iteration 0" in m]
+    return diffs, sum(d >= 0 for d in diffs)
+
+
+def render(summary: list[dict], per_iteration: list[dict], notes: list[str], commands: list[str]) -> str:
+    lines = ["Made from these sweeps:", "", "```bash", *commands, "```", ""]
+    for group in dict.fromkeys(r["group"] for r in summary):
+        rows = [r for r in summary if r["group"] == group]
+        seeds = sorted({r["seed"] for r in rows})
+        lines += [f"### {group}", "", f"Held-out AUROC / best Dice, mean ± sd over seeds {seeds}; last and best "
+                  "minus iteration 0, AUROC / best Dice points (seeds where at least as high):", "",
+                  "| training data anomalous | " + " | ".join(ENTRIES) + " | last - it. 0 | best - it. 0 |",
+                  "|---" * (len(ENTRIES) + 3) + "|"]
+        for fraction in sorted({r["anomalous_fraction"] for r in rows}):
+            at = [r for r in rows if r["anomalous_fraction"] == fraction]
+            cells = [_cell([r for r in at if r["method"] == name]) for name in ENTRIES]
+            for method in ENTRIES[2:]:
+                (da, na), (dd, _) = _paired(at, method, "auroc"), _paired(at, method, "best_dice")
+                cells.append(f"{_spread(da, sign='+')} ({na}/{len(da)}) / {_spread(dd, sign='+')}" if da else "")
+            lines.append(f"| {100 * fraction:g} % | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Per iteration (training masks against the training labels):", "",
+              "| sweep | fraction | iteration | t | masked tokens | reference NLL | mask precision | mask recall | "
+              "AUROC | best Dice |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, scale=100, d=1):
+        return "" if v in (None, "") else f"{scale * float(v):.{d}f}"
+
+    lines += [f"| {r['sweep']} | {r['anomalous_fraction']:g} | {r['iteration']} | "
+              f"{float(r['resampling_threshold']):.4g} | {fmt(r['masked_fraction'])} % | "
+              f"{fmt(r['reference_nll'], 1, 4)} | {fmt(r['mask_precision'])} % | {fmt(r['mask_recall'])} % | "
+              f"{fmt(r['auroc'])} | {fmt(r['best_dice'])} |" for r in per_iteration]
+    lines += ["", "The label-free choice:", "", *[f"- {n}" for n in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def report(sweeps: list[Path], out: Path) -> str:
+    summary, per_iteration, notes, commands = [], [], [], []
+    for sweep in sweeps:
+        _, s, p, n = collect(sweep)
+        summary += s
+        per_iteration += p
+        notes += n
+        stored = json.loads((sweep / SETTINGS_JSON).read_text(encoding="utf-8"))
+        commands += sorted({i["command"] for i in stored.get("invocations", []) if i.get("command")})
+    out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "summary.csv", summary)
     _write_csv(out / "iterations.csv", per_iteration)
-    lines += ["| fraction | method | iteration | AUROC | AUPRO | best Dice |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['anomalous_fraction']:g} | {r['method']} | {'' if r['iteration'] is None else r['iteration']} | "
-              f"{100 * r['auroc']:.1f} | {100 * r['aupro']:.1f} | {100 * r['best_dice']:.1f} |" for r in summary]
-    lines += ["", "| fraction | iteration | t | masked tokens | reference NLL | mask precision | mask recall | "
-                  "AUROC | best Dice |", "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, scale=100, d=1: "" if v in (None, "") else f"{scale * float(v):.{d}f}"  # noqa: E731
-    lines += [f"| {r['anomalous_fraction']:g} | {r['iteration']} | {float(r['resampling_threshold']):.4f} | "
-              f"{fmt(r['masked_fraction'])} % | {fmt(r['reference_nll'], 1, 4)} | {fmt(r['mask_precision'])} % | "
-              f"{fmt(r['mask_recall'])} % | {fmt(r['auroc'])} | {fmt(r['best_dice'])} |" for r in per_iteration]
-    text = "\n".join(lines) + "\n"
+    text = render(summary, per_iteration, notes, commands)
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    print(report(args.sweep, args.out))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iltm_bench.family_report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", type=Path, nargs="+", metavar="SWEEP ... OUT_DIR",
+                        help="finished sweep folders, then the folder to write the tables into")
+    args = parser.parse_args(argv)
+    if len(args.paths) < 2:
+        parser.error("give at least one SWEEP and the OUT_DIR")
+    missing = [p for p in args.paths[:-1] if not (p / SETTINGS_JSON).is_file()]
+    if missing:
+        parser.error(f"{missing[0]}: not a sweep folder ({SETTINGS_JSON} missing)")
+    print(report(args.paths[:-1], args.paths[-1]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""iltm_bench.family_report: tables over seeds from finished sweep folders (written here by hand, not trained)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from iltm_bench import family_report
+from iltm_bench.sweep import ITERATION_COLUMNS, ITERATIONS_CSV, SETTINGS_JSON, SWEEP_COLUMNS, SWEEP_CSV
+
+
+def _csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def fake_sweep(root: Path, seed: int, aurocs: list[float], dices: list[float], best: int,
+               overrides: list[str] | None = None) -> Path:
+    """A finished one-fraction (100 %) sweep whose iteration k scored aurocs[k] / dices[k]."""
+    root.mkdir(parents=True)
+    settings = {"dims": 2, "preset": "tiny", "seed": seed, "overrides": overrides or [], "data_family": "texture",
+                "eval_split": "val"}
+    command = f"iltm benchmark --out {root} --seed {seed}"
+    (root / SETTINGS_JSON).write_text(json.dumps({"settings": settings, "invocations": [{"command": command}]}))
+    _csv(root / SWEEP_CSV, SWEEP_COLUMNS, [{"method": "intensity", "anomalous_fraction": 1, "auroc": 0.6,
+                                            "aupro": 0.3, "best_dice": 0.1}])
+    _csv(root / ITERATIONS_CSV, ITERATION_COLUMNS, [
+        {"threshold_schedule": "decreasing", "anomalous_fraction": 1, "iteration": k, "auroc": a, "aupro": 0.5,
+         "best_dice": d, "resampling_threshold": 0.1, "masked_fraction": 0.05} for k, (a, d) in
+        enumerate(zip(aurocs, dices))])
+    run = root / "fraction_1" / "runs" / "iltm"
+    run.mkdir(parents=True)
+    (run / "history.json").write_text(json.dumps({
+        "version": 1, "iterations": [{"iteration": k} for k in range(len(aurocs))], "finished": True,
+        "best_iteration": best, "selection_reason": "because",
+        "iteration_selection": {"per_iteration": [{"iteration": k, "reference_nll": 2.0 - 0.1 * k}
+                                                  for k in range(len(aurocs))]}}))
+    return root
+
+
+def test_seeds_are_pooled_and_paired_against_iteration_0(tmp_path):
+    a = fake_sweep(tmp_path / "a", 0, [0.80, 0.82, 0.84], [0.20, 0.22, 0.30], best=1)
+    b = fake_sweep(tmp_path / "b", 1, [0.90, 0.88, 0.86], [0.40, 0.38, 0.36], best=0)
+    other = fake_sweep(tmp_path / "c", 0, [0.5, 0.5], [0.1, 0.1], best=0, overrides=["detection.resampling_quantile=0.3"])
+    text = family_report.report([a, b, other], tmp_path / "out")
+    # Two groups: the shipped settings over seeds 0 and 1, and the --set one alone.
+    assert "### texture, tiny, val split, as shipped" in text
+    assert "### texture, tiny, val split, --set detection.resampling_quantile=0.3" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 100 % | 60.0 ± 0.0 / 10.0 ± 0.0 | 85.0"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # iteration 0: AUROC 80 and 90, best Dice 20 and 40; last: 84 and 86 (36 and 30); best: 82 (22) and 90 (40)
+    assert cells[2] == "85.0 ± 7.1 / 30.0 ± 14.1"
+    assert cells[3] == "85.0 ± 1.4 / 33.0 ± 4.2"
+    assert cells[4] == "86.0 ± 5.7 / 31.0 ± 12.7"
+    # last - iteration 0: +4 and -4 AUROC points (one seed at least as high), +10 and -4 Dice
+    assert cells[5] == "+0.0 ± 5.7 (1/2) / +3.0 ± 9.9"
+    assert cells[6] == "+1.0 ± 1.4 (2/2) / +1.0 ± 1.4"
+    summary = list(csv.DictReader((tmp_path / "out" / "summary.csv").open(encoding="utf-8")))
+    assert {(r["sweep"], r["method"]) for r in summary} >= {("a", "best iteration (label-free)"), ("c", "intensity")}
+    assert "`a`, 100 % anomalous: best iteration 1 (because)" in text
+
+
+def test_the_cli_names_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(SystemExit):
+        family_report.main([str(tmp_path / "x"), str(tmp_path / "out")])
+    assert "not a sweep folder" in capsys.readouterr().err
