@@ -220,7 +220,9 @@ class ILTMConfig:
         cross_fit_folds: 0 = self-scored masks (the paper); K >= 2 = fold j's scans masked by a model fitted without it.
         mask_density_threshold: tau of the training-scan masks; null = ``detection.density_threshold``.
         spare_shared_uptake: leave a token unmasked where this share of the other scans is as bright (PET; per dim.).
-        select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration).
+        select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration;
+            training then also stops once an iteration's masks grow while it predicts the never-flagged tokens no
+            better than an earlier iteration).
     """
 
     max_iterations: int = setting(5, low=0)

@@ -541,6 +541,23 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
             "tolerance": SELECTION_TOLERANCE, "best_iteration": best, "selection_reason": reason}
 
 
+def masks_grew_for_nothing(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
+                           device: torch.device, k: int) -> str | None:
+    """The stop signal of ``iltm.select_iteration=best``, asked when iteration k's masks cover more tokens than
+    k - 1's: why to stop when k predicts the never-flagged tokens no better than the best earlier iteration (by
+    :func:`select_iteration`'s rule), else None. Masking more of the cohort while the model of the normal tokens
+    does not improve means the masks are taking normal tokens, and more iterations would mask more of them."""
+    selection = select_iteration(run, cfg, tokens, scan_ids, device)
+    best = selection["best_iteration"]
+    if best is None or best == k or selection["reference_tokens"] == 0:
+        return None
+    rows = {r["iteration"]: r for r in selection["per_iteration"]}
+    return (f"iteration {k}'s masks grew from {100 * rows[k - 1]['masked_fraction']:.2f} % to "
+            f"{100 * rows[k]['masked_fraction']:.2f} % of the tokens while its Transformer predicted the never-flagged "
+            f"tokens no better than iteration {best}'s (mean NLL {rows[k]['reference_nll']:.4f} against "
+            f"{rows[best]['reference_nll']:.4f}): stopped (iltm.select_iteration=best)")
+
+
 def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
     """(M, L) bool: iteration k's stored training-scan token masks, one row per scan id (True = masked)."""
     rows = []
@@ -726,6 +743,10 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                       f"(< {100 * cfg.iltm.stop_change:g} %) at iteration {k}")
         elif k == max_k:
             history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
+        elif cfg.iltm.select_iteration == "best" and prev_count is not None and count > prev_count:
+            reason = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k)
+            if reason:
+                history.update(finished=True, stop_reason=reason)
         if dist.is_main():
             run.write_json(run.history_path, history)
         previous_masks = masks

@@ -130,3 +130,39 @@ def test_when_every_token_was_flagged_iteration_0_is_kept_and_says_why(tmp_path,
     assert out["reference_tokens"] == 0 and out["best_iteration"] == 0
     assert "every token was flagged" in out["selection_reason"]
     json.dumps(out, allow_nan=False)  # history.json stays valid JSON
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_best_mode_stops_once_masks_grow_while_the_model_is_no_better(cohort2d, tmp_path, monkeypatch, grow):
+    """With iltm.select_iteration=best the loop stops at the first iteration whose masks cover more tokens than the
+    previous one's while the label-free rule keeps an earlier iteration; masks that shrink do not stop it."""
+    def fake_detect_stage(run, cfg, k, data, detectors, threshold, reporter, units):
+        latent = int(np.prod([s // cfg.vqvae.downsample_factor for s in data.arrays[0].shape[1:]]))
+        masks = torch.zeros(len(data), latent, dtype=torch.bool)
+        masks[:, :(3 + k) if grow else (6 - k)] = True
+        for i, rec in enumerate(data.records):  # what resume and the final selection read
+            run.token_mask_path(k, rec.id).parent.mkdir(parents=True, exist_ok=True)
+            np.save(run.token_mask_path(k, rec.id), masks[i].numpy())
+        return masks, 0.0
+
+    def fake_select(run, cfg, tokens, scan_ids, device):
+        done = [k for k, _ in run.iteration_dirs() if run.transformer_path(k).is_file()]
+        rows = [{"iteration": k, "reference_nll": 1.0 + 0.1 * k,
+                 "masked_fraction": float(train_mod.load_token_masks(run, k, scan_ids).float().mean())} for k in done]
+        return {"per_iteration": rows, "reference_tokens": 5, "probabilities": "held-out", "tolerance": 0.005,
+                "best_iteration": 0, "selection_reason": "iteration 0 predicted them best"}
+
+    monkeypatch.setattr(train_mod, "detect_stage", fake_detect_stage)
+    monkeypatch.setattr(train_mod, "select_iteration", fake_select)
+    run_dir = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run_dir, "--preset", "tiny", "--max-iterations", "2",
+                   "--set", "iltm.stop_change=0", "--set", "iltm.select_iteration=best", *FAST) == 0
+    history = RunFolder(run_dir).history()
+    trained = [r["iteration"] for r in history["iterations"]]
+    if grow:
+        assert trained == [0, 1]
+        assert history["stop_reason"].startswith("iteration 1's masks grew from")
+        assert "no better than iteration 0's (mean NLL 1.1000 against 1.0000)" in history["stop_reason"]
+    else:
+        assert trained == [0, 1, 2] and history["stop_reason"] == "reached --max-iterations (2)"
+    assert history["best_iteration"] == 0 and RunFolder(run_dir).check_for_detection() == 0
