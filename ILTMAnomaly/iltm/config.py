@@ -174,7 +174,8 @@ class DetectionConfig:
 
     Attributes:
         resampling_threshold: t: tokens with p(s_i | s_<i) below it are resampled.
-        resampling_quantile: q: training sets t to the q-quantile of its scans' token probabilities; null = absolute t.
+        resampling_quantile: q: training sets t to the q-quantile of its scans' token probabilities; null = absolute t
+            (per dimension).
         samples: S, healed token sequences.
         dropout_passes: D, decoder passes with dropout per healed sequence; N = S x D reconstructions.
         eps: KDE bandwidth regulariser in normalised intensity units; null = 5 % of the intensity range.
@@ -192,7 +193,7 @@ class DetectionConfig:
     """
 
     resampling_threshold: float = setting(0.005, low=0, high=1, above=True)
-    resampling_quantile: Optional[float] = setting(None, low=0, high=1, above=True)
+    resampling_quantile: Union[Optional[float], Dict[str, Optional[float]]] = setting(None, low=0, high=1, above=True)
     samples: int = setting(60, low=1)
     dropout_passes: int = setting(5, low=1)
     eps: Optional[float] = setting(None, low=0, above=True)
@@ -201,6 +202,10 @@ class DetectionConfig:
     decode_batch: int = setting(32, low=1)
     stream_above_mb: float = setting(1024.0, low=0)
     tile_overlap: float = setting(0.25, low=0, high=0.9)
+
+    def quantile_for(self, dims: Optional[int]) -> Optional[float]:
+        """The ``resampling_quantile`` that applies to ``dims``-D scans (None: the absolute t)."""
+        return per_dimension(self.resampling_quantile, dims)
 
     def check(self) -> None:
         if self.samples * self.dropout_passes < 2:
@@ -222,7 +227,7 @@ class ILTMConfig:
         spare_shared_uptake: leave a token unmasked where this share of the other scans is as bright (PET; per dim.).
         select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration;
             training then also stops once an iteration's masks grow while it predicts the never-flagged tokens no
-            better than an earlier iteration).
+            better than an earlier iteration); per dimension.
     """
 
     max_iterations: int = setting(5, low=0)
@@ -232,11 +237,15 @@ class ILTMConfig:
     cross_fit_folds: int = setting(0, low=0)
     mask_density_threshold: Optional[float] = setting(None, low=0, above=True)
     spare_shared_uptake: Union[Optional[float], Dict[str, Optional[float]]] = setting(None, low=0, high=1)
-    select_iteration: str = setting("last", choices=("last", "best"))
+    select_iteration: Union[str, Dict[str, str]] = setting("last", choices=("last", "best"))
 
     def spare_share(self, dims: Optional[int]) -> Optional[float]:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""
         return per_dimension(self.spare_shared_uptake, dims)
+
+    def selection_for(self, dims: Optional[int]) -> str:
+        """The ``select_iteration`` that applies to ``dims``-D scans ("last" where it names none)."""
+        return per_dimension(self.select_iteration, dims, missing="last")
 
     def check(self) -> None:
         if self.cross_fit_folds == 1:
@@ -388,7 +397,8 @@ def _check_value(name: str, value: Any, hint: Any, meta: dict) -> None:
         allowed = "one of " + ", ".join(map(str, meta["choices"]))
     ok = _conforms(value, hint)
     if ok and meta.get("choices") is not None:
-        ok = value in meta["choices"] or value is None
+        values = value.values() if isinstance(value, dict) else [value]
+        ok = all(v in meta["choices"] or v is None for v in values)
     if ok:
         low, high, above = meta.get("low"), meta.get("high"), meta.get("above")
         for n in _numbers(value):

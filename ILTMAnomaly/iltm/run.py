@@ -52,7 +52,8 @@ class RunFolder(RunLayout):
                 raise InputError(self.transformer_path(last), f"iteration {last} is recorded as finished in "
                                  f"{self.history_path.name} but its Transformer is missing; 'iltm train --resume "
                                  f"{self.root}' redoes it (or choose --iteration {iterations[-1]})")
-            if self.config().iltm.select_iteration == "best":
+            cfg = self.config()
+            if cfg.iltm.selection_for(cfg.data.spatial_dims) == "best":
                 best = self.history().get("best_iteration")
                 if best in iterations:
                     return best

@@ -479,7 +479,7 @@ MIN_RESAMPLING_THRESHOLD = 1e-12  # a quantile of probabilities that underflowed
 def adaptive_threshold(run: RunFolder, cfg: Config, tokens: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """``detection.resampling_quantile`` q: t = the q-quantile of the training scans' token probabilities under
     iteration 0 (held-out folds where there are some); returns the record for ``history.json``."""
-    q = float(cfg.detection.resampling_quantile)
+    q = float(cfg.detection.quantile_for(cfg.data.spatial_dims))
     probs, source = cohort_token_probabilities(run, 0, tokens, cfg.iltm.cross_fit_folds, device)
     t = max(float(np.quantile(probs.numpy().astype(np.float64).ravel(), q)), MIN_RESAMPLING_THRESHOLD)
     return {"resampling_quantile": q, "resampling_threshold": min(t, 1.0),
@@ -650,7 +650,10 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if cfg.data.spatial_dims not in (None, dims):
             raise InputError(data, f"images are {dims}D but the config asks for spatial_dims={cfg.data.spatial_dims}")
         cfg.data.spatial_dims = dims
-        cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)  # config.yaml records the values that apply
+        # config.yaml records the values that apply to these scans
+        cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)
+        cfg.iltm.select_iteration = cfg.iltm.selection_for(dims)
+        cfg.detection.resampling_quantile = cfg.detection.quantile_for(dims)
         cfg.vqvae.min_steps = cfg.vqvae.steps_for(dims)
         cfg.vqvae.collapse_retries = cfg.vqvae.retries_for(dims)
         if cfg.data.spatial_size is None:
@@ -696,6 +699,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                       f"vqvae.collapse_retries=1 (another initialisation when this happens).")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
+    best_mode = cfg.iltm.selection_for(cfg.data.spatial_dims) == "best"
     previous_masks: torch.Tensor | None = None
     for k in range(max_k + 1):
         if k in done:
@@ -717,11 +721,12 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
             record["fold_train_seconds"] = cross_fit_stage(run, cfg, k, tokens, previous_masks, device, reporter,
                                                            units=1.0)
             paths = [run.fold_transformer_path(k, j) for j in range(folds)]
-        if k == 0 and cfg.detection.resampling_quantile is not None and "adaptive_threshold" not in history:
+        quantile = cfg.detection.quantile_for(cfg.data.spatial_dims)
+        if k == 0 and quantile is not None and "adaptive_threshold" not in history:
             history["adaptive_threshold"] = adaptive_threshold(run, cfg, tokens, device)
             cfg.detection.resampling_threshold = history["adaptive_threshold"]["resampling_threshold"]
             reporter.log(f"resampling threshold t = {cfg.detection.resampling_threshold:.5g}: the "
-                         f"{cfg.detection.resampling_quantile:g}-quantile of the training scans' token probabilities "
+                         f"{quantile:g}-quantile of the training scans' token probabilities "
                          f"(detection.resampling_quantile)")
             if dist.is_main():
                 cfg.save(run.config_path)  # detection reads t from here
@@ -743,7 +748,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                       f"(< {100 * cfg.iltm.stop_change:g} %) at iteration {k}")
         elif k == max_k:
             history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
-        elif cfg.iltm.select_iteration == "best" and prev_count is not None and count > prev_count:
+        elif best_mode and prev_count is not None and count > prev_count:
             reason = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k)
             if reason:
                 history.update(finished=True, stop_reason=reason)
@@ -764,7 +769,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
             run.write_json(run.history_path, history)
     reporter.log(f"best iteration by the never-flagged tokens' likelihood: {history['best_iteration']} "
                  f"({history['selection_reason']})" + ("; detection uses it (iltm.select_iteration=best)"
-                                                       if cfg.iltm.select_iteration == "best" else ""))
+                                                       if best_mode else ""))
     reporter.log(f"training finished: {history['stop_reason']}")
     reporter.emit("done", run=str(run.root))
     return run

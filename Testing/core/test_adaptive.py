@@ -166,3 +166,14 @@ def test_best_mode_stops_once_masks_grow_while_the_model_is_no_better(cohort2d, 
     else:
         assert trained == [0, 1, 2] and history["stop_reason"] == "reached --max-iterations (2)"
     assert history["best_iteration"] == 0 and RunFolder(run_dir).check_for_detection() == 0
+
+
+def test_the_rules_may_be_set_per_dimension():
+    cfg = config_mod.build("tiny", overrides=["detection.resampling_quantile={2d: 0.3}",
+                                              "iltm.select_iteration={2d: best}"])
+    assert cfg.detection.quantile_for(2) == 0.3 and cfg.detection.quantile_for(3) is None
+    assert cfg.iltm.selection_for(2) == "best" and cfg.iltm.selection_for(3) == "last"
+    with pytest.raises(Exception, match="select_iteration"):
+        config_mod.build("tiny", overrides=["iltm.select_iteration={2d: first}"])
+    with pytest.raises(Exception, match="resampling_quantile"):
+        config_mod.build("tiny", overrides=["detection.resampling_quantile={3d: 2}"])
