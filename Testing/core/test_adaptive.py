@@ -19,10 +19,12 @@ from iltm.run import RunFolder
 from iltm.transformer import TokenTransformer
 
 
-def test_defaults_keep_the_absolute_threshold_and_the_last_iteration():
+def test_defaults_keep_the_last_iteration_and_tiny_takes_a_quantile_t_in_2d():
     for name in ("paper", "small", "tiny"):
         cfg = config_mod.preset(name)
-        assert cfg.detection.resampling_quantile is None and cfg.iltm.select_iteration == "last"
+        assert cfg.iltm.selection_for(2) == "last" and cfg.iltm.selection_for(3) == "last"
+        assert cfg.detection.quantile_for(3) is None
+        assert cfg.detection.quantile_for(2) == (0.3 if name == "tiny" else None)
     with pytest.raises(Exception, match="resampling_quantile"):
         config_mod.build("tiny", overrides=["detection.resampling_quantile=1.5"])
     with pytest.raises(Exception, match="select_iteration"):
@@ -71,7 +73,7 @@ def test_a_default_run_records_its_best_iteration_and_still_detects_with_the_las
     else:  # these few-epoch test models may flag every token: then nothing can judge, and iteration 0 is kept
         assert history["best_iteration"] == 0 and "every token was flagged" in history["selection_reason"]
         assert all(r["reference_nll"] is None for r in selection["per_iteration"])
-    assert "adaptive_threshold" not in history
+    assert history["adaptive_threshold"]["resampling_quantile"] == 0.3  # tiny in 2D
     assert RunFolder(run2d).check_for_detection() == 1
     # Asked for the best, detection takes history.json's best_iteration.
     copy = tmp_path / "copy"
