@@ -38,9 +38,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def group_of(settings: dict[str, Any]) -> str:
     """What a sweep is, apart from its seed: family, preset, held-out split and ``--set`` items."""
-    overrides = " ".join(f"--set {o}" for o in settings.get("overrides", [])) or "as shipped"
-    return (f"{settings.get('data_family', 'phantom')}, {settings.get('preset')}, "
-            f"{settings.get('eval_split', 'test')} split, {overrides}")
+    overrides = " ".join(f"--set {o}" for o in settings.get("overrides", [])) or "no --set"
+    family = settings.get("data_family", "phantom")
+    held_out = (f"held-out seed {settings.get('test_seed')}" if family == "phantom"
+                else f"{settings.get('eval_split', 'test')} split")
+    return f"{family}, {settings.get('preset')}, {held_out}, {overrides}"
 
 
 def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[str]]:

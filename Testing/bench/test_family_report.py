@@ -49,7 +49,7 @@ def test_seeds_are_pooled_and_paired_against_iteration_0(tmp_path):
     other = fake_sweep(tmp_path / "c", 0, [0.5, 0.5], [0.1, 0.1], best=0, overrides=["detection.resampling_quantile=0.3"])
     text = family_report.report([a, b, other], tmp_path / "out")
     # Two groups: the shipped settings over seeds 0 and 1, and the --set one alone.
-    assert "### texture, tiny, val split, as shipped" in text
+    assert "### texture, tiny, val split, no --set" in text
     assert "### texture, tiny, val split, --set detection.resampling_quantile=0.3" in text
     row = next(line for line in text.splitlines() if line.startswith("| 100 % | 60.0 ± 0.0 / 10.0 ± 0.0 | 85.0"))
     cells = [c.strip() for c in row.strip("|").split("|")]
