@@ -124,7 +124,8 @@ def test_iteration_csv_matches_the_runs_and_the_sweep_rows(sweep):
             if last >= 1:
                 t1 = float(mine[1]["resampling_threshold"])
                 t0 = float(mine[0]["resampling_threshold"])
-                assert t1 == pytest.approx(t0 if schedule == "constant" else t0 * 0.875)
+                # The CSV holds six decimals (in 2D t is a quantile of the cohort, not a round 0.1).
+                assert t1 == pytest.approx(t0 if schedule == "constant" else t0 * 0.875, abs=1e-6)
 
 
 def test_the_best_iteration_row_is_that_iterations_test_scores(sweep):
