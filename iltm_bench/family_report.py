@@ -46,7 +46,7 @@ def group_of(settings: dict[str, Any]) -> str:
 
 
 def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[str]]:
-    """(settings, summary rows, per-iteration rows, notes) of one finished sweep folder."""
+    """(benchmark.json, summary rows, per-iteration rows, notes) of one finished sweep folder."""
     stored = json.loads((sweep / SETTINGS_JSON).read_text(encoding="utf-8"))
     settings = stored["settings"]
     sweep_rows = read_table(sweep / SWEEP_CSV)
@@ -77,7 +77,7 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
                                   "mask_recall": coverage.get(k, {}).get("recall")})
         notes.append(f"`{sweep.name}`, {100 * fraction:g} % anomalous: best iteration {best} "
                      f"({history.get('selection_reason')})")
-    return settings, summary, per_iteration, notes
+    return stored, summary, per_iteration, notes
 
 
 def _spread(values: list[float], scale: float = 100.0, sign: str = "") -> str:
@@ -138,11 +138,10 @@ def render(summary: list[dict], per_iteration: list[dict], notes: list[str], com
 def report(sweeps: list[Path], out: Path) -> str:
     summary, per_iteration, notes, commands = [], [], [], []
     for sweep in sweeps:
-        _, s, p, n = collect(sweep)
+        stored, s, p, n = collect(sweep)
         summary += s
         per_iteration += p
         notes += n
-        stored = json.loads((sweep / SETTINGS_JSON).read_text(encoding="utf-8"))
         commands += sorted({i["command"] for i in stored.get("invocations", []) if i.get("command")})
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "summary.csv", summary)

@@ -22,7 +22,7 @@ import torch
 from iltm.detect import Detector, token_mask_from_map
 from iltm.errors import InputError
 from iltm.run import RunFolder
-from iltm.train import fold_of, iteration_threshold
+from iltm.train import fold_of, iteration_threshold, training_scan_generator
 from iltm.transformer import TokenTransformer
 
 ABSOLUTE = (0.005, 0.01, 0.05, 0.1)
@@ -42,7 +42,7 @@ def held_out_log_densities(run: RunFolder, labels: Path, k: int) -> tuple[np.nda
     for i, entry in enumerate(run.manifest()["images"]):
         image = sitk.ReadImage(str(entry["image"]))
         array, _ = base.preprocessor.forward(image, where=str(entry["image"]))
-        generator = torch.Generator().manual_seed(cfg.seed + 100003 * k + i)
+        generator = training_scan_generator(cfg, k, i, base.device)
         result = detectors[fold_of(i, len(detectors))].detect_array(torch.from_numpy(array), threshold, generator)
         label_path = labels / f"{entry['id']}.nii.gz"
         if not label_path.is_file():

@@ -332,6 +332,11 @@ def spare_footprints(log_density: torch.Tensor, spared: torch.Tensor, factor: in
     return torch.where(up, torch.clamp(log_density, min=math.log(tau) + 1.0), log_density)
 
 
+def training_scan_generator(cfg: Config, k: int, i: int, device: torch.device) -> torch.Generator:
+    """The random stream of iteration k's detection of training scan i (its own, so a resumed detection is the same)."""
+    return torch.Generator(device=device).manual_seed(cfg.seed + 100003 * k + i)
+
+
 def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detectors: list[Detector],
                  threshold: float, reporter: Reporter, units: float) -> tuple[torch.Tensor, float]:
     """Binary maps of every training scan with iteration k's detector(s); returns token masks (M, L) and seconds.
@@ -353,7 +358,7 @@ def detect_stage(run: RunFolder, cfg: Config, k: int, data: TrainingSet, detecto
         if token_path.is_file() and mask_path.is_file():
             continue
         detector = detectors[fold_of(i, len(detectors))]
-        generator = torch.Generator(device=detector.device).manual_seed(cfg.seed + 100003 * k + i)
+        generator = training_scan_generator(cfg, k, i, detector.device)
         result = detector.detect_array(torch.from_numpy(data.arrays[i]), threshold, generator)
         if uptake is not None:
             latent = [s // factor for s in data.arrays[i].shape[1:]]
@@ -542,20 +547,21 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
 
 
 def masks_grew_for_nothing(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
-                           device: torch.device, k: int) -> str | None:
+                           device: torch.device, k: int) -> tuple[str | None, dict[str, Any]]:
     """The stop signal of ``iltm.select_iteration=best``, asked when iteration k's masks cover more tokens than
     k - 1's: why to stop when k predicts the never-flagged tokens no better than the best earlier iteration (by
-    :func:`select_iteration`'s rule), else None. Masking more of the cohort while the model of the normal tokens
-    does not improve means the masks are taking normal tokens, and more iterations would mask more of them."""
+    :func:`select_iteration`'s rule), else None; and that selection, which is the run's final one if it stops here.
+    Masking more of the cohort while the model of the normal tokens does not improve means the masks are taking
+    normal tokens, and more iterations would mask more of them."""
     selection = select_iteration(run, cfg, tokens, scan_ids, device)
     best = selection["best_iteration"]
     if best is None or best == k or selection["reference_tokens"] == 0:
-        return None
+        return None, selection
     rows = {r["iteration"]: r for r in selection["per_iteration"]}
     return (f"iteration {k}'s masks grew from {100 * rows[k - 1]['masked_fraction']:.2f} % to "
             f"{100 * rows[k]['masked_fraction']:.2f} % of the tokens while its Transformer predicted the never-flagged "
             f"tokens no better than iteration {best}'s (mean NLL {rows[k]['reference_nll']:.4f} against "
-            f"{rows[best]['reference_nll']:.4f}): stopped (iltm.select_iteration=best)")
+            f"{rows[best]['reference_nll']:.4f}): stopped (iltm.select_iteration=best)"), selection
 
 
 def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
@@ -700,6 +706,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
     best_mode = cfg.iltm.selection_for(cfg.data.spatial_dims) == "best"
+    quantile = cfg.detection.quantile_for(cfg.data.spatial_dims)
     previous_masks: torch.Tensor | None = None
     for k in range(max_k + 1):
         if k in done:
@@ -721,7 +728,6 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
             record["fold_train_seconds"] = cross_fit_stage(run, cfg, k, tokens, previous_masks, device, reporter,
                                                            units=1.0)
             paths = [run.fold_transformer_path(k, j) for j in range(folds)]
-        quantile = cfg.detection.quantile_for(cfg.data.spatial_dims)
         if k == 0 and quantile is not None and "adaptive_threshold" not in history:
             history["adaptive_threshold"] = adaptive_threshold(run, cfg, tokens, device)
             cfg.detection.resampling_threshold = history["adaptive_threshold"]["resampling_threshold"]
@@ -749,9 +755,11 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         elif k == max_k:
             history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
         elif best_mode and prev_count is not None and count > prev_count:
-            reason = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k)
-            if reason:
-                history.update(finished=True, stop_reason=reason)
+            reason, selection = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k)
+            if reason:  # the loop ends at k: this selection over 0..k is the final one
+                history.update(finished=True, stop_reason=reason, iteration_selection=selection,
+                               best_iteration=selection["best_iteration"],
+                               selection_reason=selection["selection_reason"])
         if dist.is_main():
             run.write_json(run.history_path, history)
         previous_masks = masks
