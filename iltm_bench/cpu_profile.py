@@ -16,7 +16,9 @@ minutes of one run and each stage's share of it.
 The reference paths: attention always reads a bool (T, K) mask (converted to float in every layer, forward and
 backward), where the package now takes the fused kernel's own causal mask when no key is masked and a float mask
 built once per pass otherwise; healing runs on torch's default intra-op threads, where the package runs it on one.
-Untouched stages run the same code in both columns.
+Untouched stages run the same code in both columns. The reference run fits every iteration's full-cohort
+Transformer; the new one as the preset says (``iltm.full_transformers=used``: only the last iteration's), so the
+"calls" column shows both counts where they differ.
 """
 
 from __future__ import annotations
@@ -91,16 +93,28 @@ def epoch_batches(n: int, batch: int) -> list[int]:
     return [batch] * (n // batch) + ([n % batch] if n % batch else [])
 
 
-def run_calls(cfg, n: int) -> dict[str, float]:
-    """Calls per run, each counted in units of the timed call (steps scaled by their batch's share of a full one)."""
+def run_calls(cfg, n: int, every_full: bool | None = None) -> dict[str, float]:
+    """Calls per run, each counted in units of the timed call (steps scaled by their batch's share of a full one).
+
+    ``every_full``: every iteration fits its full-cohort Transformer (the reference), else only the last one does,
+    after the loop (``iltm.full_transformers=used`` with ``select_iteration=last``); None: as the preset says.
+    """
+    if every_full is None:
+        every_full = cfg.iltm.fits_every_transformer()
     vq_batch = stage_batch_size(n, cfg.vqvae.batch_size, cfg.vqvae.epochs, cfg.vqvae.steps_for(3))
     vq_steps = cfg.vqvae.epochs * sum(b / vq_batch for b in epoch_batches(n, vq_batch))
     t_batch, folds = cfg.transformer.batch_size, cfg.iltm.cross_fit_folds
-    rows = [n] + [sum(1 for i in range(n) if fold_of(i, folds) != j) for j in range(folds)]
-    fits = cfg.transformer.epochs * sum(b / t_batch for m in rows for b in epoch_batches(m, t_batch))
+
+    def steps(m: int) -> float:
+        return cfg.transformer.epochs * sum(b / t_batch for b in epoch_batches(m, t_batch))
+
+    full, fold_fits = steps(n), sum(steps(sum(1 for i in range(n) if fold_of(i, folds) != j)) for j in range(folds))
     iterations = cfg.iltm.max_iterations + 1
-    return {"vq_batch": vq_batch, "vqvae": vq_steps, "unmasked": fits, "masked": fits * (iterations - 1),
-            "detect": n * iterations, "iterations": iterations, "fits": len(rows)}
+    unmasked = fold_fits + (full if every_full or iterations == 1 else 0.0)
+    masked = (iterations - 1) * fold_fits + (full * (iterations - 1) if every_full else full * (iterations > 1))
+    return {"vq_batch": vq_batch, "vqvae": vq_steps, "unmasked": unmasked, "masked": masked,
+            "detect": n * iterations, "iterations": iterations, "fits": folds + 1,
+            "full_fits": iterations if every_full else 1}
 
 
 def main(argv=None) -> None:
@@ -121,11 +135,12 @@ def main(argv=None) -> None:
     cfg.data.spatial_dims = 3
     det = cfg.detection
     calls = run_calls(cfg, args.n_train)
+    ref_calls = run_calls(cfg, args.n_train, every_full=True)
     shape = tuple(reversed(args.size))                                   # numpy order (z, y, x)
     latent = tuple(s // cfg.vqvae.downsample_factor for s in shape)
     length = math.prod(latent)
     torch.manual_seed(0)
-    rows = []  # (stage, reference s, new s, calls per run)
+    rows = []  # (stage, reference s, new s, key of the calls per run)
 
     # VQ-VAE: unchanged; timed once with its augmentation for the shares.
     vqvae = build_vqvae(cfg.vqvae, 3).train()
@@ -141,7 +156,7 @@ def main(argv=None) -> None:
         vq_opt.step()
 
     t = fastest({"vq": vq_step}, args.rounds)["vq"]
-    rows.append((f"VQ-VAE step (batch {calls['vq_batch']}, augmented)", t, t, calls["vqvae"]))
+    rows.append((f"VQ-VAE step (batch {calls['vq_batch']}, augmented)", t, t, "vqvae"))
 
     # Transformer steps, reference and new on the same weights and batch.
     codes = cfg.vqvae.num_embeddings
@@ -153,8 +168,7 @@ def main(argv=None) -> None:
                           (f"{args.masked:.0%} masked (later iterations)", mask, "masked")):
         t = fastest({"ref": lambda: transformer_step(reference, tokens, m),
                      "new": lambda: transformer_step(model, tokens, m)}, args.rounds)
-        rows.append((f"Transformer step, {label}, batch {cfg.transformer.batch_size}", t["ref"], t["new"],
-                     calls[key]))
+        rows.append((f"Transformer step, {label}, batch {cfg.transformer.batch_size}", t["ref"], t["new"], key))
 
     # One training-scan detection, stage by stage.
     model.eval()
@@ -165,39 +179,43 @@ def main(argv=None) -> None:
     n = det.samples * det.dropout_passes
     with torch.no_grad():
         t = fastest({"enc": lambda: encode_tokens(detector.vqvae, image)}, args.rounds)["enc"]
-        rows.append(("detection: encoding", t, t, calls["detect"]))
+        rows.append(("detection: encoding", t, t, "detect"))
         ref_model = reference_copy(model)
         t = fastest({"ref": lambda: ref_model.token_probabilities(one[None]),
                      "new": lambda: model.token_probabilities(one[None])}, args.rounds)
-        rows.append(("detection: likelihood", t["ref"], t["new"], calls["detect"]))
+        rows.append(("detection: likelihood", t["ref"], t["new"], "detect"))
         t = fastest({"ref": lambda: ref_model.heal(one, flagged, det.samples),
                      "new": lambda: new_heal(model, one, flagged, det.samples)}, args.rounds)
         rows.append((f"detection: healing {int(flagged.sum())} tokens x S={det.samples}", t["ref"], t["new"],
-                     calls["detect"]))
+                     "detect"))
         latents = one.reshape(1, *latent).repeat(n, *[1] * len(latent))
         parts: list = []
         t = fastest({"dec": lambda: (parts.clear(), detector.decode_batches(latents, 0, det.decode_batch,
                                                                             parts.append))}, args.rounds)["dec"]
-        rows.append((f"detection: decoding N={n}", t, t, calls["detect"]))
+        rows.append((f"detection: decoding N={n}", t, t, "detect"))
         recon = torch.cat(parts)
         t = fastest({"kde": lambda: log_density(recon, image[0, 0], cfg.eps(), det.kde_chunk_voxels)},
                     args.rounds)["kde"]
-        rows.append(("detection: KDE", t, t, calls["detect"]))
+        rows.append(("detection: KDE", t, t, "detect"))
 
-    total_ref = sum(r[1] * r[3] for r in rows)
-    total_new = sum(r[2] * r[3] for r in rows)
+    total_ref = sum(r[1] * ref_calls[r[3]] for r in rows)
+    total_new = sum(r[2] * calls[r[3]] for r in rows)
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end; fastest of "
           f"{args.rounds} alternating rounds after a warm-up")
     print(f"# preset {args.preset}, scans {'x'.join(map(str, args.size))} ({math.prod(shape)} voxels), tokens "
           f"{'x'.join(map(str, latent))} = {length}; run of {args.n_train} scans: {calls['iterations']} iterations, "
-          f"{calls['fits']} Transformer fits each, detections healing {args.flagged:.0%} of the tokens, later "
+          f"{calls['fits']} Transformer fits each (the full-cohort one: reference every iteration, new "
+          f"{'every iteration' if calls['full_fits'] == calls['iterations'] else 'the last one only'}), detections "
+          f"healing {args.flagged:.0%} of the tokens, later "
           f"iterations masking {args.masked:.0%}")
-    print(f"{'stage':58}{'ref s':>9}{'new s':>9}{'ratio':>7}{'calls':>8}{'ref min':>9}{'new min':>9}"
+    print(f"{'stage':58}{'ref s':>9}{'new s':>9}{'ratio':>7}{'calls':>13}{'ref min':>9}{'new min':>9}"
           f"{'ref %':>7}{'new %':>7}")
-    for stage, ref, new, count in rows:
-        print(f"{stage:58}{ref:9.3f}{new:9.3f}{ref / new:7.2f}{count:8.0f}{ref * count / 60:9.1f}"
-              f"{new * count / 60:9.1f}{100 * ref * count / total_ref:7.1f}{100 * new * count / total_new:7.1f}")
+    for stage, ref, new, key in rows:
+        before, now = ref_calls[key], calls[key]
+        counts = f"{now:.0f}" if before == now else f"{before:.0f}->{now:.0f}"
+        print(f"{stage:58}{ref:9.3f}{new:9.3f}{ref / new:7.2f}{counts:>13}{ref * before / 60:9.1f}"
+              f"{new * now / 60:9.1f}{100 * ref * before / total_ref:7.1f}{100 * new * now / total_new:7.1f}")
     det_ref = sum(r[1] for r in rows if r[0].startswith("detection"))
     det_new = sum(r[2] for r in rows if r[0].startswith("detection"))
     print(f"{'one detection (sum of its stages)':58}{det_ref:9.3f}{det_new:9.3f}{det_ref / det_new:7.2f}")

@@ -185,11 +185,13 @@ def configs(settings: SweepSettings):
 
     from .baselines import build_config
 
-    # The cohorts are synthetic SUV: clip at a fixed SUV (a --set data.clip_value=... still wins).
+    # The cohorts are synthetic SUV: clip at a fixed SUV (a --set data.clip_value=... still wins). The sweep scores
+    # every iteration on the test set, so every iteration's full-cohort Transformer is fitted (the same models).
     from .families import FAMILY_SETTINGS
 
     family = FAMILY_SETTINGS.get(settings.data_family, [])
-    tree = build_config(settings.preset, [f"data.clip_value={SUV_CLIP}", *family, *settings.overrides],
+    tree = build_config(settings.preset, [f"data.clip_value={SUV_CLIP}", "iltm.full_transformers=every", *family,
+                                          *settings.overrides],
                         seed=settings.seed,
                         device=settings.device, iltm__max_iterations=settings.max_iterations)
     return tree.core(), tree.baselines

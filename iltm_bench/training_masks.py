@@ -32,7 +32,7 @@ def read_bool(path: Path) -> np.ndarray:
 
 def mask_coverage(run: RunFolder, labels: Path) -> list[dict]:
     rows = []
-    for k in run.trained_iterations():
+    for k in run.mask_iterations():
         masks = sorted((run.iteration_dir(k) / "masks").glob(f"*{MASK_SUFFIX}"))
         if not masks:
             continue

@@ -62,15 +62,19 @@ class RunFolder(RunLayout):
         return self.iteration_dir(iteration)
 
     def resolve_iteration(self, iteration: Optional[int]) -> int:
-        """The iteration detection will use: ``iteration`` when trained, the last one when None or negative."""
+        """The iteration detection will use: ``iteration`` when trained; when None or negative, the one training
+        chose (``history.json``'s ``detection_iteration``), else the last trained one."""
         trained = self.trained_iterations()
         if not trained:
             self.check_complete()
         if iteration is None or iteration < 0:
-            return trained[-1]
+            chosen = self.history().get("detection_iteration") if self.history_path.is_file() else None
+            return chosen if chosen in trained else trained[-1]
         if iteration not in trained:
+            fit = (f" Its masks exist; 'iltm train --resume {self.root} --full-fit {iteration}' fits its Transformer."
+                   if iteration in self.mask_iterations() else "")
             raise PanelError(f"Iteration {iteration} of {self.root} has no trained Transformer "
-                             f"(trained: {', '.join(map(str, trained))}).")
+                             f"(trained: {', '.join(map(str, trained))}).{fit}")
         return iteration
 
     # -- contents ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ EXAMPLES = {
     "train": ("examples:\n  iltm train --data cohort --out run --preset tiny\n"
               "  iltm train --data scans.csv --out run --preset small --max-iterations 4 --set detection.samples=30\n"
               "  iltm train --resume run\n"
+              "  iltm train --resume run --full-fit 0   # iteration 0's full model too, for detect --iteration 0\n"
               "  torchrun --nproc_per_node 4 -m iltm train --data cohort --out run --preset paper"),
     "detect": ("examples:\n  iltm detect --run run --input scan.nii.gz --out results\n"
                "  iltm detect --run model.zip --input scan.nii.gz --out results\n"
@@ -83,12 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable scans with a warning")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set transformer.epochs=10 (repeatable)")
+    p.add_argument("--full-fit", type=int, action="append", metavar="K",
+                   help="also fit iteration K's full-cohort Transformer, so that 'iltm detect --iteration K' can use "
+                        "it (tiny and small fit only the one detection uses); with --resume on a finished run, only "
+                        "that (repeatable)")
 
     p = add("detect", "Score scans with a trained run: <id>_score.nii.gz and <id>_mask.nii.gz per input.")
     p.add_argument("--run", required=True, type=Path, help="trained run folder, or a model bundle (.zip, iltm export)")
     p.add_argument("--input", required=True, type=Path, help="an image file, a folder of images or a CSV list")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to use (default: the last)")
+    p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to use (default: the one "
+                                                 "training chose, the last unless iltm.select_iteration=best)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--resampling-threshold", type=float, help="t: resample tokens with p < t (default from run)")
     p.add_argument("--samples", type=int, help="S: healed samples (default from run)")

@@ -49,17 +49,18 @@ def cmd_train(args, reporter: Reporter) -> int:
     from .io import check_output_folder, removed_if_left_empty
     from .train import train
 
+    full_fits = getattr(args, "full_fit", None) or []
     if args.resume is not None:
         if args.resume.is_dir():
             check_output_folder(args.resume, "--resume")
-        run = train(args.resume, resume=True, reporter=reporter)
+        run = train(args.resume, resume=True, reporter=reporter, full_fits=full_fits)
     else:
         if args.out is None:
             raise InputError("--out", "required with --data (the run folder to create)")
         check_output_folder(args.out)
         with removed_if_left_empty(args.out):
             run = train(args.out, cfg=train_config(args), data=args.data, skip_unreadable=args.skip_unreadable,
-                        reporter=reporter)
+                        reporter=reporter, full_fits=full_fits)
     reporter.log(f"run folder: {run.root}")
     return 0
 

@@ -228,6 +228,11 @@ class ILTMConfig:
         select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration;
             training then also stops once an iteration's masks grow while it predicts the never-flagged tokens no
             better than an earlier iteration); per dimension.
+        full_transformers: with cross-fitting, whose full-cohort Transformer training fits: "every" iteration's, or
+            only the one detection uses ("used": the training-scan masks, the adaptive threshold and the iteration
+            selection all come from the fold Transformers, so the others' full fits would be read by nobody;
+            ``iltm train --resume RUN --full-fit K`` fits iteration K's later). Without cross-fitting every
+            iteration needs its own.
     """
 
     max_iterations: int = setting(5, low=0)
@@ -238,6 +243,11 @@ class ILTMConfig:
     mask_density_threshold: Optional[float] = setting(None, low=0, above=True)
     spare_shared_uptake: Union[Optional[float], Dict[str, Optional[float]]] = setting(None, low=0, high=1)
     select_iteration: Union[str, Dict[str, str]] = setting("last", choices=("last", "best"))
+    full_transformers: str = setting("every", choices=("every", "used"))
+
+    def fits_every_transformer(self) -> bool:
+        """Whether training fits every iteration's full-cohort Transformer (always without cross-fitting)."""
+        return not self.cross_fit_folds or self.full_transformers == "every"
 
     def spare_share(self, dims: Optional[int]) -> Optional[float]:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""
@@ -303,8 +313,10 @@ class Config:
 
 
 # Small models on small cohorts: cross-fitted masks with a looser tau, and sparing shared uptake in 3D
-# (docs/research.md, "How the defaults were chosen").
-TRAINING_MASKS = dict(cross_fit_folds=2, mask_density_threshold=0.05, spare_shared_uptake={"3d": 0.25})
+# (docs/research.md, "How the defaults were chosen"); the full-cohort Transformer only where detection uses it
+# (docs/research.md, "Where a CPU run's time goes").
+TRAINING_MASKS = dict(cross_fit_folds=2, mask_density_threshold=0.05, spare_shared_uptake={"3d": 0.25},
+                      full_transformers="used")
 
 # Overrides of the paper defaults. "paper" is the dataclass defaults themselves (DESIGN.md numbers).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -47,7 +47,7 @@ def run_demo(out: Path, reporter: Reporter, dims: int = 2, n_train: int = 64, n_
     # The phantoms are in SUV: clip them at a fixed SUV unless the user says otherwise.
     overrides = [f"data.clip_value={SUV_CLIP}", *overrides]
     cfg = config_mod.build(preset, overrides=overrides, seed=seed, iltm__max_iterations=max_iterations)
-    run = train(out / "run", cfg=cfg, data=out / "train", reporter=reporter)
+    run = train(out / "run", cfg=cfg, data=out / "train", reporter=reporter, full_fits=[0])
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -10,8 +10,10 @@ Slicer without torch) and the tests' fake CLI all import it, and nothing else sp
     RUN/vqvae.pt                          the trained VQ-VAE (vqvae_checkpoint.pt while it trains)
     RUN/vqvae_attempt<n>.pt               with vqvae.collapse_retries: a partly collapsed VQ-VAE set aside
     RUN/tokens.pt                         token rasters of every training scan (computed once)
-    RUN/history.json                      one record per finished ILTM iteration (+ VQ-VAE summary)
-    RUN/iteration_000/transformer.pt      that iteration's Transformer (the one ``detect`` uses)
+    RUN/history.json                      one record per finished ILTM iteration (+ VQ-VAE summary, the best
+                                          iteration and ``detection_iteration``, the one ``detect`` uses)
+    RUN/iteration_000/transformer.pt      that iteration's full-cohort Transformer (the one ``detect`` uses); with
+                                          iltm.full_transformers = used only that of ``detection_iteration``
     RUN/iteration_000/folds/transformer_fold<j>.pt  with iltm.cross_fit_folds = K: fitted without fold j
     RUN/iteration_000/masks/<id>_mask.nii.gz        its binary map of each training scan (scan geometry)
     RUN/iteration_000/token_masks/<id>.npy          the same map on the latent grid (masks iteration 1)

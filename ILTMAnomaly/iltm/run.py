@@ -34,7 +34,8 @@ class RunFolder(RunLayout):
         return TokenTransformer.load(self.transformer_path(iteration), map_location=map_location)
 
     def check_for_detection(self, iteration: int | None = None) -> int:
-        """Check the pieces detection needs; return the iteration to use (default: the last trained one)."""
+        """Check the pieces detection needs; return the iteration to use (default: the best one where
+        ``iltm.select_iteration=best``, else the one training fitted the full model for, else the last trained one)."""
         if not self.root.is_dir():
             raise InputError(self.root, "run folder does not exist")
         for path in (self.config_path, self.vqvae_path):
@@ -46,19 +47,22 @@ class RunFolder(RunLayout):
         if not iterations:
             raise InputError(self.root, "run folder has no trained Transformer (no iteration_*/transformer.pt)")
         if iteration is None:
-            recorded = [r["iteration"] for r in self.history()["iterations"]]
+            history = self.history()
+            cfg = self.config()
+            if cfg.iltm.selection_for(cfg.data.spatial_dims) == "best" and history.get("best_iteration") in iterations:
+                return history["best_iteration"]
+            if history.get("detection_iteration") in iterations:  # the one training fitted the full model for
+                return history["detection_iteration"]
+            recorded = [r["iteration"] for r in history["iterations"]]
             if recorded and max(recorded) > iterations[-1]:
                 last = max(recorded)
                 raise InputError(self.transformer_path(last), f"iteration {last} is recorded as finished in "
                                  f"{self.history_path.name} but its Transformer is missing; 'iltm train --resume "
                                  f"{self.root}' redoes it (or choose --iteration {iterations[-1]})")
-            cfg = self.config()
-            if cfg.iltm.selection_for(cfg.data.spatial_dims) == "best":
-                best = self.history().get("best_iteration")
-                if best in iterations:
-                    return best
             return iterations[-1]
         if iteration not in iterations:
-            raise InputError(self.root, f"iteration {iteration} has no Transformer "
-                                        f"(trained iterations: {', '.join(map(str, iterations))})")
+            fit = (f"; 'iltm train --resume {self.root} --full-fit {iteration}' fits it"
+                   if iteration in self.mask_iterations() else "")
+            raise InputError(self.root, f"iteration {iteration} has no full-cohort Transformer (those of iterations "
+                                        f"{', '.join(map(str, iterations))} were fitted){fit}")
         return iteration

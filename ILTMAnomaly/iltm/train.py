@@ -450,6 +450,14 @@ def vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, history: dict[st
 
 # -- label-free rules from the training cohort itself (opt-in, or recorded only) --------------------------------
 
+def has_scoring_models(run: RunFolder, k: int, folds: int) -> bool:
+    """Whether iteration k's Transformers that score the training cohort exist: its fold Transformers with
+    cross-fitting (the full one may not have been fitted, ``iltm.full_transformers=used``), else the full one."""
+    if folds:
+        return all(run.fold_transformer_path(k, j).is_file() for j in range(folds))
+    return run.transformer_path(k).is_file()
+
+
 @torch.no_grad()
 def cohort_token_probabilities(run: RunFolder, k: int, tokens: torch.Tensor, folds: int,
                                device: torch.device) -> tuple[torch.Tensor, str]:
@@ -470,6 +478,18 @@ def cohort_token_probabilities(run: RunFolder, k: int, tokens: torch.Tensor, fol
     return _batched_probabilities(model, tokens, device), "in-sample"
 
 
+def scored_cohort(run: RunFolder, k: int, tokens: torch.Tensor, folds: int, device: torch.device,
+                  cache: dict[int, tuple[torch.Tensor, str]] | None) -> tuple[torch.Tensor, str]:
+    """:func:`cohort_token_probabilities`, kept in ``cache`` (iteration -> result) when one is given: a training
+    process scores each iteration's cohort once, however often the label-free rules ask."""
+    if cache is not None and k in cache:
+        return cache[k]
+    result = cohort_token_probabilities(run, k, tokens, folds, device)
+    if cache is not None:
+        cache[k] = result
+    return result
+
+
 def _batched_probabilities(model: TokenTransformer, tokens: torch.Tensor, device: torch.device,
                            batch: int = 8) -> torch.Tensor:
     """(M, L) token probabilities, ``batch`` rasters at a time: the logits of a whole cohort (M x L x V) at once
@@ -481,11 +501,12 @@ def _batched_probabilities(model: TokenTransformer, tokens: torch.Tensor, device
 MIN_RESAMPLING_THRESHOLD = 1e-12  # a quantile of probabilities that underflowed stays a valid t
 
 
-def adaptive_threshold(run: RunFolder, cfg: Config, tokens: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def adaptive_threshold(run: RunFolder, cfg: Config, tokens: torch.Tensor, device: torch.device,
+                       cache: dict | None = None) -> dict[str, Any]:
     """``detection.resampling_quantile`` q: t = the q-quantile of the training scans' token probabilities under
     iteration 0 (held-out folds where there are some); returns the record for ``history.json``."""
     q = float(cfg.detection.quantile_for(cfg.data.spatial_dims))
-    probs, source = cohort_token_probabilities(run, 0, tokens, cfg.iltm.cross_fit_folds, device)
+    probs, source = scored_cohort(run, 0, tokens, cfg.iltm.cross_fit_folds, device, cache)
     t = max(float(np.quantile(probs.numpy().astype(np.float64).ravel(), q)), MIN_RESAMPLING_THRESHOLD)
     return {"resampling_quantile": q, "resampling_threshold": min(t, 1.0),
             "absolute_threshold": cfg.detection.resampling_threshold, "probabilities": source,
@@ -496,7 +517,7 @@ SELECTION_TOLERANCE = 0.005  # a later iteration must lower the reference NLL by
 
 
 def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
-                     device: torch.device) -> dict[str, Any]:
+                     device: torch.device, cache: dict | None = None) -> dict[str, Any]:
     """Which iteration to keep, without labels: the one whose Transformer best predicts the tokens that no
     iteration's masks flag (tokens every model agrees are normal), on scans it did not see where cross-fitting
     allows. Masking normal tokens takes them out of the next Transformer's targets and context, so over-masking
@@ -508,7 +529,7 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
         ``{"per_iteration": [{iteration, reference_nll, masked_fraction}], "reference_tokens", "probabilities",
         "tolerance", "best_iteration", "selection_reason"}``.
     """
-    iterations = [k for k in run.mask_iterations() if run.transformer_path(k).is_file()]
+    iterations = [k for k in run.mask_iterations() if has_scoring_models(run, k, cfg.iltm.cross_fit_folds)]
     masks = {k: load_token_masks(run, k, scan_ids) for k in iterations}
     flagged = torch.zeros(tokens.shape, dtype=torch.bool)
     for m in masks.values():
@@ -516,7 +537,7 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
     reference = ~flagged
     rows, source = [], None
     for k in iterations:
-        probs, source = cohort_token_probabilities(run, k, tokens, cfg.iltm.cross_fit_folds, device)
+        probs, source = scored_cohort(run, k, tokens, cfg.iltm.cross_fit_folds, device, cache)
         nll = -torch.log(probs.clamp_min(1e-12).double())
         mean = float(nll[reference].mean()) if bool(reference.any()) else None
         rows.append({"iteration": k, "reference_nll": mean, "masked_fraction": float(masks[k].float().mean())})
@@ -547,13 +568,13 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
 
 
 def masks_grew_for_nothing(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
-                           device: torch.device, k: int) -> tuple[str | None, dict[str, Any]]:
+                           device: torch.device, k: int, cache: dict | None = None) -> tuple[str | None, dict[str, Any]]:
     """The stop signal of ``iltm.select_iteration=best``, asked when iteration k's masks cover more tokens than
     k - 1's: why to stop when k predicts the never-flagged tokens no better than the best earlier iteration (by
     :func:`select_iteration`'s rule), else None; and that selection, which is the run's final one if it stops here.
     Masking more of the cohort while the model of the normal tokens does not improve means the masks are taking
     normal tokens, and more iterations would mask more of them."""
-    selection = select_iteration(run, cfg, tokens, scan_ids, device)
+    selection = select_iteration(run, cfg, tokens, scan_ids, device, cache)
     best = selection["best_iteration"]
     if best is None or best == k or selection["reference_tokens"] == 0:
         return None, selection
@@ -579,19 +600,23 @@ def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tenso
     return torch.stack(rows)
 
 
-def iteration_files(run: RunFolder, k: int, scan_ids: list[str], folds: int) -> list[Path]:
-    """Every file a finished iteration k leaves: its Transformer(s), and each scan's image and token mask."""
-    paths = [run.transformer_path(k)] + [run.fold_transformer_path(k, j) for j in range(folds)]
+def iteration_files(run: RunFolder, k: int, scan_ids: list[str], folds: int, full: bool = True) -> list[Path]:
+    """Every file a finished iteration k leaves: its Transformer(s) (the full-cohort one only when ``full``), and
+    each scan's image and token mask."""
+    paths = [run.transformer_path(k)] if full else []
+    paths += [run.fold_transformer_path(k, j) for j in range(folds)]
     return paths + [p for i in scan_ids for p in (run.mask_path(k, i), run.token_mask_path(k, i))]
 
 
 def verify_finished_steps(run: RunFolder, history: dict[str, Any], scan_ids: list[str], folds: int,
-                          reporter: Reporter) -> dict[str, Any]:
+                          reporter: Reporter, full: bool = True) -> dict[str, Any]:
     """``history`` without the finished iterations whose files are not all present (and those after them), so
     ``--resume`` redoes them; files derived from what is gone are removed, those still valid are reused.
 
     A missing VQ-VAE invalidates every iteration (tokens come from it); a missing token mask of iteration k
     invalidates iterations after k (they were trained on it); a missing Transformer or image mask only k itself.
+    Without ``full`` (``iltm.full_transformers=used``) the full-cohort Transformers are not iteration files: the
+    one detection uses is fitted again after the loop when it is missing.
     """
     records = sorted(history["iterations"], key=lambda r: r["iteration"])
     if records and not run.vqvae_path.is_file():
@@ -604,7 +629,7 @@ def verify_finished_steps(run: RunFolder, history: dict[str, Any], scan_ids: lis
         return history
     for n, record in enumerate(records):
         k = record["iteration"]
-        missing = [p for p in iteration_files(run, k, scan_ids, folds) if not p.is_file()]
+        missing = [p for p in iteration_files(run, k, scan_ids, folds, full) if not p.is_file()]
         if not missing:
             continue
         shown = ", ".join(str(p.relative_to(run.root)) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -619,11 +644,31 @@ def verify_finished_steps(run: RunFolder, history: dict[str, Any], scan_ids: lis
     return history
 
 
+def full_fit_stage(run: RunFolder, cfg: Config, k: int, tokens: torch.Tensor, history: dict[str, Any],
+                   scan_ids: list[str], device: torch.device, reporter: Reporter) -> None:
+    """Fit iteration k's full-cohort Transformer after the loop unless it is there (``iltm.full_transformers=used``
+    leaves it out of the loop). It is the model the loop would have fitted: the same seed, the same masks
+    (iteration k - 1's), and nothing of the fold fits in between changes it."""
+    if run.transformer_path(k).is_file():
+        return
+    masks = load_token_masks(run, k - 1, scan_ids) if k > 0 else None
+    fitted = train_transformer_stage(run, cfg, k, tokens, masks, cfg.vqvae.num_embeddings, device, reporter,
+                                     units=1.0)
+    for record in history["iterations"]:
+        if record["iteration"] == k:
+            record.update(fitted)
+    if dist.is_main():
+        run.write_json(run.history_path, history)
+
+
 # -- the loop --------------------------------------------------------------------------------------------------
 
 def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = None, resume: bool = False,
-          skip_unreadable: bool = False, reporter: Reporter | None = None) -> RunFolder:
+          skip_unreadable: bool = False, reporter: Reporter | None = None, full_fits: Iterable[int] = ()) -> RunFolder:
     """Train a run folder from scratch (``data`` + ``cfg``) or continue one (``resume=True``).
+
+    ``full_fits``: iterations whose full-cohort Transformer to fit besides the one detection uses, where
+    ``iltm.full_transformers=used`` leaves them out (a finished run only fits those).
 
     Returns the run folder; its ``history.json`` says why the loop stopped.
     """
@@ -683,12 +728,14 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     folds = cfg.iltm.cross_fit_folds
     if resume:
         before = len(history["iterations"])
-        history = verify_finished_steps(run, history, [r.id for r in records], folds, reporter)
+        history = verify_finished_steps(run, history, [r.id for r in records], folds, reporter,
+                                        full=cfg.iltm.fits_every_transformer())
         if len(history["iterations"]) != before and dist.is_main():
             run.write_json(run.history_path, history)
         dist.barrier()
-    per_iteration = 3.0 if folds else 2.0  # Transformer fit, (fold fits,) detection
-    reporter.units_total = 3.0 + per_iteration * (max_k + 1)
+    every_full = cfg.iltm.fits_every_transformer()
+    per_iteration = (3.0 if folds else 2.0) - (0.0 if every_full else 1.0)  # Transformer fit, (fold fits,) detection
+    reporter.units_total = 3.0 + per_iteration * (max_k + 1) + (0.0 if every_full else 1.0 + len(set(full_fits)))
     reporter.emit("start", command="train", run=str(run.root), iterations=max_k + 1)
 
     data_set = TrainingSet(records, Preprocessor(cfg.data, cfg.vqvae.downsample_factor), reporter)
@@ -708,6 +755,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     best_mode = cfg.iltm.selection_for(cfg.data.spatial_dims) == "best"
     quantile = cfg.detection.quantile_for(cfg.data.spatial_dims)
     previous_masks: torch.Tensor | None = None
+    scores: dict[int, tuple[torch.Tensor, str]] = {}  # each iteration's cohort probabilities, scored once
     for k in range(max_k + 1):
         if k in done:
             previous_masks = load_token_masks(run, k, [r.id for r in records])
@@ -716,7 +764,9 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if history.get("finished"):
             break
         record: dict[str, Any] = {"iteration": k}
-        if run.transformer_path(k).is_file():
+        if not every_full:
+            pass  # fitted after the loop for the iteration detection uses (and those asked for)
+        elif run.transformer_path(k).is_file():
             stored = TokenTransformer.load(run.transformer_path(k))
             record.update({"transformer_loss": (stored.extra or {}).get("losses", [None])[-1], "train_seconds": None})
             reporter.units_done += 1.0
@@ -729,7 +779,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                            units=1.0)
             paths = [run.fold_transformer_path(k, j) for j in range(folds)]
         if k == 0 and quantile is not None and "adaptive_threshold" not in history:
-            history["adaptive_threshold"] = adaptive_threshold(run, cfg, tokens, device)
+            history["adaptive_threshold"] = adaptive_threshold(run, cfg, tokens, device, scores)
             cfg.detection.resampling_threshold = history["adaptive_threshold"]["resampling_threshold"]
             reporter.log(f"resampling threshold t = {cfg.detection.resampling_threshold:.5g}: the "
                          f"{quantile:g}-quantile of the training scans' token probabilities "
@@ -755,7 +805,8 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         elif k == max_k:
             history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
         elif best_mode and prev_count is not None and count > prev_count:
-            reason, selection = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k)
+            reason, selection = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k,
+                                                       scores)
             if reason:  # the loop ends at k: this selection over 0..k is the final one
                 history.update(finished=True, stop_reason=reason, iteration_selection=selection,
                                best_iteration=selection["best_iteration"],
@@ -770,7 +821,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         if dist.is_main():
             run.write_json(run.history_path, history)
     if "best_iteration" not in history:
-        selection = select_iteration(run, cfg, tokens, [r.id for r in records], device)
+        selection = select_iteration(run, cfg, tokens, [r.id for r in records], device, scores)
         history.update(iteration_selection=selection, best_iteration=selection["best_iteration"],
                        selection_reason=selection["selection_reason"])
         if dist.is_main():
@@ -778,6 +829,18 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     reporter.log(f"best iteration by the never-flagged tokens' likelihood: {history['best_iteration']} "
                  f"({history['selection_reason']})" + ("; detection uses it (iltm.select_iteration=best)"
                                                        if best_mode else ""))
+    recorded = [r["iteration"] for r in history["iterations"]]
+    used = history["best_iteration"] if best_mode and history["best_iteration"] in recorded else max(recorded)
+    unknown = sorted(set(full_fits) - set(recorded))
+    if unknown:
+        raise InputError(run.root, f"cannot fit the full-cohort Transformer of iteration {unknown[0]}: the run's "
+                                   f"finished iterations are {', '.join(map(str, recorded))}")
+    for k in sorted({used} | set(full_fits)):
+        full_fit_stage(run, cfg, k, tokens, history, [r.id for r in records], device, reporter)
+    if history.get("detection_iteration") != used:
+        history["detection_iteration"] = used
+        if dist.is_main():
+            run.write_json(run.history_path, history)
     reporter.log(f"training finished: {history['stop_reason']}")
     reporter.emit("done", run=str(run.root))
     return run

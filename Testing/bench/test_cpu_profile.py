@@ -100,14 +100,20 @@ def test_one_cpu_thread_sets_one_thread_and_restores_the_count():
 def test_run_calls_follow_the_tiny_presets_step_counts(cpu_profile):
     from iltm.config import preset
 
-    calls = cpu_profile.run_calls(preset("tiny"), 40)
+    every = cpu_profile.run_calls(preset("tiny"), 40, every_full=True)
     # 40 scans: VQ-VAE batches of 3 (14 steps an epoch make 2800 >= min_steps 2400), the last one a single scan;
     # Transformer: 40 scans in 16 + 16 + 8, two folds of 20 in 16 + 4, 80 epochs; 4 iterations, the first unmasked.
-    assert calls["vq_batch"] == 3
-    assert calls["vqvae"] == pytest.approx(200 * (13 + 1 / 3))
-    assert calls["unmasked"] == pytest.approx(80 * (2.5 + 2 * 1.25))
-    assert calls["masked"] == pytest.approx(3 * calls["unmasked"])
-    assert calls["detect"] == 160
+    assert every["vq_batch"] == 3
+    assert every["vqvae"] == pytest.approx(200 * (13 + 1 / 3))
+    assert every["unmasked"] == pytest.approx(80 * (2.5 + 2 * 1.25))
+    assert every["masked"] == pytest.approx(3 * every["unmasked"])
+    assert every["detect"] == 160
+    # tiny fits the full-cohort Transformer (2.5 batches an epoch) of the last iteration only: the folds every time.
+    used = cpu_profile.run_calls(preset("tiny"), 40)
+    assert used["unmasked"] == pytest.approx(80 * 2 * 1.25)
+    assert used["masked"] == pytest.approx(80 * (3 * 2 * 1.25 + 2.5))
+    assert {k: v for k, v in used.items() if k not in ("unmasked", "masked", "full_fits")} == \
+        {k: v for k, v in every.items() if k not in ("unmasked", "masked", "full_fits")}
 
 
 def test_the_profile_prints_every_stage(cpu_profile):

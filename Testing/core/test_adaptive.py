@@ -88,12 +88,14 @@ def test_a_default_run_records_its_best_iteration_and_still_detects_with_the_las
 
 
 def _fake_run(tmp_path, masks_per_iteration):
-    """A run folder with only what select_iteration reads: per-iteration token masks and Transformer files."""
+    """A run folder with only what select_iteration reads: per-iteration token masks and fold Transformer files."""
     run = RunFolder(tmp_path / "run")
     for k, masks in enumerate(masks_per_iteration):
         (run.iteration_dir(k) / "masks").mkdir(parents=True)
         run.token_mask_path(k, "s0").parent.mkdir(parents=True, exist_ok=True)
-        run.transformer_path(k).write_bytes(b"x")
+        run.fold_transformer_path(k, 0).parent.mkdir(parents=True)
+        for j in range(2):  # tiny's cross-fitting folds
+            run.fold_transformer_path(k, j).write_bytes(b"x")
         for i, row in enumerate(masks):
             np.save(run.token_mask_path(k, f"s{i}"), np.asarray(row, bool))
     return run
@@ -134,21 +136,48 @@ def test_when_every_token_was_flagged_iteration_0_is_kept_and_says_why(tmp_path,
     json.dumps(out, allow_nan=False)  # history.json stays valid JSON
 
 
-@pytest.mark.parametrize("grow", [True, False])
-def test_best_mode_stops_once_masks_grow_while_the_model_is_no_better(cohort2d, tmp_path, monkeypatch, grow):
-    """With iltm.select_iteration=best the loop stops at the first iteration whose masks cover more tokens than the
-    previous one's while the label-free rule keeps an earlier iteration; masks that shrink do not stop it."""
+def growing_masks(grow: bool):
+    """A stand-in for ``train.detect_stage`` whose masks cover 3 + k tokens of every scan (6 - k without ``grow``)."""
     def fake_detect_stage(run, cfg, k, data, detectors, threshold, reporter, units):
         latent = int(np.prod([s // cfg.vqvae.downsample_factor for s in data.arrays[0].shape[1:]]))
         masks = torch.zeros(len(data), latent, dtype=torch.bool)
         masks[:, :(3 + k) if grow else (6 - k)] = True
         for i, rec in enumerate(data.records):  # what resume and the final selection read
             run.token_mask_path(k, rec.id).parent.mkdir(parents=True, exist_ok=True)
+            run.mask_path(k, rec.id).parent.mkdir(parents=True, exist_ok=True)
             np.save(run.token_mask_path(k, rec.id), masks[i].numpy())
         return masks, 0.0
+    return fake_detect_stage
 
-    def fake_select(run, cfg, tokens, scan_ids, device):
-        done = [k for k, _ in run.iteration_dirs() if run.transformer_path(k).is_file()]
+
+def test_training_scores_each_iterations_cohort_once(cohort2d, tmp_path, monkeypatch):
+    """The adaptive threshold, the stop signal after every iteration whose masks grew, and the final selection all
+    read the iterations' cohort probabilities: each iteration's are computed once (not once per question)."""
+    calls = []
+
+    def counting_probabilities(run, k, tokens, folds, device):
+        calls.append(k)
+        return torch.full(tokens.shape, 0.5 + 0.1 * k), "held-out"  # every iteration better: the loop goes on
+
+    monkeypatch.setattr(train_mod, "detect_stage", growing_masks(True))
+    monkeypatch.setattr(train_mod, "cohort_token_probabilities", counting_probabilities)
+    run_dir = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run_dir, "--preset", "tiny", "--max-iterations", "2",
+                   "--set", "iltm.stop_change=0", "--set", "iltm.select_iteration=best", *FAST) == 0
+    history = RunFolder(run_dir).history()
+    assert [r["iteration"] for r in history["iterations"]] == [0, 1, 2] and history["best_iteration"] == 2
+    assert "adaptive_threshold" in history  # iteration 0 was asked for by the threshold and three selections
+    assert sorted(calls) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_best_mode_stops_once_masks_grow_while_the_model_is_no_better(cohort2d, tmp_path, monkeypatch, grow):
+    """With iltm.select_iteration=best the loop stops at the first iteration whose masks cover more tokens than the
+    previous one's while the label-free rule keeps an earlier iteration; masks that shrink do not stop it."""
+    fake_detect_stage = growing_masks(grow)
+
+    def fake_select(run, cfg, tokens, scan_ids, device, cache=None):
+        done = [k for k, _ in run.iteration_dirs() if train_mod.has_scoring_models(run, k, cfg.iltm.cross_fit_folds)]
         rows = [{"iteration": k, "reference_nll": 1.0 + 0.1 * k,
                  "masked_fraction": float(train_mod.load_token_masks(run, k, scan_ids).float().mean())} for k in done]
         return {"per_iteration": rows, "reference_tokens": 5, "probabilities": "held-out", "tolerance": 0.005,

@@ -109,7 +109,7 @@ def test_export_of_an_earlier_iteration_and_iteration_checks(run2d, tmp_path):
 
 
 def test_export_bad_input_writes_nothing(run2d, tmp_path):
-    for args, expected in ((["--out", tmp_path / "m.zip", "--iteration", "7"], "iteration 7 has no Transformer"),
+    for args, expected in ((["--out", tmp_path / "m.zip", "--iteration", "7"], "iteration 7 has no full-cohort Transformer"),
                            (["--out", tmp_path / "m.tar"], "must end in .zip")):
         result = cli_subprocess("export", run2d, *args, "--progress", "none")
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and expected in result.stderr

@@ -174,7 +174,8 @@ def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(co
     assert [r["iteration"] for r in history["iterations"]] == [0, 1]
     for rec in history["iterations"]:
         k = rec["iteration"]
-        assert (run / f"iteration_{k:03d}" / "transformer.pt").is_file()
+        # tiny fits the full-cohort Transformer only for the iteration detection uses, the last
+        assert (run / f"iteration_{k:03d}" / "transformer.pt").is_file() == (k == 1)
         assert sorted(p.name for p in (run / f"iteration_{k:03d}" / "folds").iterdir()) == \
             ["transformer_fold0.pt", "transformer_fold1.pt"]
         assert rec["fold_train_seconds"] > 0
@@ -456,3 +457,58 @@ def test_an_interrupted_vqvae_retry_resumes_with_the_retry(tmp_path, monkeypatch
     model, _, _, used = train_mod.vqvae_stage(run, cfg, None, history, torch.device("cpu"), Reporter("none"))
     assert trained == [0, "interrupted", 1] and model == 1 and used == 50
     assert [a["attempt"] for a in history["vqvae_attempts"]] == [0]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_a_run_fitting_only_the_used_full_transformer_keeps_the_same_models(cohort2d, tmp_path, capsys):
+    """iltm.full_transformers=used (tiny) leaves out the full-cohort fits of the iterations detection does not use;
+    the models it keeps are those a run fitting every one has, and --full-fit K fits K's later."""
+    common = ["--data", cohort2d, "--preset", "tiny", "--max-iterations", "2", "--set", "iltm.stop_change=0",
+              "--set", "iltm.mask_density_threshold=0.5", *FAST]
+    every, used = tmp_path / "every", tmp_path / "used"
+    assert run_cli("train", "--out", every, *common, "--set", "iltm.full_transformers=every") == 0
+    assert run_cli("train", "--out", used, *common) == 0
+    history = json.loads((used / "history.json").read_text(encoding="utf-8"))
+    assert [r["iteration"] for r in history["iterations"]] == [0, 1, 2] and history["detection_iteration"] == 2
+    assert [k for k in range(3) if RunFolder(used).transformer_path(k).is_file()] == [2]
+    assert [r.get("train_seconds") is not None for r in history["iterations"]] == [False, False, True]
+    masked = [r["masked_fraction"] for r in history["iterations"]]
+    assert masked[1] > 0  # iterations 1 and 2 were trained with masks, so the check below is not trivial
+    assert masked == [r["masked_fraction"] for r in
+                      json.loads((every / "history.json").read_text(encoding="utf-8"))["iterations"]]
+    for k in range(3):
+        for j in range(2):
+            a, b = (_weights(RunFolder(r).fold_transformer_path(k, j)) for r in (every, used))
+            assert all(torch.equal(a[n], b[n]) for n in a)
+    a, b = (_weights(RunFolder(r).transformer_path(2)) for r in (every, used))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert RunFolder(used).check_for_detection() == 2
+    # Detection with an iteration whose full model was left out: one line that says how to fit it.
+    capsys.readouterr()
+    assert run_cli("detect", "--run", used, "--input", cohort2d / "images", "--out", tmp_path / "d",
+                   "--iteration", "1") != 0
+    err = capsys.readouterr().err
+    assert "iteration 1 has no full-cohort Transformer" in err and "--full-fit 1" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+    assert run_cli("train", "--resume", used, "--full-fit", "1") == 0
+    a, b = (_weights(RunFolder(r).transformer_path(1)) for r in (every, used))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert RunFolder(used).check_for_detection() == 2 and RunFolder(used).check_for_detection(1) == 1
+    assert run_cli("train", "--resume", used, "--full-fit", "7") != 0
+    assert "iteration 7" in capsys.readouterr().err
+
+
+def test_resuming_a_run_that_lost_its_used_full_transformer_fits_it_again(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1", *FAST) == 0
+    path = RunFolder(run).transformer_path(1)
+    before = _weights(path)
+    path.unlink()
+    assert run_cli("train", "--resume", run) == 0
+    after = _weights(path)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    # Nothing else was redone: iteration 0 still has no full model, and its masks were kept.
+    assert not RunFolder(run).transformer_path(0).is_file()

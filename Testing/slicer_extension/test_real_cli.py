@@ -67,7 +67,11 @@ def test_browser_data_from_a_real_run(real_run, scene):
     root, _ = real_run
     run = runs.RunFolder(root / "run")
     assert run.missing_pieces() == []
-    assert run.trained_iterations() == [0, 1] and run.mask_iterations() == [0, 1]
+    # tiny fits the full-cohort Transformer of the iteration detection uses only; every iteration has masks
+    assert run.trained_iterations() == [1] and run.mask_iterations() == [0, 1]
+    assert run.resolve_iteration(None) == 1
+    with pytest.raises(PanelError, match="--full-fit 0"):
+        run.resolve_iteration(0)
     assert run.spatial_dims == 3
     scans = run.scans()
     assert len(scans) == 3 and all(scan.image.is_file() for scan in scans)
