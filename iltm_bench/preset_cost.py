@@ -122,10 +122,11 @@ def measure(name: str, dims: int, size: list[int], steps: int, device: str = "cp
     return {"vqvae_step": vq, "transformer_step": tf, "detection": dt, "tokens": float(length)}
 
 
-def run_estimate(name: str, per: dict[str, float], n_train: int) -> dict[str, float]:
-    """Seconds of one ILTM run's stages at preset ``name`` (the stage names of history.json)."""
+def run_estimate(name: str, per: dict[str, float], n_train: int, max_iterations: int | None = None) -> dict[str, float]:
+    """Seconds of one ILTM run's stages at preset ``name`` (the stage names of history.json), with the preset's
+    ``max_iterations`` unless given."""
     cfg = preset(name)
-    iterations = cfg.iltm.max_iterations + 1
+    iterations = (cfg.iltm.max_iterations if max_iterations is None else max_iterations) + 1
     folds = cfg.iltm.cross_fit_folds
     vq_steps = cfg.vqvae.epochs * math.ceil(n_train / cfg.vqvae.batch_size)
     t_steps = cfg.transformer.epochs * math.ceil(n_train / cfg.transformer.batch_size)
@@ -133,8 +134,10 @@ def run_estimate(name: str, per: dict[str, float], n_train: int) -> dict[str, fl
     fold_steps = cfg.transformer.epochs * folds * math.ceil(n_train * (folds - 1) / folds / cfg.transformer.batch_size) \
         if folds > 1 else 0
     # The training scans are scored after every iteration (their maps make the next masks and the masks to browse).
+    # With iltm.full_transformers=used the full-cohort Transformer is fitted once, for the iteration detection uses.
+    full_fits = iterations if cfg.iltm.fits_every_transformer() else 1
     return {"vqvae": vq_steps * per["vqvae_step"],
-            "transformer": iterations * t_steps * per["transformer_step"],
+            "transformer": full_fits * t_steps * per["transformer_step"],
             "folds": iterations * fold_steps * per["transformer_step"],
             "detect": iterations * n_train * per["detection"]}
 
@@ -158,6 +161,8 @@ def main(argv=None) -> None:
                    "with -bf16 for bfloat16 autocast (cuda-bf16); several are compared (default cpu)")
     p.add_argument("--steps", type=int, default=5, help="timed calls per measurement (default 5)")
     p.add_argument("--history", type=Path, help="history.json of a finished run of the first preset on the same data")
+    p.add_argument("--max-iterations", type=int, help="ILTM iterations of the run estimated (default the preset's; "
+                                                      "with --history, that run's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
@@ -179,7 +184,10 @@ def main(argv=None) -> None:
         per[label[c]] = measure(c[0], args.dims, size, args.steps, c[1])
         print(f"{label[c]}: " + ", ".join(f"{k} {v:.4g}" for k, v in per[label[c]].items()), file=sys.stderr,
               flush=True)
-    est = {label[c]: run_estimate(c[0], per[label[c]], args.n_train) for c in columns}
+    iterations = args.max_iterations
+    if args.history and iterations is None:
+        iterations = len(json.loads(args.history.read_text(encoding="utf-8"))["iterations"]) - 1
+    est = {label[c]: run_estimate(c[0], per[label[c]], args.n_train, iterations) for c in columns}
     names = list(per)
     first = names[0]
     print(f"{args.dims}D, {'x'.join(map(str, size))} voxels, {args.n_train} training scans, "
@@ -196,9 +204,9 @@ def main(argv=None) -> None:
     if args.history:
         measured = measured_stages(args.history)
         scale = sum(measured.values()) / max(sum(est[first].values()), 1e-9)
-        print(f"\n{first} run measured in {args.history}: " +
-              ", ".join(f"{k} {v:.0f} s" for k, v in measured.items()) +
-              f"; estimated here {sum(est[first].values()):.0f} s -> scale {scale:.2f}")
+        print(f"\n{first} run measured in {args.history} ({iterations + 1} iterations), seconds measured / estimated "
+              f"here: " + ", ".join(f"{k} {v:.0f} / {est[first][k]:.0f}" for k, v in measured.items()) +
+              f"; total {sum(measured.values()):.0f} / {sum(est[first].values()):.0f} -> scale {scale:.2f}")
     print("\none ILTM run (training and its training-scan detections), minutes" +
           (f", scaled by {scale:.2f}" if args.history else ""))
     print(f"{'':18}" + "".join(f"{n:>22}" for n in names))

@@ -15,10 +15,13 @@ def preset_cost():
 
 
 def test_the_run_model_counts_the_tiny_presets_steps(preset_cost):
-    # tiny: VQ-VAE 200 epochs x 6 batches of 8; Transformer 80 epochs x 3 batches of 16, 4 iterations;
-    # two folds of 24 scans (2 batches each) per iteration; 48 training scans scored per iteration.
+    # tiny: VQ-VAE 200 epochs x 6 batches of 8; the full-cohort Transformer 80 epochs x 3 batches of 16, fitted once
+    # (for the iteration detection uses); two folds of 24 scans (2 batches each) in each of 4 iterations; 48
+    # training scans scored per iteration. paper (no folds) fits the full one in each of its 6 iterations.
     est = preset_cost.run_estimate("tiny", {"vqvae_step": 1.0, "transformer_step": 1.0, "detection": 1.0}, 48)
-    assert est == {"vqvae": 1200, "transformer": 960, "folds": 1280, "detect": 192}
+    assert est == {"vqvae": 1200, "transformer": 240, "folds": 1280, "detect": 192}
+    paper = preset_cost.run_estimate("paper", {"vqvae_step": 1.0, "transformer_step": 1.0, "detection": 1.0}, 48)
+    assert paper["transformer"] == 6 * 300 * 6 and paper["folds"] == 0  # 300 epochs of 6 batches of 8
 
 
 def test_stage_times_are_read_from_a_history(preset_cost, tmp_path):
@@ -62,3 +65,17 @@ def test_a_device_that_is_not_here_is_refused(preset_cost, device, capsys):
     with pytest.raises(SystemExit):
         preset_cost.main(["--dims", "2", "--size", "16", "16", "--devices", device])
     assert f"'{device}' is not available here" in capsys.readouterr().err
+
+
+def test_a_measured_run_is_compared_with_the_estimate_for_its_own_iteration_count(preset_cost, tmp_path, capsys):
+    unit = {"vqvae_step": 1.0, "transformer_step": 1.0, "detection": 1.0}
+    assert preset_cost.run_estimate("paper", unit, 48, max_iterations=1)["transformer"] == 2 * 300 * 6
+    assert preset_cost.run_estimate("paper", unit, 48, max_iterations=1)["detect"] == 2 * 48
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"vqvae": {"seconds": 10.0}, "iterations": [
+        {"iteration": 0, "train_seconds": 2.0, "fold_train_seconds": 3.0, "detect_seconds": 1.0},
+        {"iteration": 1, "train_seconds": 4.0, "fold_train_seconds": None, "detect_seconds": 0.5}]}))
+    preset_cost.main(["--dims", "2", "--size", "16", "16", "--n-train", "8", "--presets", "tiny", "--steps", "1",
+                      "--threads", "1", "--history", str(history)])
+    out = capsys.readouterr().out
+    assert "(2 iterations)" in out and "vqvae 10 / " in out and "total 20 / " in out  # 10 + 6 + 3 + 1.5
