@@ -1,7 +1,8 @@
 """The tables issue 22 asks for, from one or more finished sweeps (``iltm benchmark``, any data family): per data
 family, setting and anomalous fraction, the held-out metrics of the intensity reference, iteration 0 (the pipeline
 without ILTM), the last ILTM iteration and the iteration training recorded as best (label-free), as mean and spread
-over the sweeps' seeds, with ILTM's paired differences to iteration 0; and per iteration the label-free selection's
+over the sweeps' seeds, with ILTM's paired differences to iteration 0, and the baselines the sweeps ran (AE, VAE,
+NSA, CutPaste: the sweep's ``--methods``); and per iteration the label-free selection's
 reference NLL beside the training masks' precision and recall against the training labels.
 
     python -m iltm_bench.family_report SWEEP [SWEEP ...] OUT_DIR
@@ -27,6 +28,7 @@ from .training_masks import mask_coverage
 
 METRICS = ("auroc", "aupro", "best_dice")
 ENTRIES = ("intensity", "iteration 0", "last ILTM iteration", "best iteration (label-free)")
+BASELINES = {"ae": "AE", "vae": "VAE", "nsa": "NSA", "cutpaste": "CutPaste"}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -63,6 +65,12 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
                                                                      its.get(best))):
             if row is not None:
                 summary.append({**base, "anomalous_fraction": fraction, "method": name, "iteration": k,
+                                **{m: round(float(row[m]), 4) for m in METRICS}})
+        for method, name in BASELINES.items():
+            row = next((r for r in sweep_rows if r["method"] == method
+                        and float(r["anomalous_fraction"]) == fraction), None)
+            if row is not None:
+                summary.append({**base, "anomalous_fraction": fraction, "method": name, "iteration": None,
                                 **{m: round(float(row[m]), 4) for m in METRICS}})
         labels = sweep / f"fraction_{fraction:g}" / "train" / "labels"
         coverage = {r["iteration"]: r for r in mask_coverage(run, labels)} if labels.is_dir() else {}
@@ -108,16 +116,20 @@ def render(summary: list[dict], per_iteration: list[dict], notes: list[str], com
     for group in dict.fromkeys(r["group"] for r in summary):
         rows = [r for r in summary if r["group"] == group]
         seeds = sorted({r["seed"] for r in rows})
+        baselines = [n for n in BASELINES.values() if any(r["method"] == n for r in rows)]
         lines += [f"### {group}", "", f"Held-out AUROC / best Dice, mean ± sd over seeds {seeds}; last and best "
-                  "minus iteration 0, AUROC / best Dice points (seeds where at least as high):", "",
-                  "| training data anomalous | " + " | ".join(ENTRIES) + " | last - it. 0 | best - it. 0 |",
-                  "|---" * (len(ENTRIES) + 3) + "|"]
+                  "minus iteration 0, AUROC / best Dice points (seeds where at least as high)"
+                  + ("; then the baselines (over the seeds that ran them)" if baselines else "") + ":", "",
+                  "| training data anomalous | " + " | ".join(ENTRIES) + " | last - it. 0 | best - it. 0 |"
+                  + "".join(f" {n} |" for n in baselines),
+                  "|---" * (len(ENTRIES) + 3 + len(baselines)) + "|"]
         for fraction in sorted({r["anomalous_fraction"] for r in rows}):
             at = [r for r in rows if r["anomalous_fraction"] == fraction]
             cells = [_cell([r for r in at if r["method"] == name]) for name in ENTRIES]
             for method in ENTRIES[2:]:
                 (da, na), (dd, _) = _paired(at, method, "auroc"), _paired(at, method, "best_dice")
                 cells.append(f"{_spread(da, sign='+')} ({na}/{len(da)}) / {_spread(dd, sign='+')}" if da else "")
+            cells += [_cell([r for r in at if r["method"] == name]) for name in baselines]
             lines.append(f"| {100 * fraction:g} % | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Per iteration (training masks against the training labels):", "",

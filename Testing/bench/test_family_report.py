@@ -20,15 +20,18 @@ def _csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def fake_sweep(root: Path, seed: int, aurocs: list[float], dices: list[float], best: int,
-               overrides: list[str] | None = None) -> Path:
-    """A finished one-fraction (100 %) sweep whose iteration k scored aurocs[k] / dices[k]."""
+               overrides: list[str] | None = None, baselines: dict[str, float] | None = None) -> Path:
+    """A finished one-fraction (100 %) sweep whose iteration k scored aurocs[k] / dices[k] (and each baseline method
+    of ``baselines`` that AUROC, with best Dice half of it)."""
     root.mkdir(parents=True)
     settings = {"dims": 2, "preset": "tiny", "seed": seed, "overrides": overrides or [], "data_family": "texture",
                 "eval_split": "val"}
     command = f"iltm benchmark --out {root} --seed {seed}"
     (root / SETTINGS_JSON).write_text(json.dumps({"settings": settings, "invocations": [{"command": command}]}))
     _csv(root / SWEEP_CSV, SWEEP_COLUMNS, [{"method": "intensity", "anomalous_fraction": 1, "auroc": 0.6,
-                                            "aupro": 0.3, "best_dice": 0.1}])
+                                            "aupro": 0.3, "best_dice": 0.1}] +
+         [{"method": m, "anomalous_fraction": f, "auroc": v, "aupro": 0.4, "best_dice": v / 2}
+          for m, v in (baselines or {}).items() for f in (0, 1)])
     _csv(root / ITERATIONS_CSV, ITERATION_COLUMNS, [
         {"threshold_schedule": "decreasing", "anomalous_fraction": 1, "iteration": k, "auroc": a, "aupro": 0.5,
          "best_dice": d, "resampling_threshold": 0.1, "masked_fraction": 0.05} for k, (a, d) in
@@ -70,3 +73,16 @@ def test_the_cli_names_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     with pytest.raises(SystemExit):
         family_report.main([str(tmp_path / "x"), str(tmp_path / "out")])
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_the_baselines_a_sweep_ran_get_columns_of_their_own(tmp_path):
+    a = fake_sweep(tmp_path / "a", 0, [0.80, 0.82], [0.20, 0.22], best=0, baselines={"vae": 0.9, "nsa": 0.7})
+    b = fake_sweep(tmp_path / "b", 1, [0.90, 0.88], [0.40, 0.38], best=0, baselines={"vae": 0.8})
+    text = family_report.report([a, b], tmp_path / "out")
+    header = next(line for line in text.splitlines() if line.startswith("| training data anomalous"))
+    assert header.endswith("| last - it. 0 | best - it. 0 | VAE | NSA |") and "AE |" not in header.replace("VAE", "")
+    row = next(line for line in text.splitlines() if line.startswith("| 100 % |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-2:] == ["85.0 ± 7.1 / 42.5 ± 3.5", "70.0 / 35.0"]  # VAE over both seeds, NSA seed 0 alone
+    # A baseline's row at a fraction that ILTM did not run (0 %) makes no table row of its own.
+    assert not any(line.startswith("| 0 % |") for line in text.splitlines())
