@@ -28,8 +28,9 @@ from .visualize import panel_figure
 
 def run_demo(out: Path, reporter: Reporter, dims: int = 2, n_train: int = 64, n_test: int = 16, seed: int = 0,
              preset: str = "tiny", max_iterations: int | None = None, overrides: list[str] = ()) -> dict:
-    """Synthesise, train, detect with the last iteration and with iteration 0, evaluate against the intensity
-    baseline, draw the figures into ``out``; returns what ``results.json`` holds."""
+    """Synthesise, train, detect with the iteration training chose (the last unless ``iltm.select_iteration=best``)
+    and with iteration 0, evaluate against the intensity baseline, draw the figures into ``out``; returns what
+    ``results.json`` holds."""
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -54,9 +55,10 @@ def run_demo(out: Path, reporter: Reporter, dims: int = 2, n_train: int = 64, n_
     records = list_images(out / "test" / "images")
     history = run.history()
     last = history["iterations"][-1]["iteration"]
+    used = run.check_for_detection()  # the iteration training fitted the full-cohort Transformer for
     score_dirs = {}
-    for iteration, name in ((last, "iltm"), (0, "without_iltm")):
-        if name == "without_iltm" and last == 0:
+    for iteration, name in ((used, "iltm"), (0, "without_iltm")):
+        if name == "without_iltm" and used == 0:
             break
         detector = Detector.from_run(run, iteration, cfg.device)
         score_dirs[name] = out / "scores" / name
@@ -69,7 +71,7 @@ def run_demo(out: Path, reporter: Reporter, dims: int = 2, n_train: int = 64, n_
     rows = {}
     for name, folder in score_dirs.items():
         _, scores, truth = load_pairs(folder, labels)
-        label = f"ILTM (iteration {last})" if name == "iltm" else "VQ-VAE+Transformer (it. 0)"
+        label = f"ILTM (iteration {used})" if name == "iltm" else "VQ-VAE+Transformer (it. 0)"
         rows[label] = summarise(scores, truth)
     # The baseline a reader of PET starts from: hotter = more suspicious.
     intensities = [sitk.GetArrayFromImage(read_image(r.image)) for r in records]
@@ -97,7 +99,8 @@ def run_demo(out: Path, reporter: Reporter, dims: int = 2, n_train: int = 64, n_
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
     print()
     print(table)
-    print(f"\nILTM stopped after iteration {last}: {history['stop_reason']}")
+    print(f"\nILTM stopped after iteration {last}: {history['stop_reason']}"
+          + ("" if used == last else f"; detection uses iteration {used} ({history.get('selection_reason')})"))
     print(f"time: {timings['total'] / 60:.1f} min (train {timings['train'] / 60:.1f} min)")
     print(f"run folder:     {run.root}")
     print(f"score maps:     {out / 'scores'}")

@@ -186,6 +186,26 @@ def test_demo_runs_to_the_end_and_reports_all_methods(tmp_path, capsys):
     assert run_cli("demo", "--out", out) == 2  # refuses to overwrite a finished demo
 
 
+def test_the_demo_detects_with_the_iteration_training_chose(tmp_path, capsys, monkeypatch):
+    """With iltm.select_iteration=best the full-cohort Transformer exists for the best iteration, not the last one:
+    the demo detects with the one training chose."""
+    from iltm import train as train_mod
+
+    def keep_iteration_0(run, cfg, tokens, scan_ids, device, cache=None):
+        return {"per_iteration": [], "reference_tokens": 1, "probabilities": "held-out", "tolerance": 0.005,
+                "best_iteration": 0, "selection_reason": "kept for the test"}
+
+    monkeypatch.setattr(train_mod, "select_iteration", keep_iteration_0)
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--out", out, "--n-train", "6", "--n-test", "4", "--max-iterations", "1",
+                   "--set", "iltm.select_iteration=best", "--set", "iltm.stop_change=0", *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "detection uses iteration 0 (kept for the test)" in printed
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert set(results["metrics"]) == {"ILTM (iteration 0)", "intensity threshold"}
+    assert [r["iteration"] for r in results["history"]["iterations"]] == [0, 1]
+
+
 def test_detect_on_a_rotated_anisotropic_input_keeps_its_geometry(run2d, tmp_path):
     """The model grid is 64 x 64 isotropic; a rotated, anisotropic, odd-sized scan must come back on its own grid."""
     rng = np.random.default_rng(0)
