@@ -63,6 +63,9 @@ def test_seeds_are_pooled_and_paired_against_iteration_0(tmp_path):
     # last - iteration 0: +4 and -4 AUROC points (one seed at least as high), +10 and -4 Dice
     assert cells[5] == "+0.0 ± 5.7 (1/2) / +3.0 ± 9.9"
     assert cells[6] == "+1.0 ± 1.4 (2/2) / +1.0 ± 1.4"
+    # AUROC within 0.2 points of iteration 0: last in seed 0 only (seed 1 lost 4), best in both.
+    assert "at least iteration 0's minus 0.2 points (issue 22's bar): last ILTM iteration 1/2, best iteration " \
+           "(label-free) 2/2" in text
     summary = list(csv.DictReader((tmp_path / "out" / "summary.csv").open(encoding="utf-8")))
     assert {(r["sweep"], r["method"]) for r in summary} >= {("a", "best iteration (label-free)"), ("c", "intensity")}
     assert "`a`, 100 % anomalous: best iteration 1 (because)" in text
