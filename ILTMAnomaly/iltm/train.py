@@ -467,7 +467,7 @@ def cohort_token_probabilities(run: RunFolder, k: int, tokens: torch.Tensor, fol
     Transformer has seen every scan and would rate its own training tokens too likely. Without folds the full
     Transformer scores them ("in-sample").
     """
-    if folds and all(run.fold_transformer_path(k, j).is_file() for j in range(folds)):
+    if folds and has_scoring_models(run, k, folds):
         probs = torch.empty(tokens.shape, dtype=torch.float32)
         for j in range(folds):
             rows = torch.tensor([i for i in range(tokens.shape[0]) if fold_of(i, folds) == j])
@@ -726,14 +726,13 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
     max_k = cfg.iltm.max_iterations
     # Work units for the overall progress fraction: VQ-VAE, then a Transformer fit and a detection per iteration.
     folds = cfg.iltm.cross_fit_folds
+    every_full = cfg.iltm.fits_every_transformer()
     if resume:
         before = len(history["iterations"])
-        history = verify_finished_steps(run, history, [r.id for r in records], folds, reporter,
-                                        full=cfg.iltm.fits_every_transformer())
+        history = verify_finished_steps(run, history, [r.id for r in records], folds, reporter, full=every_full)
         if len(history["iterations"]) != before and dist.is_main():
             run.write_json(run.history_path, history)
         dist.barrier()
-    every_full = cfg.iltm.fits_every_transformer()
     per_iteration = (3.0 if folds else 2.0) - (0.0 if every_full else 1.0)  # Transformer fit, (fold fits,) detection
     reporter.units_total = 3.0 + per_iteration * (max_k + 1) + (0.0 if every_full else 1.0 + len(set(full_fits)))
     reporter.emit("start", command="train", run=str(run.root), iterations=max_k + 1)
