@@ -14,8 +14,9 @@ from ``vqvae.min_steps``, the cross-fitting folds, ``max_iterations + 1`` iterat
 minutes of one run and each stage's share of it.
 
 The reference paths: attention always reads a bool (T, K) mask (converted to float in every layer, forward and
-backward), where the package now takes the fused kernel's own causal mask when no key is masked and a float mask
-built once per pass otherwise; healing runs on torch's default intra-op threads, where the package runs it on one.
+backward), where the package now takes the fused kernel's own causal mask when no key is masked, that mask with a
+(B, 1, 1, K) bias of the masked keys in a training pass with masks, and a float mask built once per pass otherwise
+(healing's teacher-forced runs); healing runs on torch's default intra-op threads, where the package runs it on one.
 Untouched stages run the same code in both columns. The reference run fits every iteration's full-cohort
 Transformer; the new one as the preset says (``iltm.full_transformers=used``: only the last iteration's), so the
 "calls" column shows both counts where they differ.
@@ -45,7 +46,7 @@ class ReferenceTransformer(TokenTransformer):
     """The Transformer as it was before the CPU speedups: every pass hands each layer a bool mask."""
 
     @staticmethod
-    def _attention_mask(start, T, key_masked=None, device=None):
+    def _attention_mask(start, T, key_masked=None, device=None, key_bias=False):
         q_pos = torch.arange(start, start + T, device=device)
         k_pos = torch.arange(start + T, device=device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal

@@ -12,6 +12,7 @@ drops the *target* i from the loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -26,10 +27,35 @@ from .errors import InputError
 # whose fused CPU kernel skips the blocks above the diagonal instead of reading a (T, K) mask.
 CAUSAL = "causal"
 
+
+@dataclasses.dataclass
+class CausalKeyBias:
+    """The mask of a pass from position 0 with masked keys, where the fused CPU kernel can take it: its own causal
+    mask plus ``bias`` (B, 1, 1, K), 0 = may attend, -inf = masked key. Read once per key instead of a (B, 1, T, K)
+    mask per query and key: the masked training step then costs about what an unmasked one does
+    (``iltm_bench.cpu_profile``)."""
+
+    bias: torch.Tensor
+
 CHECKPOINT_FORMAT = "iltm-transformer"
 CHECKPOINT_VERSION = 1
 # Most tokens healing teacher-forces in one call: bounds a call's attention mask (piece x keys) and activations.
 TEACHER_FORCED_PIECE = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def fused_key_bias_on_cpu() -> bool:
+    """Whether this torch's fused CPU attention takes a per-key bias together with its own causal mask (torch 2.3
+    and later; its unfused path refuses the pair), checked once on a tiny input against the dense mask."""
+    q = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    bias = torch.tensor([0.0, float("-inf"), 0.0]).reshape(1, 1, 1, 3)
+    dense = torch.tensor([[0.0, float("-inf"), float("-inf")], [0.0, float("-inf"), float("-inf")],
+                          [0.0, float("-inf"), 0.0]])
+    try:
+        fused = F.scaled_dot_product_attention(q, q, q, attn_mask=bias, is_causal=True)
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(fused, F.scaled_dot_product_attention(q, q, q, attn_mask=dense), atol=1e-6))
 
 
 def masked_cross_entropy(logits, tokens, token_mask=None):
@@ -71,8 +97,11 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, K, C/H), K = start + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is CAUSAL else attn_mask,
-                                           is_causal=attn_mask is CAUSAL,
+        if isinstance(attn_mask, CausalKeyBias):
+            mask, causal = attn_mask.bias, True
+        else:
+            mask, causal = (None, True) if attn_mask is CAUSAL else (attn_mask, False)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -165,8 +194,12 @@ class TokenTransformer(nn.Module):
         if start + T > self.seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {self.seq_len}")
         q_pos = torch.arange(start, start + T, device=inputs.device)
-        attn_mask = self._attention_mask(start, T, key_masked, inputs.device)
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+        dropout = self.training and self.cfg.dropout > 0  # attention dropout takes the unfused path
+        key_bias = inputs.device.type == "cpu" and not dropout and fused_key_bias_on_cpu()
+        attn_mask = self._attention_mask(start, T, key_masked, inputs.device, key_bias=key_bias)
+        if isinstance(attn_mask, CausalKeyBias):
+            attn_mask = CausalKeyBias(attn_mask.bias.to(self._cache_dtype()))
+        elif isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
             # In the queries' dtype (bfloat16 under autocast), which the fused CUDA kernels need; once per pass.
             attn_mask = attn_mask.to(self._cache_dtype())
         x = self.drop(self.wte(inputs) + self.wpe(q_pos))  # (B, T, C)
@@ -175,20 +208,26 @@ class TokenTransformer(nn.Module):
         return self.head(self.ln_f(x))  # (B, T, V)
 
     @staticmethod
-    def _attention_mask(start, T, key_masked=None, device=None):
+    def _attention_mask(start, T, key_masked=None, device=None, key_bias=False):
         """The mask every layer and head of one pass shares, for the queries at positions [start, start + T) over the
-        keys [0, K), K = start + T: ``CAUSAL`` from position 0 with no masked key, None for one query that sees every
+        keys [0, K), K = start + T: ``CAUSAL`` from position 0 with no masked key, a :class:`CausalKeyBias` from
+        position 0 with masked keys when ``key_bias`` (the kernel takes both), None for one query that sees every
         key (a cached step), else a (B or 1, 1, T, K) float mask, 0 = may attend, -inf = may not, built once per
         pass in the form attention would otherwise make from a bool mask in every layer, forward and backward.
 
         Args:
             key_masked: (B, K) bool, True = no query may attend to that key. The BOS key (position 0) is never
                 masked by construction, so no row is all -inf and softmax stays finite.
+            key_bias: whether attention may combine its own causal mask with a per-key bias
+                (:func:`fused_key_bias_on_cpu`).
         """
         if key_masked is None and start == 0:
             return CAUSAL
         if key_masked is None and T == 1:
             return None
+        if key_bias and start == 0:
+            bias = torch.zeros(key_masked.shape, device=device).masked_fill_(key_masked, float("-inf"))
+            return CausalKeyBias(bias[:, None, None, :])
         q_pos = torch.arange(start, start + T, device=device)
         k_pos = torch.arange(start + T, device=device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal

@@ -296,7 +296,7 @@ def test_a_forward_without_masks_builds_no_attention_mask(monkeypatch):
     seen.clear()
     with torch.no_grad():
         model(random_tokens(2, 16), random_masks(4, 0)[:2])
-    assert seen == [(False, False)] * 2
+    assert seen == [(False, True)] * 2  # masked keys: the causal flag with a (B, 1, 1, K) bias
 
 
 def test_heal_uses_a_bounded_number_of_model_calls(monkeypatch):
@@ -392,3 +392,50 @@ def test_a_masked_forward_under_bfloat16_autocast_hands_attention_a_mask_in_the_
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(random_tokens(2, 16), random_masks(4, 0)[:2])
     assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+
+
+def dense_mask_only(monkeypatch):
+    """Make every masked pass hand attention the dense (B, 1, T, K) mask, as on a device without the fused pair."""
+    monkeypatch.setattr(transformer_mod, "fused_key_bias_on_cpu", lambda: False)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_causal_key_bias_gives_the_dense_masks_logits_and_gradients(monkeypatch, training):
+    # The masked training step (and masked likelihoods) combine the kernel's causal mask with a (B, 1, 1, K) bias
+    # instead of a (B, 1, T, K) mask: the same attention, so the same loss and gradients.
+    assert transformer_mod.fused_key_bias_on_cpu(), "this torch's fused CPU attention should take the pair"
+    tokens, mask = random_tokens(6, 21), random_masks(6, 22)
+    model = make_model(5).train(training)
+    kinds = []
+    original = transformer_mod.TokenTransformer._attention_mask
+
+    def spy(*args, **kw):
+        kinds.append(type(original(*args, **kw)).__name__)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(transformer_mod.TokenTransformer, "_attention_mask", staticmethod(spy))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        value = loss(model, tokens, mask)
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fused_loss, fused_grads = step()
+    dense_mask_only(monkeypatch)
+    dense_loss, dense_grads = step()
+    assert kinds == ["CausalKeyBias", "Tensor"]
+    torch.testing.assert_close(fused_loss, dense_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fused_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Sanity: the masks matter, so a bias that ignored them would fail above.
+    model.zero_grad(set_to_none=True)
+    assert not torch.allclose(loss(model, tokens, None), dense_loss, atol=1e-4)
+
+
+def test_attention_dropout_in_training_takes_the_dense_mask():
+    # Dropout sends attention to its unfused path, which refuses a causal mask paired with a bias.
+    model = make_model(dropout=0.2).train()
+    value = loss(model, random_tokens(4, 23), random_masks(4, 24))
+    value.backward()
+    assert torch.isfinite(value)
