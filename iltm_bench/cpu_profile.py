@@ -9,22 +9,25 @@ with ``--masked`` of the tokens masked (later iterations), and the parts of one 
 likelihood, healing ``--flagged`` of the tokens, the S x D dropout decodes, the KDE). Every stage runs the reference
 path (the code before the speedups, kept here only) and the new one (the package's) alternately, ``--rounds``
 times after a warm-up, and keeps each one's fastest round: other work on the cores slows single rounds, not the
-best one. The per-call seconds are then multiplied by the preset's step counts for ``--n-train`` scans (batch sizes
-from ``vqvae.min_steps``, the cross-fitting folds, ``max_iterations + 1`` iterations without an early stop) into
-minutes of one run and each stage's share of it.
+best one. The per-call seconds are then multiplied by the preset's step counts for ``--n-train`` scans (the VQ-VAE's
+from ``vqvae.min_steps`` and ``max_steps``, the cross-fitting folds, ``max_iterations + 1`` iterations without an early
+stop) into minutes of one run and each stage's share of it.
 
 The reference paths: attention always reads a bool (T, K) mask (converted to float in every layer, forward and
 backward), where the package now takes the fused kernel's own causal mask when no key is masked, that mask with a
 (B, 1, 1, K) bias of the masked keys in a training pass with masks, and a float mask built once per pass otherwise
 (healing's teacher-forced runs); healing runs on torch's default intra-op threads, where the package runs it on one.
 Untouched stages run the same code in both columns. The reference run fits every iteration's full-cohort
-Transformer; the new one as the preset says (``iltm.full_transformers=used``: only the last iteration's), so the
-"calls" column shows both counts where they differ.
+Transformer, and where the preset caps the VQ-VAE's steps (``vqvae.max_steps``) it trains it as before, for all its
+epochs in batches made smaller for 2400 steps (:func:`reference_config`); the new one as the preset says
+(``iltm.full_transformers=used``: only the last iteration's full model), so the "calls" column shows both counts
+where they differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -37,7 +40,7 @@ from iltm.config import preset
 from iltm.detect import Detector, one_cpu_thread
 from iltm.kde import log_density
 from iltm.preprocess import augmentation
-from iltm.train import fold_of, stage_batch_size, vqvae_loss
+from iltm.train import fold_of, vqvae_loss, vqvae_schedule
 from iltm.transformer import TokenTransformer, masked_cross_entropy
 from iltm.vqvae import build_vqvae, encode_tokens
 
@@ -94,6 +97,17 @@ def epoch_batches(n: int, batch: int) -> list[int]:
     return [batch] * (n // batch) + ([n % batch] if n % batch else [])
 
 
+def reference_config(cfg):
+    """``cfg`` as the run was before the CPU cuts: every iteration's full-cohort Transformer fitted, and a VQ-VAE
+    capped by ``vqvae.max_steps`` trained instead for all its epochs, in batches of up to 8 made smaller for 2400
+    steps (the rule ``tiny`` had in 3D)."""
+    ref = copy.deepcopy(cfg)
+    ref.iltm.full_transformers = "every"
+    if ref.vqvae.max_steps_for(3):
+        ref.vqvae.max_steps, ref.vqvae.batch_size, ref.vqvae.min_steps = 0, 8, 2400
+    return ref
+
+
 def run_calls(cfg, n: int, every_full: bool | None = None) -> dict[str, float]:
     """Calls per run, each counted in units of the timed call (steps scaled by their batch's share of a full one).
 
@@ -102,8 +116,8 @@ def run_calls(cfg, n: int, every_full: bool | None = None) -> dict[str, float]:
     """
     if every_full is None:
         every_full = cfg.iltm.fits_every_transformer()
-    vq_batch = stage_batch_size(n, cfg.vqvae.batch_size, cfg.vqvae.epochs, cfg.vqvae.steps_for(3))
-    vq_steps = cfg.vqvae.epochs * sum(b / vq_batch for b in epoch_batches(n, vq_batch))
+    vq_batch, vq_epochs = vqvae_schedule(n, cfg.vqvae, 3)
+    vq_steps = vq_epochs * sum(b / vq_batch for b in epoch_batches(n, vq_batch))
     t_batch, folds = cfg.transformer.batch_size, cfg.iltm.cross_fit_folds
 
     def steps(m: int) -> float:
@@ -136,28 +150,30 @@ def main(argv=None) -> None:
     cfg.data.spatial_dims = 3
     det = cfg.detection
     calls = run_calls(cfg, args.n_train)
-    ref_calls = run_calls(cfg, args.n_train, every_full=True)
+    ref_calls = run_calls(reference_config(cfg), args.n_train)
     shape = tuple(reversed(args.size))                                   # numpy order (z, y, x)
     latent = tuple(s // cfg.vqvae.downsample_factor for s in shape)
     length = math.prod(latent)
     torch.manual_seed(0)
     rows = []  # (stage, reference s, new s, key of the calls per run)
 
-    # VQ-VAE: unchanged; timed once with its augmentation for the shares.
+    # VQ-VAE: a step with its augmentation at each column's batch (the same when the schedule did not change).
     vqvae = build_vqvae(cfg.vqvae, 3).train()
     vq_opt = torch.optim.AdamW(vqvae.parameters(), lr=cfg.vqvae.learning_rate)
     augment = augmentation(cfg.data, 3, seed=0)
-    scans = [torch.rand(1, *shape) for _ in range(calls["vq_batch"])]
+    scans = [torch.rand(1, *shape) for _ in range(max(calls["vq_batch"], ref_calls["vq_batch"]))]
 
-    def vq_step():
-        x = torch.stack([torch.as_tensor(augment(s)) for s in scans]).float()
+    def vq_step(batch: int):
+        x = torch.stack([torch.as_tensor(augment(s)) for s in scans[:batch]]).float()
         loss = vqvae_loss(vqvae, x)
         vq_opt.zero_grad(set_to_none=True)
         loss.backward()
         vq_opt.step()
 
-    t = fastest({"vq": vq_step}, args.rounds)["vq"]
-    rows.append((f"VQ-VAE step (batch {calls['vq_batch']}, augmented)", t, t, "vqvae"))
+    batches = (ref_calls["vq_batch"], calls["vq_batch"])
+    t = fastest({"ref": lambda: vq_step(batches[0]), "new": lambda: vq_step(batches[1])}, args.rounds)
+    label = f"batch {batches[0]}" if batches[0] == batches[1] else f"batch {batches[0]} -> {batches[1]}"
+    rows.append((f"VQ-VAE step ({label}, augmented)", t["ref"], t["new"], "vqvae"))
 
     # Transformer steps, reference and new on the same weights and batch.
     codes = cfg.vqvae.num_embeddings

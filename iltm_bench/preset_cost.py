@@ -33,7 +33,7 @@ from iltm.detect import resolve_device
 from iltm.errors import InputError
 from iltm.kde import log_density
 from iltm.synth import DEFAULT_SIZE
-from iltm.train import vqvae_loss
+from iltm.train import vqvae_loss, vqvae_schedule
 from iltm.transformer import TokenTransformer, masked_cross_entropy
 from iltm.vqvae import build_vqvae, decode_tokens, encode_tokens, set_detection_mode
 
@@ -73,7 +73,7 @@ def measure(name: str, dims: int, size: list[int], steps: int, device: str = "cp
     dev, precision = autocast(device)
     torch.manual_seed(0)
     vqvae = build_vqvae(cfg.vqvae, dims).to(dev)
-    images = torch.rand(cfg.vqvae.batch_size, 1, *size, device=dev)
+    images = torch.rand(cfg.vqvae.batch_for(dims), 1, *size, device=dev)
     vq_opt = torch.optim.AdamW(vqvae.parameters(), lr=1e-4)
 
     def vq_step():
@@ -122,13 +122,16 @@ def measure(name: str, dims: int, size: list[int], steps: int, device: str = "cp
     return {"vqvae_step": vq, "transformer_step": tf, "detection": dt, "tokens": float(length)}
 
 
-def run_estimate(name: str, per: dict[str, float], n_train: int, max_iterations: int | None = None) -> dict[str, float]:
-    """Seconds of one ILTM run's stages at preset ``name`` (the stage names of history.json), with the preset's
-    ``max_iterations`` unless given."""
+def run_estimate(name: str, per: dict[str, float], n_train: int, max_iterations: int | None = None,
+                 dims: int = 2) -> dict[str, float]:
+    """Seconds of one ILTM run's stages at preset ``name`` (the stage names of history.json) on ``dims``-D scans, with
+    the preset's ``max_iterations`` unless given. VQ-VAE steps count as their share of the timed step's batch
+    (``vqvae.batch_for``): a batch made smaller by ``min_steps`` costs its share."""
     cfg = preset(name)
     iterations = (cfg.iltm.max_iterations if max_iterations is None else max_iterations) + 1
     folds = cfg.iltm.cross_fit_folds
-    vq_steps = cfg.vqvae.epochs * math.ceil(n_train / cfg.vqvae.batch_size)
+    _, vq_epochs = vqvae_schedule(n_train, cfg.vqvae, dims)
+    vq_steps = vq_epochs * n_train / cfg.vqvae.batch_for(dims)
     t_steps = cfg.transformer.epochs * math.ceil(n_train / cfg.transformer.batch_size)
     # Fold j trains on the other folds' scans: folds x (folds - 1) / folds of the data in all.
     fold_steps = cfg.transformer.epochs * folds * math.ceil(n_train * (folds - 1) / folds / cfg.transformer.batch_size) \
@@ -187,7 +190,7 @@ def main(argv=None) -> None:
     iterations = args.max_iterations
     if args.history and iterations is None:
         iterations = len(json.loads(args.history.read_text(encoding="utf-8"))["iterations"]) - 1
-    est = {label[c]: run_estimate(c[0], per[label[c]], args.n_train, iterations) for c in columns}
+    est = {label[c]: run_estimate(c[0], per[label[c]], args.n_train, iterations, args.dims) for c in columns}
     names = list(per)
     first = names[0]
     print(f"{args.dims}D, {'x'.join(map(str, size))} voxels, {args.n_train} training scans, "

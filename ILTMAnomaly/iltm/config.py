@@ -101,9 +101,11 @@ class VQVAEConfig:
         commitment_cost: weight of the commitment loss.
         decay: EMA decay of the codebook.
         dropout: dropout of the decoder (active at detection: the D decodes of a healed latent differ by it).
-        epochs: training epochs.
-        batch_size: scans per optimiser step (see ``min_steps``).
+        epochs: training epochs (fewer where ``max_steps`` applies).
+        batch_size: scans per optimiser step (per dimension; see ``min_steps``).
         learning_rate: AdamW's initial rate (cosine decay to 10 %).
+        max_steps: stop after as many whole epochs as make this many optimiser steps, so that a larger cohort
+            costs no more; 0 = off (per dimension).
         min_steps: shrink the batches (down to 1 scan) until the epochs make this many steps; 0 = off (per dimension).
         collapse_retries: retrain a VQ-VAE using under 1/4 of its codes from other seeds, up to this often (per dim.).
     """
@@ -117,8 +119,9 @@ class VQVAEConfig:
     decay: float = setting(0.5, low=0, high=1)
     dropout: float = setting(0.05, low=0, high=1)
     epochs: int = setting(500, low=1)
-    batch_size: int = setting(8, low=1)
+    batch_size: Union[int, Dict[str, int]] = setting(8, low=1)
     learning_rate: float = setting(1e-4, low=0, above=True)
+    max_steps: Union[int, Dict[str, int]] = setting(0, low=0)
     min_steps: Union[int, Dict[str, int]] = setting(0, low=0)
     collapse_retries: Union[int, Dict[str, int]] = setting(0, low=0)
 
@@ -126,7 +129,15 @@ class VQVAEConfig:
         """The ``collapse_retries`` that apply to ``dims``-D scans (they may be one per dimension)."""
         return per_dimension(self.collapse_retries, dims, missing=0)
 
-    def steps_for(self, dims: Optional[int]) -> int:
+    def batch_for(self, dims: Optional[int]) -> int:
+        """The ``batch_size`` that applies to ``dims``-D scans (8 where it is per dimension without them)."""
+        return per_dimension(self.batch_size, dims, missing=8)
+
+    def max_steps_for(self, dims: Optional[int]) -> int:
+        """The ``max_steps`` that apply to ``dims``-D scans (0: no cap)."""
+        return per_dimension(self.max_steps, dims, missing=0)
+
+    def min_steps_for(self, dims: Optional[int]) -> int:
         """The ``min_steps`` that applies to ``dims``-D scans (it may be one per dimension)."""
         return per_dimension(self.min_steps, dims, missing=0)
 
@@ -329,9 +340,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "iltm": dict(max_iterations=4, **TRAINING_MASKS),
     },
     "tiny": {
+        # In 3D, 2400 optimiser steps of at most two volumes whatever the cohort's size: enough steps keep the
+        # codebook from collapsing, no more keep the cost from growing with the cohort (docs/research.md, "Enough
+        # optimiser steps for the 3D VQ-VAE" and "Where a CPU run's time goes").
         "vqvae": dict(channels=[32, 64], num_res_layers=1, num_res_channels=32, num_embeddings=128,
-                      embedding_dim=32, epochs=200, batch_size=8, learning_rate=5e-4, min_steps={"3d": 2400},
-                      collapse_retries={"3d": 1}),
+                      embedding_dim=32, epochs=200, batch_size={"2d": 8, "3d": 2}, learning_rate=5e-4,
+                      min_steps={"3d": 2400}, max_steps={"3d": 2400}, collapse_retries={"3d": 1}),
         "transformer": dict(n_layer=3, n_head=4, n_embd=64, epochs=80, batch_size=16, learning_rate=2e-3),
         # In 2D t is the 0.3-quantile of the cohort's own held-out token probabilities (0.09-0.11 on the phantom,
         # where t = 0.1 was chosen; 0.006 on textures and anatomy, where t = 0.1 resampled 63-65 % of the tokens).

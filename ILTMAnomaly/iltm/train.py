@@ -129,6 +129,18 @@ def stage_batch_size(n_scans: int, batch_size: int, epochs: int, min_steps: int)
     return size
 
 
+def vqvae_schedule(n_scans: int, vq_cfg, dims: int | None) -> tuple[int, int]:
+    """(batch size, epochs) of the VQ-VAE's training on ``n_scans`` scans of ``dims`` D: ``batch_size`` made smaller
+    for ``min_steps`` (:func:`stage_batch_size`), then ``epochs`` cut to as many whole epochs as make ``max_steps``
+    optimiser steps, so that the cost stops growing with the cohort."""
+    batch = stage_batch_size(n_scans, vq_cfg.batch_for(dims), vq_cfg.epochs, vq_cfg.min_steps_for(dims))
+    epochs, cap = vq_cfg.epochs, vq_cfg.max_steps_for(dims)
+    if cap:
+        per_epoch = max(1, math.ceil((n_scans // dist.world_size()) / batch))
+        epochs = min(epochs, math.ceil(cap / per_epoch))
+    return batch, epochs
+
+
 # -- data ------------------------------------------------------------------------------------------------------
 
 class TrainingSet:
@@ -200,23 +212,26 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
                       units: float, attempt: int = 0) -> dict[str, Any]:
     """Train the VQ-VAE into ``run.vqvae_path``. ``attempt`` n > 0 (``vqvae.collapse_retries``) starts from another
     initialisation than the run's own."""
-    vq_cfg = cfg.vqvae
-    min_steps = vq_cfg.steps_for(cfg.data.spatial_dims)
-    batch_size = stage_batch_size(len(data), vq_cfg.batch_size, vq_cfg.epochs, min_steps)
-    if batch_size != vq_cfg.batch_size:
-        reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_size}, so that {vq_cfg.epochs} "
-                     f"epochs over {len(data)} scans make at least {min_steps} steps (vqvae.min_steps)")
+    vq_cfg, dims = cfg.vqvae, cfg.data.spatial_dims
+    batch_size, epochs = vqvae_schedule(len(data), vq_cfg, dims)
+    if epochs != vq_cfg.epochs:
+        reporter.log(f"VQ-VAE: {epochs} epochs instead of {vq_cfg.epochs}, over {len(data)} scans in batches of "
+                     f"{batch_size}, the whole epochs that make {vq_cfg.max_steps_for(dims)} optimiser steps (vqvae.max_steps)")
+    if batch_size != vq_cfg.batch_for(dims):
+        reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_for(dims)}, so that "
+                     f"{vq_cfg.epochs} epochs over {len(data)} scans make at least {vq_cfg.min_steps_for(dims)} steps "
+                     f"(vqvae.min_steps)")
     if attempt:
         seed_everything(cfg.seed + 7727 * attempt)
     model = build_vqvae(vq_cfg, cfg.data.spatial_dims).to(device)
     ddp = dist.wrap(model)
     batches = image_batches(data, cfg, batch_size, device)
     start = time.perf_counter()
-    losses = fit(ddp, batches, lambda x: vqvae_loss(ddp, x), vq_cfg.epochs, vq_cfg.learning_rate,
+    losses = fit(ddp, batches, lambda x: vqvae_loss(ddp, x), epochs, vq_cfg.learning_rate,
                  run.root / "vqvae_checkpoint.pt", reporter, "train VQ-VAE", units, precision=cfg.precision)
     latent = encode_tokens(model, torch.from_numpy(data.arrays[0])[None].to(device)).shape[1:]
     summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "epochs": vq_cfg.epochs, "batch_size": batch_size, "seconds": time.perf_counter() - start}
+               "epochs": epochs, "batch_size": batch_size, "seconds": time.perf_counter() - start}
     if attempt:
         summary["attempt"] = attempt
     if dist.is_main():
@@ -705,7 +720,9 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)
         cfg.iltm.select_iteration = cfg.iltm.selection_for(dims)
         cfg.detection.resampling_quantile = cfg.detection.quantile_for(dims)
-        cfg.vqvae.min_steps = cfg.vqvae.steps_for(dims)
+        cfg.vqvae.batch_size = cfg.vqvae.batch_for(dims)
+        cfg.vqvae.max_steps = cfg.vqvae.max_steps_for(dims)
+        cfg.vqvae.min_steps = cfg.vqvae.min_steps_for(dims)
         cfg.vqvae.collapse_retries = cfg.vqvae.retries_for(dims)
         if cfg.data.spatial_size is None:
             cfg.data.spatial_size = model_grid_size(records, cfg)

@@ -220,6 +220,7 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     # The tiny preset's per-dimension settings are resolved for these 2D scans and recorded as such.
     recorded = config_mod.load(run / "config.yaml")
     assert recorded.iltm.spare_shared_uptake is None and recorded.vqvae.min_steps == 0
+    assert (recorded.vqvae.batch_size, recorded.vqvae.max_steps) == (8, 0)
     assert json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]["batch_size"] == 8
 
 
@@ -349,8 +350,6 @@ def test_a_small_cohort_trains_the_vqvae_in_smaller_batches_to_make_min_steps(tm
     batches = []
     loss = train_mod.vqvae_loss
     monkeypatch.setattr(train_mod, "vqvae_loss", lambda model, x: batches.append(x.shape[0]) or loss(model, x))
-    tiny = config_mod.preset("tiny").vqvae
-    assert (tiny.steps_for(2), tiny.steps_for(3)) == (0, 2400)
     cases = ((0, [4] * 3), (6, [3, 1] * 3),      # 2 batches an epoch of at most 3 scans
              ({"3d": 6}, [4] * 3), ({"2d": 6}, [3, 1] * 3))   # one per dimension: these scans are 2D
     for case, (min_steps, expected) in enumerate(cases):
@@ -363,6 +362,47 @@ def test_a_small_cohort_trains_the_vqvae_in_smaller_batches_to_make_min_steps(tm
     for bad in (-1, {"4d": 10}, {"3d": 1.5}):
         cfg.vqvae.min_steps = bad
         with pytest.raises(InputError, match="vqvae.min_steps"):
+            config_mod.validate(cfg)
+
+
+def test_vqvae_max_steps_cut_the_epochs_so_that_a_larger_cohort_costs_no_more(tmp_path, monkeypatch):
+    tiny = config_mod.preset("tiny").vqvae
+    assert (tiny.batch_for(2), tiny.min_steps_for(2), tiny.max_steps_for(2)) == (8, 0, 0)
+    # 3D: 2400 steps of at most 2 volumes, whatever the cohort: 24 volumes train exactly as before the cap.
+    assert [train_mod.vqvae_schedule(n, tiny, 3) for n in (12, 24, 40, 96)] == [(1, 200), (2, 200), (2, 120),
+                                                                                (2, 50)]
+    assert train_mod.vqvae_schedule(40, tiny, 2) == (8, 200)
+    vq = config_mod.preset("paper").vqvae
+    schedule = train_mod.vqvae_schedule
+    vq.epochs, vq.max_steps, vq.batch_size = 200, {"3d": 2400}, {"2d": 8, "3d": 1}
+    assert schedule(24, vq, 3) == (1, 100)            # 24 steps an epoch
+    assert schedule(40, vq, 3) == (1, 60)             # the steps stay 2400 whatever the cohort
+    assert schedule(7, vq, 3) == (1, 200)             # 200 epochs make only 1400: not cut
+    assert schedule(13, vq, 3) == (1, 185)            # whole epochs: 185 x 13 = 2405
+    assert schedule(40, vq, 2) == (8, 200)            # no cap and batches of 8 for 2D scans
+    vq.epochs = 10
+    assert schedule(40, vq, 3) == (1, 10)             # fewer epochs asked: fewer steps
+    vq.epochs, vq.batch_size, vq.min_steps = 200, 8, 2400
+    assert schedule(24, vq, 3) == (2, 200)            # min_steps shrink the batch first: 12 steps x 200 = 2400
+    # Through the training stage: 4 scans in batches of 3 make 2 steps an epoch; 5 steps take 3 of the 50 epochs.
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_dims, cfg.data.augment = 2, False
+    cfg.vqvae.channels, cfg.vqvae.num_res_channels, cfg.vqvae.embedding_dim = [8, 8], 8, 4
+    cfg.vqvae.epochs, cfg.vqvae.batch_size, cfg.vqvae.max_steps = 50, {"2d": 3, "3d": 1}, {"2d": 5}
+    cfg.vqvae.min_steps = 0
+    data = _Scans(4)
+    data.arrays = [np.random.default_rng(i).random((1, 16, 16), dtype=np.float32) for i in range(4)]
+    batches = []
+    loss = train_mod.vqvae_loss
+    monkeypatch.setattr(train_mod, "vqvae_loss", lambda model, x: batches.append(x.shape[0]) or loss(model, x))
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    summary = train_mod.train_vqvae_stage(run, cfg, data, torch.device("cpu"), Reporter("none"), 1.0)
+    assert batches == [3, 1] * 3 and (summary["epochs"], summary["batch_size"]) == (3, 3)
+    for name, bad in (("max_steps", -5), ("max_steps", {"3d": 0.5}), ("batch_size", 0), ("batch_size", {"5d": 2})):
+        cfg.vqvae.max_steps, cfg.vqvae.batch_size = 0, 8
+        setattr(cfg.vqvae, name, bad)
+        with pytest.raises(InputError, match=f"vqvae.{name}"):
             config_mod.validate(cfg)
 
 
