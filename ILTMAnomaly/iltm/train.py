@@ -216,7 +216,8 @@ def train_vqvae_stage(run: RunFolder, cfg: Config, data: TrainingSet, device: to
     batch_size, epochs = vqvae_schedule(len(data), vq_cfg, dims)
     if epochs != vq_cfg.epochs:
         reporter.log(f"VQ-VAE: {epochs} epochs instead of {vq_cfg.epochs}, over {len(data)} scans in batches of "
-                     f"{batch_size}, the whole epochs that make {vq_cfg.max_steps_for(dims)} optimiser steps (vqvae.max_steps)")
+                     f"{batch_size}, the whole epochs that make {vq_cfg.max_steps_for(dims)} optimiser steps "
+                     f"(vqvae.max_steps)")
     if batch_size != vq_cfg.batch_for(dims):
         reporter.log(f"VQ-VAE: batches of {batch_size} scans instead of {vq_cfg.batch_for(dims)}, so that "
                      f"{vq_cfg.epochs} epochs over {len(data)} scans make at least {vq_cfg.min_steps_for(dims)} steps "
