@@ -100,9 +100,10 @@ def epoch_batches(n: int, batch: int) -> list[int]:
 def reference_config(cfg):
     """``cfg`` as the run was before the CPU cuts: every iteration's full-cohort Transformer fitted, and a VQ-VAE
     capped by ``vqvae.max_steps`` trained instead for all its epochs, in batches of up to 8 made smaller for 2400
-    steps (the rule ``tiny`` had in 3D)."""
+    steps (the rule ``tiny`` had in 3D), and as many ILTM iterations in 3D as in 2D (``tiny`` had 3 in both)."""
     ref = copy.deepcopy(cfg)
     ref.iltm.full_transformers = "every"
+    ref.iltm.max_iterations = ref.iltm.iterations_for(2)
     if ref.vqvae.max_steps_for(3):
         ref.vqvae.max_steps, ref.vqvae.batch_size, ref.vqvae.min_steps = 0, 8, 2400
     return ref
@@ -124,7 +125,7 @@ def run_calls(cfg, n: int, every_full: bool | None = None) -> dict[str, float]:
         return cfg.transformer.epochs * sum(b / t_batch for b in epoch_batches(m, t_batch))
 
     full, fold_fits = steps(n), sum(steps(sum(1 for i in range(n) if fold_of(i, folds) != j)) for j in range(folds))
-    iterations = cfg.iltm.max_iterations + 1
+    iterations = cfg.iltm.iterations_for(3) + 1
     unmasked = fold_fits + (full if every_full or iterations == 1 else 0.0)
     masked = (iterations - 1) * fold_fits + (full * (iterations - 1) if every_full else full * (iterations > 1))
     return {"vq_batch": vq_batch, "vqvae": vq_steps, "unmasked": unmasked, "masked": masked,

@@ -128,7 +128,7 @@ def run_estimate(name: str, per: dict[str, float], n_train: int, max_iterations:
     the preset's ``max_iterations`` unless given. VQ-VAE steps count as their share of the timed step's batch
     (``vqvae.batch_for``): a batch made smaller by ``min_steps`` costs its share."""
     cfg = preset(name)
-    iterations = (cfg.iltm.max_iterations if max_iterations is None else max_iterations) + 1
+    iterations = (cfg.iltm.iterations_for(dims) if max_iterations is None else max_iterations) + 1
     folds = cfg.iltm.cross_fit_folds
     _, vq_epochs = vqvae_schedule(n_train, cfg.vqvae, dims)
     vq_steps = vq_epochs * n_train / cfg.vqvae.batch_for(dims)

@@ -229,7 +229,7 @@ class ILTMConfig:
     """The outer loop (DESIGN.md, step 4).
 
     Attributes:
-        max_iterations: ILTM iterations after the unmasked iteration 0.
+        max_iterations: ILTM iterations after the unmasked iteration 0 (per dimension; 5 where it names none).
         threshold_decay: the resampling threshold falls by this share each iteration (0.125: the paper's).
         constant_threshold: keep the resampling threshold constant instead.
         stop_change: stop when the masked-token count changes by less than this share.
@@ -246,7 +246,7 @@ class ILTMConfig:
             iteration needs its own.
     """
 
-    max_iterations: int = setting(5, low=0)
+    max_iterations: Union[int, Dict[str, int]] = setting(5, low=0)
     threshold_decay: float = setting(0.125, low=0, high=1)
     constant_threshold: bool = setting(False)
     stop_change: float = setting(0.01, low=0)
@@ -259,6 +259,10 @@ class ILTMConfig:
     def fits_every_transformer(self) -> bool:
         """Whether training fits every iteration's full-cohort Transformer (always without cross-fitting)."""
         return not self.cross_fit_folds or self.full_transformers == "every"
+
+    def iterations_for(self, dims: Optional[int]) -> int:
+        """The ``max_iterations`` that apply to ``dims``-D scans (they may be one per dimension)."""
+        return per_dimension(self.max_iterations, dims, missing=5)
 
     def spare_share(self, dims: Optional[int]) -> Optional[float]:
         """The share q that applies to ``dims``-D scans (``spare_shared_uptake`` may be one per dimension)."""
@@ -350,7 +354,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # In 2D t is the 0.3-quantile of the cohort's own held-out token probabilities (0.09-0.11 on the phantom,
         # where t = 0.1 was chosen; 0.006 on textures and anatomy, where t = 0.1 resampled 63-65 % of the tokens).
         "detection": dict(samples=20, dropout_passes=3, resampling_threshold=0.1, resampling_quantile={"2d": 0.3}),
-        "iltm": dict(max_iterations=3, **TRAINING_MASKS),
+        # In 3D one masked iteration: on the 3D sweeps its held-out scores equal the third's within the seeds'
+        # spread, at half the iterations' cost (docs/research.md, "Where a CPU run's time goes").
+        "iltm": dict(max_iterations={"2d": 3, "3d": 1}, **TRAINING_MASKS),
     },
 }
 

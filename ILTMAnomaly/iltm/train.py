@@ -720,6 +720,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         # config.yaml records the values that apply to these scans
         cfg.iltm.spare_shared_uptake = cfg.iltm.spare_share(dims)
         cfg.iltm.select_iteration = cfg.iltm.selection_for(dims)
+        cfg.iltm.max_iterations = cfg.iltm.iterations_for(dims)
         cfg.detection.resampling_quantile = cfg.detection.quantile_for(dims)
         cfg.vqvae.batch_size = cfg.vqvae.batch_for(dims)
         cfg.vqvae.max_steps = cfg.vqvae.max_steps_for(dims)
@@ -741,7 +742,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                       f"data.intensity={cfg.data.intensity!r} no flagged token is spared")
     seed_everything(cfg.seed)
     history = run.history()
-    max_k = cfg.iltm.max_iterations
+    max_k = cfg.iltm.iterations_for(cfg.data.spatial_dims)
     # Work units for the overall progress fraction: VQ-VAE, then a Transformer fit and a detection per iteration.
     folds = cfg.iltm.cross_fit_folds
     every_full = cfg.iltm.fits_every_transformer()

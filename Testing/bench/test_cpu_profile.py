@@ -102,20 +102,23 @@ def test_run_calls_follow_the_tiny_presets_step_counts(cpu_profile):
 
     every = cpu_profile.run_calls(preset("tiny"), 40, every_full=True)
     # 40 scans: the VQ-VAE's 2400 steps of two volumes (120 of its 200 epochs);
-    # Transformer: 40 scans in 16 + 16 + 8, two folds of 20 in 16 + 4, 80 epochs; 4 iterations, the first unmasked.
+    # Transformer: 40 scans in 16 + 16 + 8, two folds of 20 in 16 + 4, 80 epochs; in 3D 2 iterations, the first
+    # unmasked.
     assert (every["vq_batch"], every["vqvae"]) == (2, 2400)
+    assert every["iterations"] == 2 and every["full_fits"] == 2
     # The reference trained it for all 200 epochs in batches of 3 (14 steps an epoch make 2800 >= 2400), the last
-    # one a single scan, and fitted every full Transformer.
+    # one a single scan, ran 4 iterations (as 2D still does) and fitted every full Transformer.
     reference = cpu_profile.run_calls(cpu_profile.reference_config(preset("tiny")), 40)
     assert reference["vq_batch"] == 3 and reference["vqvae"] == pytest.approx(200 * (13 + 1 / 3))
-    assert reference["unmasked"] == every["unmasked"] and reference["full_fits"] == every["full_fits"] == 4
+    assert reference["unmasked"] == every["unmasked"] and reference["full_fits"] == reference["iterations"] == 4
     assert every["unmasked"] == pytest.approx(80 * (2.5 + 2 * 1.25))
-    assert every["masked"] == pytest.approx(3 * every["unmasked"])
-    assert every["detect"] == 160
+    assert every["masked"] == pytest.approx(every["unmasked"]) and reference["masked"] == pytest.approx(
+        3 * every["unmasked"])
+    assert every["detect"] == 80 and reference["detect"] == 160
     # tiny fits the full-cohort Transformer (2.5 batches an epoch) of the last iteration only: the folds every time.
     used = cpu_profile.run_calls(preset("tiny"), 40)
     assert used["unmasked"] == pytest.approx(80 * 2 * 1.25)
-    assert used["masked"] == pytest.approx(80 * (3 * 2 * 1.25 + 2.5))
+    assert used["masked"] == pytest.approx(80 * (2 * 1.25 + 2.5))
     assert {k: v for k, v in used.items() if k not in ("unmasked", "masked", "full_fits")} == \
         {k: v for k, v in every.items() if k not in ("unmasked", "masked", "full_fits")}
 

@@ -224,6 +224,23 @@ def test_self_scoring_run_as_in_the_paper_fits_no_fold_transformers(cohort2d, tm
     assert json.loads((run / "history.json").read_text(encoding="utf-8"))["vqvae"]["batch_size"] == 8
 
 
+def test_max_iterations_per_dimension_sets_the_loops_length_and_is_recorded(cohort2d, tmp_path):
+    tiny = config_mod.preset("tiny").iltm
+    assert (tiny.iterations_for(2), tiny.iterations_for(3), config_mod.preset("paper").iltm.iterations_for(3)) == \
+        (3, 1, 5)
+    run = tmp_path / "run"
+    # stop_change 0: only the count ends the loop, after iteration 1 for these 2D scans (0 would be 3D's count).
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--set",
+                   "iltm.max_iterations={2d: 1, 3d: 0}", "--set", "iltm.stop_change=0", *FAST) == 0
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
+    assert [r["iteration"] for r in history["iterations"]] == [0, 1]
+    assert history["stop_reason"] == "reached --max-iterations (1)"
+    assert config_mod.load(run / "config.yaml").iltm.max_iterations == 1
+    for bad in (-1, {"3d": -2}, {"4d": 1}):
+        with pytest.raises(InputError, match="iltm.max_iterations"):
+            config_mod.build("tiny", iltm__max_iterations=bad)
+
+
 def test_a_run_sparing_every_shared_token_masks_nothing(cohort2d, tmp_path):
     run = tmp_path / "run"
     # Every voxel falls below tau = 1e9, but a share of 0 spares every token: the real detector's path end to end.
