@@ -21,12 +21,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from iltm.evaluate import METRICS
 from iltm.run import RunFolder
 
 from .sweep import ITERATIONS_CSV, SETTINGS_JSON, SWEEP_CSV, read_table
 from .training_masks import mask_coverage
 
-METRICS = ("auroc", "aupro", "best_dice")
 ENTRIES = ("intensity", "iteration 0", "last ILTM iteration", "best iteration (label-free)")
 BASELINES = {"ae": "AE", "vae": "VAE", "nsa": "NSA", "cutpaste": "CutPaste"}
 

@@ -15,9 +15,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-from .sweep import ITERATIONS_CSV, read_table
+from iltm.evaluate import METRICS
 
-METRICS = ("auroc", "aupro", "best_dice")
+from .sweep import ITERATIONS_CSV, read_table
 
 
 def iterations_of(sweep: Path) -> dict[float, dict[int, dict[str, float]]]:
@@ -26,8 +26,7 @@ def iterations_of(sweep: Path) -> dict[float, dict[int, dict[str, float]]]:
     for row in read_table(sweep / ITERATIONS_CSV):
         if row["threshold_schedule"] != "decreasing":
             continue
-        out.setdefault(float(row["anomalous_fraction"]), {})[int(row["iteration"])] = {
-            m: 100 * float(row[m]) for m in METRICS}
+        out.setdefault(row["anomalous_fraction"], {})[int(row["iteration"])] = {m: 100 * row[m] for m in METRICS}
     return out
 
 

@@ -53,6 +53,7 @@ from iltm_bench.sweep import (ITERATIONS_CSV, SETTINGS_JSON, SweepSettings, eval
                             read_table)
 from iltm.detect import resolve_device, token_mask_from_map
 from iltm.errors import InputError
+from iltm.evaluate import METRICS
 from iltm.io import atomic_write_text, list_images, read_label
 from iltm.progress import Reporter
 from iltm.run import RunFolder
@@ -62,7 +63,6 @@ import torch.nn.functional as F
 from iltm.train import TrainingSet, load_token_masks, tokenize_stage, train_transformer_stage
 from iltm.vqvae import load_vqvae
 
-METRICS = ("auroc", "aupro", "best_dice")
 VARIANTS = ("truth", "dilated", "clean", "none", "right", "wrong")
 DEFAULT_VARIANTS = ("truth", "none")
 REFIT_SEED_STEP = 1009  # refit r fits with the run's seed + r x this (apart from every seed the loop itself uses)
