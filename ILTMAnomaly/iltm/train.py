@@ -573,14 +573,23 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
         first, chosen, last = rows[0], by_k[best], rows[-1]
         if best == 0:
             reason = (f"no later iteration predicted the never-flagged tokens better than iteration 0 (mean NLL "
-                      f"{first['reference_nll']:.4f}; last {last['reference_nll']:.4f}) while the masks grew from "
-                      f"{100 * first['masked_fraction']:.2f} % to {100 * last['masked_fraction']:.2f} % of the tokens")
+                      f"{first['reference_nll']:.4f}; last {last['reference_nll']:.4f}) while the masks "
+                      f"{mask_change(first['masked_fraction'], last['masked_fraction'])}")
         else:
             reason = (f"iteration {best} predicted the never-flagged tokens best (mean NLL "
                       f"{chosen['reference_nll']:.4f} against {first['reference_nll']:.4f} at iteration 0, more than "
                       f"{100 * SELECTION_TOLERANCE:g} % lower than any earlier iteration)")
     return {"per_iteration": rows, "reference_tokens": int(reference.sum()), "probabilities": source,
             "tolerance": SELECTION_TOLERANCE, "best_iteration": best, "selection_reason": reason}
+
+
+def mask_change(first: float, last: float) -> str:
+    """How the masks went from covering ``first`` to ``last`` of the tokens, in words, e.g. "shrank from 0.70 % to
+    0.69 % of the tokens": the direction is read from the percentages as printed."""
+    a, b = f"{100 * first:.2f}", f"{100 * last:.2f}"
+    if a == b:
+        return f"stayed at {a} % of the tokens"
+    return f"{'grew' if float(b) > float(a) else 'shrank'} from {a} % to {b} % of the tokens"
 
 
 def masks_grew_for_nothing(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],

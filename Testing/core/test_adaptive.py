@@ -125,6 +125,19 @@ def test_the_best_iteration_is_the_clearly_lowest_nll_of_the_never_flagged_token
     assert (f"iteration {best}" in out["selection_reason"]) if best else ("iteration 0" in out["selection_reason"])
 
 
+@pytest.mark.parametrize("later_masks, words", [([[1, 1, 0, 0], [1, 0, 0, 0]], "grew from 25.00 % to 37.50 %"),
+                                                 ([[0, 0, 0, 0], [1, 0, 0, 0]], "shrank from 25.00 % to 12.50 %"),
+                                                 ([[0, 0, 1, 0], [1, 0, 0, 0]], "stayed at 25.00 %")])
+def test_the_reason_for_keeping_iteration_0_says_which_way_the_masks_went(tmp_path, monkeypatch, later_masks, words):
+    run = _fake_run(tmp_path, [[[1, 0, 0, 0], [0, 1, 0, 0]], later_masks])
+    monkeypatch.setattr(train_mod, "cohort_token_probabilities",
+                        lambda run, k, tokens, folds, device: (torch.full(tokens.shape, 0.5 / (k + 1)), "held-out"))
+    out = train_mod.select_iteration(run, config_mod.preset("tiny"), torch.zeros(2, 4, dtype=torch.long),
+                                     ["s0", "s1"], torch.device("cpu"))
+    assert out["best_iteration"] == 0
+    assert out["selection_reason"].endswith(f"while the masks {words} of the tokens")
+
+
 def test_when_every_token_was_flagged_iteration_0_is_kept_and_says_why(tmp_path, monkeypatch):
     run = _fake_run(tmp_path, [[[1, 1], [0, 1]], [[0, 0], [1, 0]]])
     monkeypatch.setattr(train_mod, "cohort_token_probabilities",
