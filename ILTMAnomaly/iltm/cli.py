@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="an image file, a folder of images or a CSV list")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--iteration", type=int, help="ILTM iteration whose Transformer to use (default: the one "
-                                                 "training chose, the last unless iltm.select_iteration=best)")
+                                                 "training chose: with iltm.select_iteration=best, as in tiny, "
+                                                 "the last unless it did worse than iteration 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--resampling-threshold", type=float, help="t: resample tokens with p < t (default from run)")
     p.add_argument("--samples", type=int, help="S: healed samples (default from run)")

@@ -236,9 +236,9 @@ class ILTMConfig:
         cross_fit_folds: 0 = self-scored masks (the paper); K >= 2 = fold j's scans masked by a model fitted without it.
         mask_density_threshold: tau of the training-scan masks; null = ``detection.density_threshold``.
         spare_shared_uptake: leave a token unmasked where this share of the other scans is as bright (PET; per dim.).
-        select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration;
-            training then also stops once an iteration's masks grow while it predicts the never-flagged tokens no
-            better than an earlier iteration); per dimension.
+        select_iteration: the iteration detection uses by default: "last", or "best" (history.json's best_iteration:
+            the last unless it predicts the training tokens no iteration flagged worse than iteration 0, then
+            iteration 0); per dimension.
         full_transformers: with cross-fitting, whose full-cohort Transformer training fits: "every" iteration's, or
             only the one detection uses ("used": the training-scan masks, the adaptive threshold and the iteration
             selection all come from the fold Transformers, so the others' full fits would be read by nobody;
@@ -355,8 +355,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # where t = 0.1 was chosen; 0.006 on textures and anatomy, where t = 0.1 resampled 63-65 % of the tokens).
         "detection": dict(samples=20, dropout_passes=3, resampling_threshold=0.1, resampling_quantile={"2d": 0.3}),
         # In 3D one masked iteration: on the 3D sweeps its held-out scores equal the third's within the seeds'
-        # spread, at half the iterations' cost (docs/research.md, "Where a CPU run's time goes").
-        "iltm": dict(max_iterations={"2d": 3, "3d": 1}, **TRAINING_MASKS),
+        # spread, at half the iterations' cost (docs/research.md, "Where a CPU run's time goes"). Detection keeps
+        # iteration 0 where the last iteration predicts the never-flagged training tokens worse (docs/research.md,
+        # "ILTM never ends below its iteration 0").
+        "iltm": dict(max_iterations={"2d": 3, "3d": 1}, select_iteration="best", **TRAINING_MASKS),
     },
 }
 

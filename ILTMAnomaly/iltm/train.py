@@ -529,21 +529,19 @@ def adaptive_threshold(run: RunFolder, cfg: Config, tokens: torch.Tensor, device
             "tokens": int(probs.numel())}
 
 
-SELECTION_TOLERANCE = 0.005  # a later iteration must lower the reference NLL by this share of the best so far
-
-
 def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
                      device: torch.device, cache: dict | None = None) -> dict[str, Any]:
-    """Which iteration to keep, without labels: the one whose Transformer best predicts the tokens that no
-    iteration's masks flag (tokens every model agrees are normal), on scans it did not see where cross-fitting
-    allows. Masking normal tokens takes them out of the next Transformer's targets and context, so over-masking
-    shows as a worse prediction of the plainly normal ones; masking anomalies removes what confuses the model and
-    lowers it. A later iteration replaces an earlier best only when it lowers that mean NLL by more than
-    ``SELECTION_TOLERANCE`` of it, so noise between refits keeps iteration 0.
+    """Which iteration to keep, without labels: the last one, unless its Transformer predicts the tokens that no
+    iteration's masks flag (tokens every model agrees are normal) worse than iteration 0's did; then iteration 0.
+    Each is scored on scans it did not see where cross-fitting allows. Masking normal tokens takes them out of the
+    next Transformer's targets and context, so over-masking shows as a worse prediction of the plainly normal ones;
+    masking anomalies removes what confuses the model and lowers it. Only the two ends are compared: the
+    iterations in between are noisier than the gain they would pick out (docs/research.md, "ILTM never ends below
+    its iteration 0").
 
     Returns:
         ``{"per_iteration": [{iteration, reference_nll, masked_fraction}], "reference_tokens", "probabilities",
-        "tolerance", "best_iteration", "selection_reason"}``.
+        "best_iteration", "selection_reason"}``.
     """
     iterations = [k for k in run.mask_iterations() if has_scoring_models(run, k, cfg.iltm.cross_fit_folds)]
     masks = {k: load_token_masks(run, k, scan_ids) for k in iterations}
@@ -557,30 +555,25 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
         nll = -torch.log(probs.clamp_min(1e-12).double())
         mean = float(nll[reference].mean()) if bool(reference.any()) else None
         rows.append({"iteration": k, "reference_nll": mean, "masked_fraction": float(masks[k].float().mean())})
-    best = 0 if rows else None
-    by_k = {r["iteration"]: r for r in rows}
-    for r in rows[1:] if bool(reference.any()) else []:
-        if r["reference_nll"] < by_k[best]["reference_nll"] * (1.0 - SELECTION_TOLERANCE):
-            best = r["iteration"]
     if not rows:
-        reason = "no finished iteration"
+        best, reason = None, "no finished iteration"
     elif not bool(reference.any()):
         best = 0
         reason = "every token was flagged by some iteration's masks, so none could judge the iterations: iteration 0"
     elif len(rows) == 1:
-        reason = "only iteration 0 was trained"
+        best, reason = 0, "only iteration 0 was trained"
     else:
-        first, chosen, last = rows[0], by_k[best], rows[-1]
-        if best == 0:
-            reason = (f"no later iteration predicted the never-flagged tokens better than iteration 0 (mean NLL "
-                      f"{first['reference_nll']:.4f}; last {last['reference_nll']:.4f}) while the masks "
-                      f"{mask_change(first['masked_fraction'], last['masked_fraction'])}")
+        first, last = rows[0], rows[-1]
+        nll = f"(mean NLL {last['reference_nll']:.4f} against {first['reference_nll']:.4f} at iteration 0)"
+        if last["reference_nll"] <= first["reference_nll"]:
+            best = last["iteration"]
+            reason = f"the last iteration predicted the never-flagged tokens at least as well as iteration 0 {nll}"
         else:
-            reason = (f"iteration {best} predicted the never-flagged tokens best (mean NLL "
-                      f"{chosen['reference_nll']:.4f} against {first['reference_nll']:.4f} at iteration 0, more than "
-                      f"{100 * SELECTION_TOLERANCE:g} % lower than any earlier iteration)")
+            best = 0
+            reason = (f"the last iteration predicted the never-flagged tokens worse than iteration 0 {nll} while "
+                      f"the masks {mask_change(first['masked_fraction'], last['masked_fraction'])}: iteration 0")
     return {"per_iteration": rows, "reference_tokens": int(reference.sum()), "probabilities": source,
-            "tolerance": SELECTION_TOLERANCE, "best_iteration": best, "selection_reason": reason}
+            "best_iteration": best, "selection_reason": reason}
 
 
 def mask_change(first: float, last: float) -> str:
@@ -590,24 +583,6 @@ def mask_change(first: float, last: float) -> str:
     if a == b:
         return f"stayed at {a} % of the tokens"
     return f"{'grew' if float(b) > float(a) else 'shrank'} from {a} % to {b} % of the tokens"
-
-
-def masks_grew_for_nothing(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids: list[str],
-                           device: torch.device, k: int, cache: dict | None = None) -> tuple[str | None, dict[str, Any]]:
-    """The stop signal of ``iltm.select_iteration=best``, asked when iteration k's masks cover more tokens than
-    k - 1's: why to stop when k predicts the never-flagged tokens no better than the best earlier iteration (by
-    :func:`select_iteration`'s rule), else None; and that selection, which is the run's final one if it stops here.
-    Masking more of the cohort while the model of the normal tokens does not improve means the masks are taking
-    normal tokens, and more iterations would mask more of them."""
-    selection = select_iteration(run, cfg, tokens, scan_ids, device, cache)
-    best = selection["best_iteration"]
-    if best is None or best == k or selection["reference_tokens"] == 0:
-        return None, selection
-    rows = {r["iteration"]: r for r in selection["per_iteration"]}
-    return (f"iteration {k}'s masks grew from {100 * rows[k - 1]['masked_fraction']:.2f} % to "
-            f"{100 * rows[k]['masked_fraction']:.2f} % of the tokens while its Transformer predicted the never-flagged "
-            f"tokens no better than iteration {best}'s (mean NLL {rows[k]['reference_nll']:.4f} against "
-            f"{rows[best]['reference_nll']:.4f}): stopped (iltm.select_iteration=best)"), selection
 
 
 def load_token_masks(run: RunFolder, k: int, scan_ids: list[str]) -> torch.Tensor:
@@ -831,13 +806,6 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                                                       f"(< {100 * cfg.iltm.stop_change:g} %) at iteration {k}")
         elif k == max_k:
             history.update(finished=True, stop_reason=f"reached --max-iterations ({max_k})")
-        elif best_mode and prev_count is not None and count > prev_count:
-            reason, selection = masks_grew_for_nothing(run, cfg, tokens, [r.id for r in records], device, k,
-                                                       scores)
-            if reason:  # the loop ends at k: this selection over 0..k is the final one
-                history.update(finished=True, stop_reason=reason, iteration_selection=selection,
-                               best_iteration=selection["best_iteration"],
-                               selection_reason=selection["selection_reason"])
         if dist.is_main():
             run.write_json(run.history_path, history)
         previous_masks = masks
@@ -853,7 +821,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                        selection_reason=selection["selection_reason"])
         if dist.is_main():
             run.write_json(run.history_path, history)
-    reporter.log(f"best iteration by the never-flagged tokens' likelihood: {history['best_iteration']} "
+    reporter.log(f"iteration kept by the never-flagged tokens' likelihood: {history['best_iteration']} "
                  f"({history['selection_reason']})" + ("; detection uses it (iltm.select_iteration=best)"
                                                        if best_mode else ""))
     recorded = [r["iteration"] for r in history["iterations"]]

@@ -187,12 +187,12 @@ def test_demo_runs_to_the_end_and_reports_all_methods(tmp_path, capsys):
 
 
 def test_the_demo_detects_with_the_iteration_training_chose(tmp_path, capsys, monkeypatch):
-    """With iltm.select_iteration=best the full-cohort Transformer exists for the best iteration, not the last one:
-    the demo detects with the one training chose."""
+    """With iltm.select_iteration=best the full-cohort Transformer exists for the kept iteration, not the last one:
+    the demo detects with the one training chose, and scores the last one beside it to show what the choice did."""
     from iltm import train as train_mod
 
     def keep_iteration_0(run, cfg, tokens, scan_ids, device, cache=None):
-        return {"per_iteration": [], "reference_tokens": 1, "probabilities": "held-out", "tolerance": 0.005,
+        return {"per_iteration": [], "reference_tokens": 1, "probabilities": "held-out",
                 "best_iteration": 0, "selection_reason": "kept for the test"}
 
     monkeypatch.setattr(train_mod, "select_iteration", keep_iteration_0)
@@ -202,8 +202,11 @@ def test_the_demo_detects_with_the_iteration_training_chose(tmp_path, capsys, mo
     printed = capsys.readouterr().out
     assert "detection uses iteration 0 (kept for the test)" in printed
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert set(results["metrics"]) == {"ILTM (iteration 0)", "intensity threshold"}
+    assert set(results["metrics"]) == {"ILTM (iteration 0)", "ILTM, last iteration (1), not kept",
+                                       "intensity threshold"}
+    assert results["metrics"]["ILTM (iteration 0)"] != results["metrics"]["ILTM, last iteration (1), not kept"]
     assert [r["iteration"] for r in results["history"]["iterations"]] == [0, 1]
+    assert (out / "scores" / "last_iteration").is_dir() and (out / "run" / "iteration_001" / "transformer.pt").is_file()
 
 
 def test_detect_on_a_rotated_anisotropic_input_keeps_its_geometry(run2d, tmp_path):
