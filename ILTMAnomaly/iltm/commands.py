@@ -232,10 +232,28 @@ def cmd_report(args, reporter: Reporter) -> int:
         raise InputError("--scans", f"must be at least 1 (got {args.scans})")
     out = check_output_folder(args.out or run.root / "report")
     paths = make_report(run, out, args.scans)
+    choice = detection_choice(run.history())
+    if choice and reporter.mode == "jsonl":
+        reporter.emit("selection", message=choice)
+    elif choice:
+        print(choice)
     for p in paths:
         reporter.log(f"wrote {p}")
         reporter.emit("output", kind="figure", path=str(p))
     return 0
+
+
+def detection_choice(history: dict) -> str | None:
+    """Which iteration ``iltm detect`` uses by default and why, from ``history.json`` (None for runs from before
+    training recorded it)."""
+    used, best = history.get("detection_iteration"), history.get("best_iteration")
+    if used is None:
+        return None
+    reason = history.get("selection_reason") or ""
+    if used == best:
+        return f"detection uses iteration {used}: {reason}"
+    return (f"detection uses iteration {used} (iltm.select_iteration=last); the label-free choice would be "
+            f"iteration {best}: {reason}")
 
 
 # -- suv -------------------------------------------------------------------------------------------------------

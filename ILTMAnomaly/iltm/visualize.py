@@ -86,16 +86,27 @@ def panel_figure(rows: list[dict[str, np.ndarray]], columns: list[str], path: Pa
 
 
 def history_figure(history: dict, path: Path) -> None:
-    """Masked-token count, resampling threshold and Transformer loss per ILTM iteration."""
+    """Masked-token count, resampling threshold and Transformer loss per ILTM iteration, and where training recorded
+    it, the never-flagged tokens' NLL that chose the iteration detection uses (marked)."""
     its = history.get("iterations", [])
     k = [r["iteration"] for r in its]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    selection = [r for r in (history.get("iteration_selection") or {}).get("per_iteration", [])
+                 if r.get("reference_nll") is not None]
+    fig, axes = plt.subplots(1, 4 if selection else 3, figsize=(14.5 if selection else 11, 3))
     axes[0].plot(k, [r.get("masked_fraction", 0) * 100 for r in its], "o-")
     axes[0].set(xlabel="ILTM iteration", ylabel="masked tokens (%)", title="masked tokens")
     axes[1].plot(k, [r.get("resampling_threshold") for r in its], "o-", color="tab:orange")
     axes[1].set(xlabel="ILTM iteration", ylabel="t", title="resampling threshold")
     axes[2].plot(k, [r.get("transformer_loss") for r in its], "o-", color="tab:green")
     axes[2].set(xlabel="ILTM iteration", ylabel="cross-entropy", title="Transformer loss (last epoch)")
+    if selection:
+        nll = {r["iteration"]: r["reference_nll"] for r in selection}
+        axes[3].plot(list(nll), list(nll.values()), "o-", color="tab:purple")
+        used = history.get("detection_iteration")
+        if used in nll:
+            axes[3].plot([used], [nll[used]], "*", ms=14, color="tab:red", label=f"detection uses {used}")
+            axes[3].legend(fontsize=7)
+        axes[3].set(xlabel="ILTM iteration", ylabel="mean NLL", title="tokens no iteration flagged")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_xticks(k)
