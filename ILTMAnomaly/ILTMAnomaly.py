@@ -523,9 +523,12 @@ class ILTMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.browserIterationSlider.maximum = iterations[-1] if iterations else 0
         self.ui.browserIterationLabel.text = str(self.ui.browserIterationSlider.value)
         state = history.get("stop_reason") or (_("finished") if history.get("finished") else _("in progress"))
-        self.ui.browserStatusLabel.text = _("{scans} training scans, iterations {first}-{last} ({state}).").format(
+        status = _("{scans} training scans, iterations {first}-{last} ({state}).").format(
             scans=len(scans), first=iterations[0] if iterations else "-", last=iterations[-1] if iterations else "-",
             state=state)
+        if run.trained_iterations():  # the one a detection with this run uses unless told otherwise
+            status += " " + _("Detection uses iteration {used}.").format(used=run.resolve_iteration(None))
+        self.ui.browserStatusLabel.text = status
 
     def onBrowserIterationChanged(self, value) -> None:
         self.ui.browserIterationLabel.text = str(value)
