@@ -172,10 +172,12 @@ def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(co
                    "--set", "iltm.mask_density_threshold=1e9", "--set", "iltm.spare_shared_uptake=null", *FAST) == 0
     history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert [r["iteration"] for r in history["iterations"]] == [0, 1]
+    # The masks flag every token, so no token is left to judge the iterations by: detection keeps iteration 0.
+    assert history["detection_iteration"] == history["best_iteration"] == 0
     for rec in history["iterations"]:
         k = rec["iteration"]
-        # tiny fits the full-cohort Transformer only for the iteration detection uses, the last
-        assert (run / f"iteration_{k:03d}" / "transformer.pt").is_file() == (k == 1)
+        # tiny fits the full-cohort Transformer only for the iteration detection uses
+        assert (run / f"iteration_{k:03d}" / "transformer.pt").is_file() == (k == 0)
         assert sorted(p.name for p in (run / f"iteration_{k:03d}" / "folds").iterdir()) == \
             ["transformer_fold0.pt", "transformer_fold1.pt"]
         assert rec["fold_train_seconds"] > 0
