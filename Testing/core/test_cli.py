@@ -181,10 +181,13 @@ def test_demo_runs_to_the_end_and_reports_all_methods(tmp_path, capsys):
     out = tmp_path / "demo"
     assert run_cli("demo", "--out", out, "--n-train", "6", "--n-test", "4", "--max-iterations", "1", *FAST) == 0
     printed = capsys.readouterr().out
-    for name in ("ILTM (iteration", "VQ-VAE+Transformer (it. 0)", "intensity threshold", "results (JSON)"):
-        assert name in printed
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert set(results["metrics"]) == {"ILTM (iteration 1)", "VQ-VAE+Transformer (it. 0)", "intensity threshold"}
+    # the iteration training chose for detection, and beside it iteration 0, or the last one where 0 was kept
+    used = results["history"]["detection_iteration"]
+    other = "VQ-VAE+Transformer (it. 0)" if used else "ILTM, last iteration (1), not kept"
+    for name in (f"ILTM (iteration {used})", other, "intensity threshold", "results (JSON)"):
+        assert name in printed
+    assert set(results["metrics"]) == {f"ILTM (iteration {used})", other, "intensity threshold"}
     for metrics in results["metrics"].values():
         assert 0.0 <= metrics["auroc"] <= 1.0
     assert "clip_value: 15.0" in (out / "run" / "config.yaml").read_text(encoding="utf-8")

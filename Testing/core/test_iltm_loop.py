@@ -525,8 +525,9 @@ def _weights(path):
 def test_a_run_fitting_only_the_used_full_transformer_keeps_the_same_models(cohort2d, tmp_path, capsys):
     """iltm.full_transformers=used (tiny) leaves out the full-cohort fits of the iterations detection does not use;
     the models it keeps are those a run fitting every one has, and --full-fit K fits K's later."""
+    # detection with the last iteration, whatever these few-epoch models predict: the full fits left out are the test
     common = ["--data", cohort2d, "--preset", "tiny", "--max-iterations", "2", "--set", "iltm.stop_change=0",
-              "--set", "iltm.mask_density_threshold=0.5", *FAST]
+              "--set", "iltm.mask_density_threshold=0.5", "--set", "iltm.select_iteration=last", *FAST]
     every, used = tmp_path / "every", tmp_path / "used"
     assert run_cli("train", "--out", every, *common, "--set", "iltm.full_transformers=every") == 0
     assert run_cli("train", "--out", used, *common) == 0
@@ -562,7 +563,8 @@ def test_a_run_fitting_only_the_used_full_transformer_keeps_the_same_models(coho
 
 def test_resuming_a_run_that_lost_its_used_full_transformer_fits_it_again(cohort2d, tmp_path):
     run = tmp_path / "run"
-    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1", *FAST) == 0
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
+                   "--set", "iltm.select_iteration=last", *FAST) == 0
     path = RunFolder(run).transformer_path(1)
     before = _weights(path)
     path.unlink()

@@ -67,11 +67,13 @@ def test_browser_data_from_a_real_run(real_run, scene):
     root, _ = real_run
     run = runs.RunFolder(root / "run")
     assert run.missing_pieces() == []
-    # tiny fits the full-cohort Transformer of the iteration detection uses only; every iteration has masks
-    assert run.trained_iterations() == [1] and run.mask_iterations() == [0, 1]
-    assert run.resolve_iteration(None) == 1
-    with pytest.raises(PanelError, match="--full-fit 0"):
-        run.resolve_iteration(0)
+    # tiny fits the full-cohort Transformer of the iteration detection uses only (the last, or iteration 0 where
+    # the last predicted the never-flagged tokens worse); every iteration has masks
+    used = run.history()["detection_iteration"]
+    assert run.trained_iterations() == [used] and run.mask_iterations() == [0, 1]
+    assert run.resolve_iteration(None) == used
+    with pytest.raises(PanelError, match=f"--full-fit {1 - used}"):
+        run.resolve_iteration(1 - used)
     assert run.spatial_dims == 3
     scans = run.scans()
     assert len(scans) == 3 and all(scan.image.is_file() for scan in scans)
