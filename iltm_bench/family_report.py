@@ -1,6 +1,8 @@
 """The tables issue 22 asks for, from one or more finished sweeps (``iltm benchmark``, any data family): per data
 family, setting and anomalous fraction, the held-out metrics of the intensity reference, iteration 0 (the pipeline
-without ILTM), the last ILTM iteration and the iteration training recorded as best (label-free), as mean and spread
+without ILTM), the last ILTM iteration and the best iteration (label-free: ``iltm.select_iteration=best``'s rule
+applied to the never-flagged tokens' NLLs that training recorded, so runs made under an earlier rule are read by
+today's; history.json's choice for runs from before those NLLs), as mean and spread
 over the sweeps' seeds, with ILTM's paired differences to iteration 0, and the baselines the sweeps ran (AE, VAE,
 NSA, CutPaste: the sweep's ``--methods``); and per iteration the label-free selection's
 reference NLL beside the training masks' precision and recall against the training labels.
@@ -23,6 +25,7 @@ from typing import Any
 
 from iltm.evaluate import METRICS
 from iltm.run import RunFolder
+from iltm.train import kept_iteration
 
 from .sweep import ITERATIONS_CSV, SETTINGS_JSON, SWEEP_CSV, read_table
 from .training_masks import mask_coverage
@@ -59,7 +62,11 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
         run = RunFolder(sweep / f"fraction_{fraction:g}" / "runs" / "iltm")
         history = run.history()
         its = {int(r["iteration"]): r for r in iteration_rows if float(r["anomalous_fraction"]) == fraction}
-        best = history.get("best_iteration")
+        # The label-free choice by today's rule, from the NLLs training recorded (runs made before the rule
+        # changed recorded another choice); runs from before those were recorded: history.json's choice, if any.
+        selection = [r for r in (history.get("iteration_selection") or {}).get("per_iteration", [])
+                     if int(r["iteration"]) in its]
+        best = kept_iteration(selection) if selection else history.get("best_iteration")
         intensity = next((r for r in sweep_rows if r["method"] == "intensity"), None)
         for name, k, row in zip(ENTRIES, (None, 0, max(its), best), (intensity, its.get(0), its[max(its)],
                                                                      its.get(best))):
@@ -74,7 +81,7 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
                                 **{m: round(float(row[m]), 4) for m in METRICS}})
         labels = sweep / f"fraction_{fraction:g}" / "train" / "labels"
         coverage = {r["iteration"]: r for r in mask_coverage(run, labels)} if labels.is_dir() else {}
-        selection = {r["iteration"]: r for r in (history.get("iteration_selection") or {}).get("per_iteration", [])}
+        selection = {r["iteration"]: r for r in selection}
         for k, row in sorted(its.items()):
             per_iteration.append({**base, "anomalous_fraction": fraction, "iteration": k,
                                   **{m: round(float(row[m]), 4) for m in METRICS},
@@ -83,8 +90,10 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
                                   "reference_nll": selection.get(k, {}).get("reference_nll"),
                                   "mask_precision": coverage.get(k, {}).get("precision"),
                                   "mask_recall": coverage.get(k, {}).get("recall")})
-        notes.append(f"`{sweep.name}`, {100 * fraction:g} % anomalous: best iteration {best} "
-                     f"({history.get('selection_reason')})")
+        nll = [selection[k]["reference_nll"] for k in (0, max(its)) if k in selection]
+        why = (f"never-flagged tokens' mean NLL {nll[0]:.4f} at iteration 0, {nll[1]:.4f} at the last"
+               if len(nll) == 2 and None not in nll else history.get("selection_reason"))
+        notes.append(f"`{sweep.name}`, {100 * fraction:g} % anomalous: best iteration {best} ({why})")
     return stored, summary, per_iteration, notes
 
 

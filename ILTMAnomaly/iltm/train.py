@@ -555,25 +555,34 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
         nll = -torch.log(probs.clamp_min(1e-12).double())
         mean = float(nll[reference].mean()) if bool(reference.any()) else None
         rows.append({"iteration": k, "reference_nll": mean, "masked_fraction": float(masks[k].float().mean())})
+    best = kept_iteration(rows)
     if not rows:
-        best, reason = None, "no finished iteration"
+        reason = "no finished iteration"
     elif not bool(reference.any()):
-        best = 0
         reason = "every token was flagged by some iteration's masks, so none could judge the iterations: iteration 0"
     elif len(rows) == 1:
-        best, reason = 0, "only iteration 0 was trained"
+        reason = "only iteration 0 was trained"
     else:
         first, last = rows[0], rows[-1]
         nll = f"(mean NLL {last['reference_nll']:.4f} against {first['reference_nll']:.4f} at iteration 0)"
-        if last["reference_nll"] <= first["reference_nll"]:
-            best = last["iteration"]
+        if best:
             reason = f"the last iteration predicted the never-flagged tokens at least as well as iteration 0 {nll}"
         else:
-            best = 0
             reason = (f"the last iteration predicted the never-flagged tokens worse than iteration 0 {nll} while "
                       f"the masks {mask_change(first['masked_fraction'], last['masked_fraction'])}: iteration 0")
     return {"per_iteration": rows, "reference_tokens": int(reference.sum()), "probabilities": source,
             "best_iteration": best, "selection_reason": reason}
+
+
+def kept_iteration(rows: list[dict[str, Any]]) -> int | None:
+    """:func:`select_iteration`'s rule on its ``per_iteration`` rows (ascending): the last iteration unless its
+    ``reference_nll`` is above iteration 0's; iteration 0 where there is nothing to compare (None: no rows)."""
+    if not rows:
+        return None
+    first, last = rows[0], rows[-1]
+    if len(rows) == 1 or first["reference_nll"] is None or last["reference_nll"] is None:
+        return 0
+    return last["iteration"] if last["reference_nll"] <= first["reference_nll"] else 0
 
 
 def mask_change(first: float, last: float) -> str:
