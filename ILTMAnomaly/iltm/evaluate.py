@@ -194,7 +194,8 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """One line per method: pooled AUROC, AUPRO and best Dice in % with the spread over images ("n/a" where a metric
     is undefined, with the reason below the table); then, for rows that have them, AP and scan AUROC (%), and the
     lesion-level figures."""
-    lines = [f"{'method':<28} {'AUROC':>14} {'AUPRO':>14} {'best Dice':>14}"]
+    w = max([28, *map(len, rows)])  # the method column fits the longest name
+    lines = [f"{'method':<{w}} {'AUROC':>14} {'AUPRO':>14} {'best Dice':>14}"]
     notes = []
     for name, m in rows.items():
         cells = []
@@ -207,19 +208,19 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             else:
                 std = "n/a" if spread is None or not np.isfinite(spread) else f"{100 * spread:4.1f}"
                 cells.append(f"{100 * value:6.1f} ± {std}")
-        lines.append(f"{name:<28} " + " ".join(f"{c:>14}" for c in cells))
+        lines.append(f"{name:<{w}} " + " ".join(f"{c:>14}" for c in cells))
     lines.append("(pooled voxel metrics in %, ± standard deviation over test images)")
     lines.extend(notes)
     more = {name: m for name, m in rows.items() if "average_precision" in m}
     if more:
         lines.append("")
-        lines.append(f"{'method':<28} {'AP %':>7} {'scan AUROC %':>13} {'FP vol mL':>10} {'FN vol mL':>10} "
+        lines.append(f"{'method':<{w}} {'AP %':>7} {'scan AUROC %':>13} {'FP vol mL':>10} {'FN vol mL':>10} "
                      f"{'lesion sens %':>14} {'FP regions/scan':>16}")
         for name, m in more.items():
             def cell(key, width, scale=1.0, fmt=".1f"):
                 value = m.get(key)
                 return f"{'n/a':>{width}}" if value is None else f"{scale * value:>{width}{fmt}}"
-            lines.append(f"{name:<28} {cell('average_precision', 7, 100)} {cell('scan_auroc', 13, 100)} "
+            lines.append(f"{name:<{w}} {cell('average_precision', 7, 100)} {cell('scan_auroc', 13, 100)} "
                          f"{cell('fp_volume_ml', 10, fmt='.2f')} {cell('fn_volume_ml', 10, fmt='.2f')} "
                          f"{cell('lesion_sensitivity', 14, 100)} {cell('fp_regions_per_scan', 16, fmt='.2f')}")
         lines.append("(AP: voxel average precision; scan AUROC: scans ranked by their maximum score; FP/FN volume "

@@ -221,3 +221,17 @@ def test_rejects_mismatched_inputs():
         metrics.auroc(np.array([[np.nan, 1.0]]), np.array([[0, 1]]))
     with pytest.raises(ValueError):
         metrics.aupro(HAND_SCORES, HAND_LABELS, fpr_limit=0.0)
+
+
+def test_the_results_table_keeps_its_columns_under_a_long_method_name():
+    from iltm.evaluate import format_table
+
+    row = {"auroc": 0.99, "aupro": 0.9, "best_dice": 0.7, "auroc_std": 0.01, "aupro_std": 0.02, "best_dice_std": 0.1,
+           "average_precision": 0.7, "scan_auroc": 0.8}
+    long = "ILTM, last iteration (3), not kept"
+    lines = format_table({"ILTM (iteration 0)": row, long: row}).splitlines()
+    header, short_row, long_row = lines[0], lines[1], lines[2]
+    # every line of the first block ends its last column at the same place, the header's "best Dice" included
+    assert len(header) == len(short_row) == len(long_row) and long_row.startswith(long + " ")
+    second = lines.index("") + 1
+    assert len({len(line) for line in lines[second:second + 3]}) == 1
