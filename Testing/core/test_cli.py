@@ -107,6 +107,12 @@ def test_evaluate_and_report(run2d, cohort2d, tmp_path, capsys):
     expected = (f"detection uses iteration 1: {history['selection_reason']}" if history["best_iteration"] == 1 else
                 "detection uses iteration 1 (iltm.select_iteration=last); the label-free choice would be iteration 0")
     assert expected in said.out
+    # A program reading --progress jsonl gets the same line as an event, and stdout stays JSON lines only.
+    from iltm.cli import main
+    assert main(["report", str(run2d), "--out", str(tmp_path / "report2"), "--progress", "jsonl"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    selection = [e["message"] for e in events if e["event"] == "selection"]
+    assert len(selection) == 1 and selection[0].startswith(expected) and selection[0] in said.out
     for name in ("history.png", "masks.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
     # A reader that has gone (| head) gets no traceback: the table goes to a pipe nobody reads any more.
