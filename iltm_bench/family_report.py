@@ -64,9 +64,9 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
         its = {int(r["iteration"]): r for r in iteration_rows if float(r["anomalous_fraction"]) == fraction}
         # The label-free choice by today's rule, from the NLLs training recorded (runs made before the rule
         # changed recorded another choice); runs from before those were recorded: history.json's choice, if any.
-        selection = [r for r in (history.get("iteration_selection") or {}).get("per_iteration", [])
-                     if int(r["iteration"]) in its]
-        best = kept_iteration(selection) if selection else history.get("best_iteration")
+        recorded = [r for r in (history.get("iteration_selection") or {}).get("per_iteration", [])
+                    if int(r["iteration"]) in its]
+        best = kept_iteration(recorded) if recorded else history.get("best_iteration")
         intensity = next((r for r in sweep_rows if r["method"] == "intensity"), None)
         for name, k, row in zip(ENTRIES, (None, 0, max(its), best), (intensity, its.get(0), its[max(its)],
                                                                      its.get(best))):
@@ -81,7 +81,7 @@ def collect(sweep: Path) -> tuple[dict[str, Any], list[dict], list[dict], list[s
                                 **{m: round(float(row[m]), 4) for m in METRICS}})
         labels = sweep / f"fraction_{fraction:g}" / "train" / "labels"
         coverage = {r["iteration"]: r for r in mask_coverage(run, labels)} if labels.is_dir() else {}
-        selection = {r["iteration"]: r for r in selection}
+        selection = {r["iteration"]: r for r in recorded}
         for k, row in sorted(its.items()):
             per_iteration.append({**base, "anomalous_fraction": fraction, "iteration": k,
                                   **{m: round(float(row[m]), 4) for m in METRICS},

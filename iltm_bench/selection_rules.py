@@ -23,6 +23,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from iltm.train import kept_iteration
+
 from .sweep import read_table
 
 AUROC_BAR = 0.002  # "at least iteration 0 within 0.2 points" (AUROC as a fraction)
@@ -40,9 +42,9 @@ def runs_of(table: Path) -> dict[tuple, list[dict]]:
 
 
 def guard(rows: list[dict], tolerance: float = 0.0) -> dict:
-    """The last iteration unless its reference NLL is above iteration 0's by more than ``tolerance`` of it."""
-    first, last = rows[0], rows[-1]
-    return last if last["reference_nll"] <= first["reference_nll"] * (1.0 + tolerance) else first
+    """The row of the iteration training's rule keeps (``iltm.train.kept_iteration``): the last unless its reference
+    NLL is above iteration 0's by more than ``tolerance`` of it."""
+    return rows[-1] if kept_iteration(rows, tolerance) == rows[-1]["iteration"] else rows[0]
 
 
 def guard_with_stop(rows: list[dict]) -> dict:

@@ -574,15 +574,16 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
             "best_iteration": best, "selection_reason": reason}
 
 
-def kept_iteration(rows: list[dict[str, Any]]) -> int | None:
+def kept_iteration(rows: list[dict[str, Any]], tolerance: float = 0.0) -> int | None:
     """:func:`select_iteration`'s rule on its ``per_iteration`` rows (ascending): the last iteration unless its
-    ``reference_nll`` is above iteration 0's; iteration 0 where there is nothing to compare (None: no rows)."""
+    ``reference_nll`` is above iteration 0's (by more than ``tolerance`` of it: the bench compares other values;
+    training uses 0); iteration 0 where there is nothing to compare (None: no rows)."""
     if not rows:
         return None
     first, last = rows[0], rows[-1]
     if len(rows) == 1 or first["reference_nll"] is None or last["reference_nll"] is None:
         return 0
-    return last["iteration"] if last["reference_nll"] <= first["reference_nll"] else 0
+    return last["iteration"] if last["reference_nll"] <= first["reference_nll"] * (1.0 + tolerance) else 0
 
 
 def mask_change(first: float, last: float) -> str:
