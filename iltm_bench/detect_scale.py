@@ -2,23 +2,25 @@
 or more S, in one process.
 
     python -m iltm_bench.detect_scale [--dims 2] [--size 256 256] [--preset paper] [--samples S [S ...]]
-        [--passes D] [--columns new-float32 old-float32 new-bfloat16] [--device cpu] [--flagged-share 0.05]
-        [--no-decoding]
+        [--passes D] [--columns new-float32 old-float32 eager-bfloat16 new-bfloat16] [--device cpu]
+        [--flagged-share 0.05] [--no-decoding]
 
-The models are freshly initialised at the preset's shapes (timings and memory do not depend on training); the scan
-is random. Resampling heals a fixed share of the tokens (``--flagged-share``: a trained model at the paper's t flags
-a few per cent), so the sequential Transformer steps are what a real scan costs. Stages: encode (VQ-VAE encoder and
-codebook), likelihood (one Transformer pass), resampling (healing S sequences), decoding (S x D dropout decodes; twice
-when streamed) and KDE. Encode and likelihood do not depend on the path or S: they run once per precision and every
-column of that precision shows them. The old path is what detection did before memory was bounded: all S sequences
-healed in one batch (one KV cache for all of them), and the N reconstructions held in memory, decoded
-``decode_batch`` at a time. The new one is ``Detector``'s: healing in batches of ``heal_batch`` sequences, decoder
-batches of ``decoder_batch``, the KDE streamed when ``streams`` says so. ``--no-decoding`` stops after resampling (at a
-whole-body grid a paper decode takes minutes on a CPU, and decoding's memory does not depend on N: its batch is
-bounded). Streamed, decoding and KDE interleave batch by batch, so they share one peak. Memory is the process's peak
-resident set during the stage (Linux: VmHWM, reset before each stage through /proc/self/clear_refs), so it includes
-the models and everything held from earlier stages (and what the allocator kept from earlier columns: put the
-columns to compare first); on CUDA it is torch's peak allocated device memory.
+The models are freshly initialised at the preset's shapes (timings and memory do not depend on training); the scan is
+random. Resampling heals a fixed share of the tokens (``--flagged-share``: a trained model at the paper's t flags a
+few per cent), so the sequential Transformer steps are what a real scan costs. Stages: encode (VQ-VAE encoder and
+codebook), likelihood (one Transformer pass), resampling (healing S sequences), decoding (S x D dropout decodes;
+twice when streamed) and KDE. Encode and likelihood do not depend on the path or S: they run once per precision and
+every column of that precision shows them. The old path is what detection did before memory was bounded: all S
+sequences healed in one batch (one KV cache for all of them), and the N reconstructions held in memory, decoded
+``decode_batch`` at a time. The new one is ``Detector``'s: healing in batches of ``heal_batch`` sequences (on CUDA
+with its model calls replayed from CUDA graphs, whose one-time capture is the stage "capture"), decoder batches of
+``decoder_batch``, the KDE streamed when ``streams`` says so. The eager path is the new one with healing's model
+calls run eagerly, as before the CUDA graphs (on a CPU the new path is eager too). ``--no-decoding`` stops after
+resampling (at a whole-body grid a paper decode takes minutes on a CPU, and decoding's memory does not depend on N:
+its batch is bounded). Streamed, decoding and KDE interleave batch by batch, so they share one peak. Memory is the
+process's peak resident set during the stage (Linux: VmHWM, reset before each stage through /proc/self/clear_refs),
+so it includes the models and everything held from earlier stages (and what the allocator kept from earlier columns:
+put the columns to compare first); on CUDA it is torch's peak allocated device memory.
 """
 
 from __future__ import annotations
@@ -93,10 +95,13 @@ def measure(detector: Detector, image: torch.Tensor, column: str, samples: int, 
         flagged = torch.zeros_like(tokens, dtype=torch.bool)
         flagged[probs.argsort()[: max(1, int(flagged_share * tokens.numel()))]] = True
         gen = torch.Generator(device=detector.device).manual_seed(0)
+        steps = detector.transformer.heal_steps("eager" if path in ("old", "eager") else None)
         with detector.autocast():
-            batch = det.samples if path == "old" else detector.heal_batch(flagged)
+            batch = det.samples if path == "old" else detector.heal_batch(flagged, steps)
+            if steps != "eager":  # once per process: what a cohort's first scan pays
+                st.run("capture", lambda: detector.transformer._static_steps(batch, 1.0, steps))
             healed = st.run("resampling", lambda: detector.transformer.heal(tokens, flagged, det.samples, gen,
-                                                                            batch=batch))
+                                                                            batch=batch, steps=steps))
         st.heal_batch = batch
         if not decoding:
             return st
@@ -175,6 +180,11 @@ def main(argv=None) -> int:
                                                  f"{results[c, s].peak[stage]:.0f} MB" for stage in results[c, s].peak),
               flush=True)
     stages = ["encode", "likelihood", "resampling"] + ([] if args.no_decoding else ["decoding", "KDE"])
+    if any("capture" in r.seconds for r in results.values()):
+        stages.insert(2, "capture")
+        for r in results.values():
+            r.seconds.setdefault("capture", 0.0)
+            r.peak.setdefault("capture", 0.0)
     names = [f"{c} S={s}" for c, s in columns]
     print(f"{'stage':<12}" + "".join(f"{n + ' s':>22}{n + ' MB':>22}" for n in names))
     for stage in stages:

@@ -4,14 +4,15 @@
 #     bash iltm_bench/gpu_check.sh OUT_DIR [SECONDS]
 #     ONLY="detect_3d paper_iteration cohort_busy" bash iltm_bench/gpu_check.sh OUT_DIR 600   # some steps only
 #
-# 1. the CUDA tests (Testing/core/test_cuda.py, test_kde.py): detection on the GPU agrees with the CPU;
+# 1. the CUDA tests (Testing/core/test_cuda.py, test_kde.py): detection on the GPU agrees with the CPU; and
+#    test_transformer.py, whose CUDA test checks that healing replayed from CUDA graphs makes the eager draws;
 # 2. preset_cost.py: the tiny and small presets on the CPU and the GPU side by side (3D, the sweep's size); on the
 #    GPU, the paper preset at 128^3 (3D) and the small and paper presets at 256^2 (2D), in float32 and under
 #    bfloat16 autocast (what mixed precision would gain); each with what one ILTM run would cost;
 # 3. the whole test suite with the GPU visible (training and detection default to device auto, so they run on it),
 #    in the time that is left of SECONDS (default 600). The Slicer module's tests need slicer-core and are left out;
 # 4. detect_3d: one paper detection of a whole-body grid (128 x 128 x 256, S x D = 60 x 5), stage by stage, float32 and
-#    bfloat16 (issue 23's goal: under 10 s);
+#    bfloat16, healing eager and replayed from CUDA graphs (issue 23's goal: under 10 s);
 # 5. paper_iteration: a real paper run of two iterations on 16 synthetic volumes of 64^3 on the GPU, its stage
 #    times against the cost model's estimate (preset_cost --history);
 # 6. cohort_busy: iltm detect over those 16 volumes with that run, and the share of its time the GPU was busy
@@ -49,7 +50,8 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to OU
 step env 60 bash -c "nvidia-smi -L; $py -c 'import torch, monai, SimpleITK; print(\"torch\", torch.__version__, \
 \"monai\", monai.__version__, \"SimpleITK\", SimpleITK.Version_VersionString(), \"cuda\", torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"\")'"
-step cuda_tests 240 "$py" -m pytest -q -p no:cacheprovider Testing/core/test_cuda.py Testing/core/test_kde.py
+step cuda_tests 240 "$py" -m pytest -q -p no:cacheprovider Testing/core/test_cuda.py Testing/core/test_kde.py \
+    Testing/core/test_transformer.py
 step cost_3d 150 "$py" -m iltm_bench.preset_cost --dims 3 --presets tiny small --devices cpu cuda
 # small has two downsamplings, so 32768 tokens at 128^3: its detection alone outran 150 s on an H200.
 step cost_3d_128 240 "$py" -m iltm_bench.preset_cost --dims 3 --size 128 128 128 --n-train 300 \
@@ -57,7 +59,7 @@ step cost_3d_128 240 "$py" -m iltm_bench.preset_cost --dims 3 --size 128 128 128
 step cost_2d_256 90 "$py" -m iltm_bench.preset_cost --dims 2 --size 256 256 --n-train 300 \
     --presets small paper --devices cuda cuda-bf16 --steps 3
 step detect_3d 240 "$py" -m iltm_bench.detect_scale --dims 3 --size 256 128 128 --preset paper --device cuda \
-    --samples 60 --passes 5 --columns new-float32 new-bfloat16
+    --samples 60 --passes 5 --columns new-float32 eager-bfloat16 new-bfloat16
 work="$out/paper_work"
 if wanted paper_iteration || wanted cohort_busy; then
     [ -d "$work/cohort" ] || "$py" -m iltm synth --out "$work/cohort" --dims 3 --n 16 --size 64 64 64 \

@@ -126,9 +126,10 @@ class Detector:
         with self.autocast():
             probs = self.transformer.token_probabilities(tokens[None])[0]   # (L,) float32 (softmax in float32)
         flagged = probs < t                                                  # (L,)
+        steps = None if det.cuda_graphs else "eager"
         with self.autocast(), one_cpu_thread(self.device):
             healed = self.transformer.heal(tokens, flagged, det.samples, generator=generator,
-                                           batch=self.heal_batch(flagged))  # (S, L)
+                                           batch=self.heal_batch(flagged, steps), steps=steps)  # (S, L)
         healed = healed.reshape(det.samples, *self.latent_shape)
         # Each healed latent is decoded D times; dropout in the decoder makes the D decodes differ.
         latents = healed.repeat_interleave(det.dropout_passes, dim=0)       # (N, *latent), N = S x D
@@ -143,11 +144,12 @@ class Detector:
         return DetectionResult(log_density=log_f.float().cpu(), token_probabilities=probs.cpu(),
                                flagged=flagged.cpu(), seconds=time.perf_counter() - start)
 
-    def heal_batch(self, flagged: torch.Tensor) -> int:
-        """Sequences healed at once: as many as fit ``stream_above_mb`` (:meth:`TokenTransformer.heal_bytes` each, in
-        the autocast context healing runs in), at least 1, at most S. The draws do not depend on it."""
+    def heal_batch(self, flagged: torch.Tensor, steps: str | None = None) -> int:
+        """Sequences healed at once with ``steps`` (:data:`~iltm.transformer.HEAL_STEPS`, None: the default here): as
+        many as fit ``stream_above_mb`` (:meth:`TokenTransformer.heal_bytes` each, in the autocast context healing
+        runs in), at least 1, at most S. The draws do not depend on it."""
         det = self.cfg.detection
-        per_sequence = self.transformer.heal_bytes(flagged)
+        per_sequence = self.transformer.heal_bytes(flagged, steps)
         if per_sequence == 0:
             return det.samples
         return max(1, min(det.samples, int(det.stream_above_mb * 2 ** 20 // per_sequence)))

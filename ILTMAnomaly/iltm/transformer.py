@@ -11,9 +11,12 @@ drops the *target* i from the loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -41,6 +44,12 @@ CHECKPOINT_FORMAT = "iltm-transformer"
 CHECKPOINT_VERSION = 1
 # Most tokens healing teacher-forces in one call: bounds a call's attention mask (piece x keys) and activations.
 TEACHER_FORCED_PIECE = 1024
+# How healing runs its model calls (``TokenTransformer.heal``): "eager" at each call's own shapes; "static" at
+# fixed shapes (see :class:`StaticSteps`); "graphs" the static calls captured once as CUDA graphs and replayed.
+HEAL_STEPS = ("eager", "static", "graphs")
+# The piece lengths of the static calls: a call of T tokens runs at the smallest bucket >= T. Longer pieces are
+# compute-bound rather than launch-bound, so they stay eager.
+STATIC_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +101,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
-        if kv is not None:
+        if isinstance(start, torch.Tensor):  # a static call (StaticSteps): write at these (T,) positions and
+            k_cache, v_cache = kv             # attend over the whole cache, the mask hiding what lies ahead
+            k_cache.index_copy_(2, start, k)
+            v_cache.index_copy_(2, start, v)
+            k, v = k_cache, v_cache
+        elif kv is not None:
             k_cache, v_cache = kv
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
@@ -247,18 +261,34 @@ class TokenTransformer(nn.Module):
         # The dtype the layers' keys come out in here (bfloat16 under autocast), so attention reads what was written.
         return self.blocks[0].attn.c_attn(self.head.weight.new_zeros(1, self.cfg.n_embd)).dtype
 
-    def heal_bytes(self, flagged) -> int:
-        """Memory of one sequence in :meth:`heal` of ``flagged`` (L,) bool, what its ``batch`` multiplies: the KV cache
-        up to the last flagged token in the dtype of the current context, that sequence's exponential noise (float32,
-        flagged count x V), and the float32 activations of one teacher-forced piece (a few (P, C) tensors, the MLP's
-        (P, 4C) and the logits (P, V)). 0 when nothing is flagged."""
+    def heal_bytes(self, flagged, steps: str | None = None) -> int:
+        """Memory of one sequence in :meth:`heal` of ``flagged`` (L,) bool with ``steps`` (None: the default on the
+        model's device), what its ``batch`` multiplies: the KV cache in the dtype of the current context, that
+        sequence's exponential noise (float32, flagged count x V), and the float32 activations of one teacher-forced
+        piece (a few (P, C) tensors, the MLP's (P, 4C) and the logits (P, V)). Eager steps count the cache up to the
+        last flagged token; static ones count the worst case of any scan (the whole sequence and a bucket more, every
+        token flagged), so that every scan gets the same batch and the kept steps serve them all. 0 when nothing is
+        flagged."""
         positions = torch.nonzero(flagged.reshape(-1)).flatten()
         if positions.numel() == 0:
             return 0
-        length = int(positions[-1]) + 1
+        length, count = int(positions[-1]) + 1, positions.numel()
+        if self.heal_steps(steps) != "eager":
+            length, count = static_cache_length(self.seq_len), self.seq_len
         cache = 2 * self.cfg.n_layer * length * self.cfg.n_embd * self._cache_dtype().itemsize
-        noise = 4 * positions.numel() * self.num_codes
+        noise = 4 * count * self.num_codes
         return cache + noise + 4 * min(length, TEACHER_FORCED_PIECE) * (8 * self.cfg.n_embd + self.num_codes)
+
+    def heal_steps(self, steps: str | None = None) -> str:
+        """``steps`` checked, or the default on the model's device: CUDA graphs on CUDA (unless capturing them failed
+        on this model), eager elsewhere."""
+        if steps is None or (steps == "graphs" and self._graphs_failed):
+            steps = "graphs" if self.head.weight.device.type == "cuda" and not self._graphs_failed else "eager"
+        if steps not in HEAL_STEPS:
+            raise ValueError(f"steps={steps!r}: one of {', '.join(HEAL_STEPS)}")
+        return steps
+
+    _graphs_failed = False  # set on the instance when capturing healing's CUDA graphs raised
 
     def _inputs(self, tokens):
         # tokens (B, L) -> (B, L) [BOS, s_0, ..., s_{L-2}]: the shift that makes position i predict s_i.
@@ -287,7 +317,7 @@ class TokenTransformer(nn.Module):
         return probs.gather(-1, tokens[..., None]).squeeze(-1)
 
     @torch.no_grad()
-    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0, batch=None):
+    def heal(self, tokens, flagged, samples, generator=None, temperature=1.0, batch=None, steps=None):
         """Draw ``samples`` healed versions of one image's tokens, ``batch`` sequences at a time.
 
         Walking the raster in order, each flagged token is resampled from p(. | healed prefix); the others are kept.
@@ -309,6 +339,8 @@ class TokenTransformer(nn.Module):
             generator: ``torch.Generator`` (None: torch's global one) that seeds the sequences' noise.
             temperature: divides the logits before the softmax.
             batch: sequences healed at once; None = all S.
+            steps: how the model calls run (:data:`HEAL_STEPS`); None = CUDA graphs on CUDA, eager elsewhere. The
+                draws are the same up to float rounding of the probabilities (a test checks equality on a CPU).
         Returns:
             (S, L) long.
         """
@@ -319,28 +351,78 @@ class TokenTransformer(nn.Module):
         seeds = torch.randint(0, 2 ** 62, (samples,), generator=generator,
                               device=generator.device if generator is not None else "cpu").tolist()
         shape, device = (len(positions), self.num_codes), healed.device
-        batch = samples if batch is None else batch
+        batch = samples if batch is None else min(batch, samples)
+        steps = self.heal_steps(steps)
+        static = None if steps == "eager" else self._static_steps(batch, temperature, steps)  # None: capture failed
         for first in range(0, samples, batch):
             noise = torch.stack([torch.empty(shape, device=device).exponential_(
                 generator=torch.Generator(device=device).manual_seed(seed)) for seed in seeds[first:first + batch]])
-            self._heal_batch(healed[first:first + batch], positions, noise, temperature)  # noise (b, F, V)
+            self._heal_batch(healed[first:first + batch], positions, noise, temperature, static)  # noise (b, F, V)
         return healed
 
-    def _heal_batch(self, healed, positions, noise, temperature):
+    def _heal_batch(self, healed, positions, noise, temperature, static=None):
         # healed (b, L), resampled in place at ``positions``; noise (b, F, V) Exp(1), a row per flagged position.
+        # With ``static`` (StaticSteps of at least b sequences), a run's last piece of at most STATIC_BUCKETS[-1]
+        # tokens is its static call, and the eager pieces write into the first b rows of its cache.
         inputs = self._inputs(healed)  # (b, L); column i + 1 is updated once s_i has been drawn
-        cache = self._new_cache(healed.shape[0], positions[-1] + 1)
+        b = healed.shape[0]
+        cache = (self._new_cache(b, positions[-1] + 1) if static is None
+                 else [(k[:b], v[:b]) for k, v in static.cache])
         done = 0  # positions [0, done) are in the cache
         for k, i in enumerate(positions):
             # A long run in pieces: its attention mask (piece x keys) and activations stay small next to the cache.
-            for a in range(done, i + 1, TEACHER_FORCED_PIECE):
-                end = min(a + TEACHER_FORCED_PIECE, i + 1)
-                logits = self._decode(inputs[:, a:end], start=a, cache=cache)
-            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)  # (b, V) for s_i
-            healed[:, i] = (probs / noise[:, k]).argmax(-1)
+            starts = range(done, i + 1, TEACHER_FORCED_PIECE)
+            last = starts[-1]
+            for a in starts[:-1]:
+                self._decode(inputs[:, a:a + TEACHER_FORCED_PIECE], start=a, cache=cache)
+            if static is not None and i + 1 - last <= STATIC_BUCKETS[-1]:
+                healed[:, i] = static.draw(inputs[:, last:i + 1], last, noise[:, k])
+            else:
+                logits = self._decode(inputs[:, last:i + 1], start=last, cache=cache)
+                probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)  # (b, V) for s_i
+                healed[:, i] = (probs / noise[:, k]).argmax(-1)
             if i + 1 < inputs.shape[1]:
                 inputs[:, i + 1] = healed[:, i]
             done = i + 1
+
+    def _static_draw(self, inputs, start, last, cache, noise, temperature):
+        """One static call (:class:`StaticSteps`): run ``inputs`` (B, P) at positions ``start`` + [0, P) into
+        ``cache`` (key and value buffers longer than ``start`` + P), every query attending over the whole cache up to
+        its own position, and draw the token after row ``last`` (0-d tensors both): argmax of its probabilities over
+        ``noise`` (B, V). Returns (B,) long. Rows after ``last`` are padding: their keys land beyond the last real
+        position, hidden from the real queries and overwritten before any real query reaches them."""
+        P = inputs.shape[1]
+        positions = start + torch.arange(P, device=inputs.device)                 # (P,)
+        keys = torch.arange(cache[0][0].shape[2], device=inputs.device)           # (K,)
+        bias = torch.zeros(P, keys.numel(), device=inputs.device, dtype=cache[0][0].dtype)
+        bias = bias.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))[None, None]  # (1, 1, P, K)
+        x = self.wte(inputs) + self.wpe(positions.clamp(max=self.seq_len - 1))    # (B, P, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, bias, cache[layer], positions)
+        logits = self.head(self.ln_f(x.index_select(1, last.reshape(1))))[:, 0]  # (B, V)
+        probs = F.softmax(logits.float() / temperature, dim=-1)
+        return (probs / noise).argmax(-1)
+
+    def _static_steps(self, batch: int, temperature: float, steps: str) -> "StaticSteps | None":
+        """The :class:`StaticSteps` of ``batch`` sequences (a smaller last batch runs in its first rows), kept on the
+        model for the next scans: its cache and graphs stay allocated, one set at a time. With "graphs", captured on
+        first use; where capturing fails or a replay does not repeat the call it captured, None (healing runs
+        eagerly from then on) and a warning."""
+        key = (batch, float(temperature), steps, self._cache_dtype(), self.head.weight.data_ptr())
+        kept = self.__dict__.setdefault("_static_kept", {})
+        if key not in kept:
+            kept.clear()  # free the previous set before allocating this one
+            try:
+                kept[key] = StaticSteps(self, batch, temperature, graphs=steps == "graphs")
+            except RuntimeError as exc:
+                if steps != "graphs":
+                    raise
+                warnings.warn(f"healing runs eagerly: CUDA graphs of its model calls failed "
+                              f"({str(exc).splitlines()[0]})")
+                self._graphs_failed = True
+                kept.clear()
+                return None
+        return kept[key]
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
@@ -375,3 +457,109 @@ class TokenTransformer(nn.Module):
         if isinstance(map_location, (str, torch.device)):
             model.to(map_location)
         return model
+
+
+class StaticSteps:
+    """Healing's model calls at fixed shapes, so that a CUDA graph can replay them (issue 23, item 3).
+
+    One healed token is about one model call, each a few dozen small kernels per layer: on a GPU the launches, not
+    the arithmetic, bound healing. Here the last teacher-forced piece of each run (the call that draws the next
+    flagged token, at most ``STATIC_BUCKETS[-1]`` tokens) is padded to a bucket length and attends over the whole
+    cache, a mask hiding each query's future, with its position, row and noise read from buffers; the draw is made
+    in the same call. Every call of a bucket then has the same shapes and addresses. With ``graphs`` each bucket is
+    captured once as a CUDA graph (after warm-up runs on a side stream, all buckets in one memory pool) and a call is
+    a few copies and one replay; without, the same function runs directly (the path tests compare with eager healing
+    on a CPU).
+
+    Args:
+        model: the Transformer (in eval mode, on its device).
+        batch: sequences per call.
+        temperature: divides the logits before the softmax.
+        graphs: capture CUDA graphs (the model must be on CUDA).
+    """
+
+    def __init__(self, model: TokenTransformer, batch: int, temperature: float, graphs: bool):
+        device = model.head.weight.device
+        width = STATIC_BUCKETS[-1]
+        self.model, self.temperature = model, float(temperature)
+        # Zeros, not empty memory: a key the mask hides still enters attention's sums (times a zero weight), so it
+        # must be finite.
+        self.cache = [tuple(t.zero_() for t in kv)
+                      for kv in model._new_cache(batch, static_cache_length(model.seq_len))]
+        self.inputs = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)
+        self.last = torch.zeros((), dtype=torch.long, device=device)
+        self.noise = torch.ones(batch, model.num_codes, device=device)
+        self.graphs: dict[int, tuple[Any, torch.Tensor]] | None = None
+        if graphs:
+            with torch.cuda.device(device):  # streams and graphs on the model's GPU, whichever is current
+                self._capture()
+
+    def _run(self, width: int) -> torch.Tensor:
+        return self.model._static_draw(self.inputs[:, :width], self.start, self.last, self.cache, self.noise,
+                                       self.temperature)
+
+    def _capture(self) -> None:
+        # Autocast must cast the weights inside each graph rather than hand it a cast cached outside (which the
+        # context's end would free): capture under the caller's autocast dtype with its cache off.
+        dtype = _cuda_autocast_dtype()
+        cast = (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None
+                else contextlib.nullcontext())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), cast:
+            for width in STATIC_BUCKETS:  # warm-up: kernels chosen and workspaces allocated outside the capture
+                for _ in range(2):
+                    self._run(width)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs, pool = {}, None
+        for width in STATIC_BUCKETS:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), cast:
+                out = self._run(width)
+            pool = graph.pool()
+            graphs[width] = (graph, out)
+        # Each replay must repeat its call: the same buffers in, the same draw out (and the same keys written).
+        check = torch.Generator(device=self.inputs.device).manual_seed(0)  # leaves the global generators alone
+        for width, (graph, out) in graphs.items():
+            self.inputs.random_(0, self.model.num_codes, generator=check)
+            self.start.fill_(3)
+            self.last.fill_(width - 1)
+            self.noise.exponential_(generator=check)
+            with cast:
+                direct = self._run(width).clone()
+            graph.replay()
+            if not torch.equal(out, direct):
+                raise RuntimeError(f"the replay of the {width}-token call drew other tokens than the call itself")
+        self.graphs = graphs
+
+    def draw(self, piece: torch.Tensor, start: int, noise: torch.Tensor) -> torch.Tensor:
+        """Teacher-force ``piece`` (b, T), b <= batch, at positions [start, start + T) into the first b rows of the
+        cache and draw the token after it with ``noise`` (b, V); returns (b,) long (a view of a buffer the next call
+        overwrites: copy it out). The rows after b compute on what their buffers held before: finite, never read."""
+        b, width = piece.shape[0], next(w for w in STATIC_BUCKETS if w >= piece.shape[1])
+        self.inputs[:b, :piece.shape[1]].copy_(piece)  # the padding keeps earlier ids: valid codes, never read
+        self.start.fill_(start)
+        self.last.fill_(piece.shape[1] - 1)
+        self.noise[:b].copy_(noise)
+        if self.graphs is None:
+            return self._run(width)[:b]
+        graph, out = self.graphs[width]
+        graph.replay()
+        return out[:b]
+
+
+def static_cache_length(seq_len: int) -> int:
+    """Keys in a :class:`StaticSteps` cache: the sequence, room for a padded piece at its end, rounded up to a
+    multiple of 16 (the alignment CUDA's memory-efficient attention wants of a mask's last dimension)."""
+    return -(-(seq_len + STATIC_BUCKETS[-1]) // 16) * 16
+
+
+def _cuda_autocast_dtype() -> torch.dtype | None:
+    """The dtype CUDA autocast is on with here, or None (torch 2.1-2.3 have no device argument)."""
+    try:
+        if not torch.is_autocast_enabled("cuda"):
+            return None
+        return torch.get_autocast_dtype("cuda")
+    except (TypeError, AttributeError):
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None

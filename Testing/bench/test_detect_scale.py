@@ -31,3 +31,22 @@ def test_no_decoding_stops_after_resampling(detect_scale, capsys):
                        "--columns", "new-float32", "--no-decoding"])
     rows = _table(capsys.readouterr().out)
     assert "resampling" in rows and "decoding" not in rows and "KDE" not in rows
+
+
+def test_static_steps_add_a_capture_stage_the_eager_path_has_not(detect_scale, capsys, monkeypatch):
+    from iltm.transformer import TokenTransformer
+
+    detect_scale.main(["--dims", "2", "--size", "32", "32", "--preset", "tiny", "--samples", "3", "--passes", "1",
+                       "--columns", "new-float32", "eager-float32", "--no-decoding"])
+    assert "capture" not in _table(capsys.readouterr().out)  # on a CPU the new path is eager too
+    default, static_steps, made = TokenTransformer.heal_steps, TokenTransformer._static_steps, []
+    monkeypatch.setattr(TokenTransformer, "heal_steps", lambda self, steps=None: default(self, steps or "static"))
+    monkeypatch.setattr(TokenTransformer, "_static_steps",
+                        lambda self, *a: made.append(a) or static_steps(self, *a))
+    detect_scale.main(["--dims", "2", "--size", "32", "32", "--preset", "tiny", "--samples", "3", "--passes", "1",
+                       "--columns", "new-float32", "eager-float32", "--no-decoding"])
+    rows = _table(capsys.readouterr().out)
+    assert len(rows["capture"]) == 4 and rows["capture"][2:] == ["0.00", "0"]  # the eager column captured nothing
+    # The new column made its steps before the timed healing, which then found them kept (the same arguments).
+    assert made[0] == (3, 1.0, "static") and all(a == made[0] for a in made) and len(made) >= 2
+    assert float(rows["resampling"][0]) > 0 and float(rows["resampling"][2]) > 0

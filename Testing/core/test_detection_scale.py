@@ -133,6 +133,24 @@ def test_healing_batches_fit_the_memory_setting(detector, cohort2d, monkeypatch)
     assert torch.equal(calls[0][1], calls[1][1])  # the same draws whatever the batch
 
 
+def test_cuda_graphs_setting_chooses_how_healing_runs(detector, cohort2d, monkeypatch):
+    """Detection heals with the default steps (CUDA graphs on CUDA, eager on a CPU) and its batch sized for them;
+    ``detection.cuda_graphs=false`` asks for eager steps on any device."""
+    seen = []
+    heal, heal_bytes = detector.transformer.heal, detector.transformer.heal_bytes
+    monkeypatch.setattr(detector.transformer, "heal", lambda *a, steps="unset", **kw: seen.append(("heal", steps))
+                        or heal(*a, steps=steps, **kw))
+    monkeypatch.setattr(detector.transformer, "heal_bytes", lambda flagged, steps="unset":
+                        seen.append(("bytes", steps)) or heal_bytes(flagged, steps))
+    x = _scan(detector, cohort2d)
+    for graphs in (True, False):
+        det = dataclasses.replace(detector.cfg.detection, cuda_graphs=graphs)
+        d = Detector(dataclasses.replace(detector.cfg, detection=det), detector.vqvae, detector.transformer,
+                     detector.latent_shape, detector.device)
+        d.detect_array(x, resampling_threshold=0.5, generator=torch.Generator().manual_seed(4))
+    assert seen == [("bytes", None), ("heal", None), ("bytes", "eager"), ("heal", "eager")]
+
+
 def test_window_starts_overlap_and_cover():
     assert window_starts(64, 32, 0.0) == [0, 32]
     assert window_starts(64, 32, 0.25) == [0, 24, 32]

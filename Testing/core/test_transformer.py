@@ -265,6 +265,118 @@ def test_heal_in_short_teacher_forced_pieces_makes_the_same_draws(monkeypatch):
     assert torch.equal(pieces, whole)
 
 
+def long_runs_example():
+    """Flags after runs longer than the largest static bucket (made 4 in the tests that use this), single flags
+    next to each other, and a flag at the last position."""
+    tokens = random_tokens(1, 21)[0]
+    flagged = torch.zeros(L, dtype=torch.bool)
+    flagged[[9, 10, 11, 16, 22, 23]] = True
+    return tokens, flagged
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_static_steps_make_the_eager_draws(monkeypatch, batch):
+    monkeypatch.setattr(transformer_mod, "STATIC_BUCKETS", (1, 2, 4))
+    model = make_model(n_layer=3)
+    widths = []
+    static_draw = model._static_draw
+    monkeypatch.setattr(model, "_static_draw",
+                        lambda inputs, *a: widths.append(inputs.shape[1]) or static_draw(inputs, *a))
+    for tokens, flagged in (flagged_example(), long_runs_example()):
+        eager = model.heal(tokens, flagged, 7, generator=torch.Generator().manual_seed(8), batch=batch)
+        static = model.heal(tokens, flagged, 7, generator=torch.Generator().manual_seed(8), batch=batch,
+                            steps="static")
+        assert torch.equal(static, eager)
+        assert (static[:, ~flagged] == tokens[~flagged]).all()
+    # The runs of 10 tokens before position 9 and of 6 before 16 and 22 went eager (longer than a bucket); the
+    # others were padded to buckets 1, 2 or 4.
+    assert set(widths) <= {1, 2, 4} and widths
+    # One set kept for the next scan; batches of 3, 3 and 1 shared it (the last in its first row).
+    (key, kept), = model._static_kept.items()
+    assert key[0] == (7 if batch is None else 3) and kept.inputs.shape[0] == key[0]
+
+
+def test_static_steps_pad_and_reuse_their_cache_across_scans(monkeypatch):
+    monkeypatch.setattr(transformer_mod, "STATIC_BUCKETS", (1, 8))
+    model = make_model()
+    # Caches start as whatever memory held: NaN here. Eager calls never read past what they wrote; static ones
+    # attend over the whole cache, so theirs must be made finite.
+    new_cache = model._new_cache
+    monkeypatch.setattr(model, "_new_cache", lambda batch, length: [tuple(t.fill_(float("nan")) for t in kv)
+                                                                     for kv in new_cache(batch, length)])
+    for seed in (30, 31, 32):  # each scan reuses the cache the one before filled (and padded past its flags)
+        tokens = random_tokens(1, seed)[0]
+        flagged = torch.rand(L, generator=torch.Generator().manual_seed(seed)) < 0.4
+        flagged[-1] = True
+        eager = model.heal(tokens, flagged, 5, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(model.heal(tokens, flagged, 5, generator=torch.Generator().manual_seed(seed),
+                                      steps="static"), eager)
+    assert len(model._static_kept) == 1
+
+
+def test_heal_steps_default_and_memory():
+    model = make_model()
+    assert model.heal_steps() == "eager"  # a CPU model
+    with pytest.raises(ValueError, match="steps='fast'"):
+        model.heal_steps("fast")
+    tokens, flagged = flagged_example()
+    with pytest.raises(ValueError):
+        model.heal(tokens, flagged, 2, steps="fast")
+    # Static steps keep the whole sequence and a bucket more in the cache; eager ones stop at the last flag (19).
+    eager, static = model.heal_bytes(flagged), model.heal_bytes(flagged, "static")
+    per_position = 2 * model.cfg.n_layer * model.cfg.n_embd * 4
+    noise = 4 * V  # a flagged token's noise
+    piece = 4 * (8 * model.cfg.n_embd + V)  # a teacher-forced token's activations
+    assert eager == per_position * 20 + noise * 5 + piece * 20
+    # Static steps count the worst case of any scan, so every scan gets the same batch.
+    keys = transformer_mod.static_cache_length(L)
+    assert keys == 96 and keys >= L + transformer_mod.STATIC_BUCKETS[-1]  # 88 rounded up to a multiple of 16
+    assert static == per_position * keys + noise * L + piece * keys
+    assert model.heal_bytes(flagged.roll(-3), "static") == static
+
+
+def test_graphs_that_cannot_be_captured_fall_back_to_eager_steps(monkeypatch):
+    model = make_model()
+    tokens, flagged = flagged_example()
+    eager = model.heal(tokens, flagged, 4, generator=torch.Generator().manual_seed(9))
+
+    def fail(self):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(transformer_mod.StaticSteps, "_capture", fail)
+    made = []
+    monkeypatch.setattr(model, "_static_draw", lambda *a: made.append(a))
+    with pytest.warns(UserWarning, match="healing runs eagerly: CUDA graphs of its model calls failed \\(CUDA error"):
+        healed = model.heal(tokens, flagged, 4, generator=torch.Generator().manual_seed(9), steps="graphs")
+    assert torch.equal(healed, eager) and not made
+    assert model._graphs_failed and not model._static_kept
+    assert model.heal_steps("graphs") == "eager"  # not tried again on this model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cuda_graphs_make_the_eager_draws(precision):
+    from iltm.precision import autocast
+
+    model = make_model(n_layer=3).cuda()
+    tokens, flagged = long_runs_example()
+    tokens, flagged = tokens.cuda(), flagged.cuda()
+    runs = {}
+    with autocast(precision, torch.device("cuda")):
+        for steps in ("eager", "static", "graphs", None, "again"):
+            runs[steps] = model.heal(tokens, flagged, 64, generator=torch.Generator("cuda").manual_seed(2), batch=24,
+                                     steps="graphs" if steps == "again" else steps)
+    assert model.heal_steps() == "graphs" and not model._graphs_failed
+    (key, kept), = model._static_kept.items()
+    assert key[2] == "graphs" and set(kept.graphs) == set(transformer_mod.STATIC_BUCKETS)
+    assert torch.equal(runs["graphs"], runs[None]) and torch.equal(runs["graphs"], runs["again"])  # replays repeat
+    assert torch.equal(runs["graphs"], runs["static"])  # a replay computes what the captured call computes
+    differ = (runs["graphs"] != runs["eager"]).float().mean().item()
+    # The static calls attend over the whole cache (another kernel, another order of sums): the same draws in
+    # float32; in bfloat16 a near tie between two codes may go the other way.
+    assert differ == 0 if precision == "float32" else differ < 0.02, differ
+
+
 def test_heal_draws_follow_the_model_probabilities():
     model = make_model()
     tokens = random_tokens(1, 15)[0]
