@@ -492,33 +492,38 @@ class StaticSteps:
         self.noise = torch.ones(batch, model.num_codes, device=device)
         self.graphs: dict[int, tuple[Any, torch.Tensor]] | None = None
         if graphs:
-            with torch.cuda.device(device):  # streams and graphs on the model's GPU, whichever is current
-                self._capture()
+            self._capture()
 
     def _run(self, width: int) -> torch.Tensor:
         return self.model._static_draw(self.inputs[:, :width], self.start, self.last, self.cache, self.noise,
                                        self.temperature)
 
     def _capture(self) -> None:
+        with torch.cuda.device(self.inputs.device):  # streams and graphs on the model's GPU, whichever is current
+            self._capture_here()
+
+    def _capture_here(self) -> None:
         # Autocast must cast the weights inside each graph rather than hand it a cast cached outside (which the
         # context's end would free): capture under the caller's autocast dtype with its cache off.
         dtype = _cuda_autocast_dtype()
         cast = (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None
                 else contextlib.nullcontext())
+        # Warm-up and capture on one side stream: kernels are chosen and the BLAS handles and workspaces (kept per
+        # stream) are made outside the capture, and every capture shares the first one's memory pool.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), cast:
-            for width in STATIC_BUCKETS:  # warm-up: kernels chosen and workspaces allocated outside the capture
+            for width in STATIC_BUCKETS:
                 for _ in range(2):
                     self._run(width)
-        torch.cuda.current_stream().wait_stream(side)
         graphs, pool = {}, None
         for width in STATIC_BUCKETS:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), cast:
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"), cast:
                 out = self._run(width)
             pool = graph.pool()
             graphs[width] = (graph, out)
+        torch.cuda.current_stream().wait_stream(side)
         # Each replay must repeat its call: the same buffers in, the same draw out (and the same keys written).
         check = torch.Generator(device=self.inputs.device).manual_seed(0)  # leaves the global generators alone
         for width, (graph, out) in graphs.items():

@@ -151,6 +151,22 @@ def test_cuda_graphs_setting_chooses_how_healing_runs(detector, cohort2d, monkey
     assert seen == [("bytes", None), ("heal", None), ("bytes", "eager"), ("heal", "eager")]
 
 
+def test_detection_with_static_healing_steps_gives_the_eager_map(detector, cohort2d, monkeypatch):
+    """What CUDA graphs replay, run directly on a CPU through the whole detection: the same map as eager steps,
+    with the batch sized for the static cache."""
+    from iltm.transformer import TokenTransformer
+
+    x = _scan(detector, cohort2d)
+    eager = detector.detect_array(x, resampling_threshold=0.5, generator=torch.Generator().manual_seed(6))
+    default = TokenTransformer.heal_steps
+    monkeypatch.setattr(TokenTransformer, "heal_steps", lambda self, steps=None: default(self, steps or "static"))
+    flagged = eager.flagged
+    assert bool(flagged.any()) and detector.heal_batch(flagged) <= detector.heal_batch(flagged, "eager")
+    static = detector.detect_array(x, resampling_threshold=0.5, generator=torch.Generator().manual_seed(6))
+    assert detector.transformer._static_kept  # the static steps ran
+    assert torch.equal(static.flagged, flagged) and torch.equal(static.log_density, eager.log_density)
+
+
 def test_window_starts_overlap_and_cover():
     assert window_starts(64, 32, 0.0) == [0, 32]
     assert window_starts(64, 32, 0.25) == [0, 24, 32]
