@@ -2,7 +2,7 @@
 # GPU checks and timings in one go, for a machine with a CUDA device (run from the repository root):
 #
 #     bash iltm_bench/gpu_check.sh OUT_DIR [SECONDS]
-#     ONLY="detect_3d paper_iteration cohort_busy" bash iltm_bench/gpu_check.sh OUT_DIR 600   # some steps only
+#     ONLY="cuda_tests detect_3d paper_iteration cohort_busy" bash iltm_bench/gpu_check.sh OUT_DIR 600   # some steps
 #
 # 1. the CUDA tests (Testing/core/test_cuda.py, test_kde.py): detection on the GPU agrees with the CPU; and
 #    test_transformer.py, whose CUDA test checks that healing replayed from CUDA graphs makes the eager draws;
