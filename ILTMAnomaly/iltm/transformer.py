@@ -376,7 +376,7 @@ class TokenTransformer(nn.Module):
             for a in starts[:-1]:
                 self._decode(inputs[:, a:a + TEACHER_FORCED_PIECE], start=a, cache=cache)
             if static is not None and i + 1 - last <= STATIC_BUCKETS[-1]:
-                healed[:, i] = static.draw(inputs[:, last:i + 1], last, noise[:, k])
+                healed[:, i] = static.draw(self, inputs[:, last:i + 1], last, noise[:, k])
             else:
                 logits = self._decode(inputs[:, last:i + 1], start=last, cache=cache)
                 probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)  # (b, V) for s_i
@@ -471,6 +471,9 @@ class StaticSteps:
     a few copies and one replay; without, the same function runs directly (the path tests compare with eager healing
     on a CPU).
 
+    The model keeps its steps (:meth:`TokenTransformer._static_steps`), so the steps do not keep the model: it is
+    handed to each call, and the graphs and buffers go with the model.
+
     Args:
         model: the Transformer (in eval mode, on its device).
         batch: sequences per call.
@@ -481,7 +484,7 @@ class StaticSteps:
     def __init__(self, model: TokenTransformer, batch: int, temperature: float, graphs: bool):
         device = model.head.weight.device
         width = STATIC_BUCKETS[-1]
-        self.model, self.temperature = model, float(temperature)
+        self.temperature = float(temperature)
         # Zeros, not empty memory: a key the mask hides still enters attention's sums (times a zero weight), so it
         # must be finite.
         self.cache = [tuple(t.zero_() for t in kv)
@@ -492,17 +495,17 @@ class StaticSteps:
         self.noise = torch.ones(batch, model.num_codes, device=device)
         self.graphs: dict[int, tuple[Any, torch.Tensor]] | None = None
         if graphs:
-            self._capture()
+            self._capture(model)
 
-    def _run(self, width: int) -> torch.Tensor:
-        return self.model._static_draw(self.inputs[:, :width], self.start, self.last, self.cache, self.noise,
-                                       self.temperature)
+    def _run(self, model: TokenTransformer, width: int) -> torch.Tensor:
+        return model._static_draw(self.inputs[:, :width], self.start, self.last, self.cache, self.noise,
+                                  self.temperature)
 
-    def _capture(self) -> None:
+    def _capture(self, model: TokenTransformer) -> None:
         with torch.cuda.device(self.inputs.device):  # streams and graphs on the model's GPU, whichever is current
-            self._capture_here()
+            self._capture_here(model)
 
-    def _capture_here(self) -> None:
+    def _capture_here(self, model: TokenTransformer) -> None:
         # Autocast must cast the weights inside each graph rather than hand it a cast cached outside (which the
         # context's end would free): capture under the caller's autocast dtype with its cache off.
         dtype = _cuda_autocast_dtype()
@@ -515,30 +518,30 @@ class StaticSteps:
         with torch.cuda.stream(side), cast:
             for width in STATIC_BUCKETS:
                 for _ in range(2):
-                    self._run(width)
+                    self._run(model, width)
         graphs, pool = {}, None
         for width in STATIC_BUCKETS:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"), cast:
-                out = self._run(width)
+                out = self._run(model, width)
             pool = graph.pool()
             graphs[width] = (graph, out)
         torch.cuda.current_stream().wait_stream(side)
         # Each replay must repeat its call: the same buffers in, the same draw out (and the same keys written).
         check = torch.Generator(device=self.inputs.device).manual_seed(0)  # leaves the global generators alone
         for width, (graph, out) in graphs.items():
-            self.inputs.random_(0, self.model.num_codes, generator=check)
+            self.inputs.random_(0, model.num_codes, generator=check)
             self.start.fill_(3)
             self.last.fill_(width - 1)
             self.noise.exponential_(generator=check)
             with cast:
-                direct = self._run(width).clone()
+                direct = self._run(model, width).clone()
             graph.replay()
             if not torch.equal(out, direct):
                 raise RuntimeError(f"the replay of the {width}-token call drew other tokens than the call itself")
         self.graphs = graphs
 
-    def draw(self, piece: torch.Tensor, start: int, noise: torch.Tensor) -> torch.Tensor:
+    def draw(self, model: TokenTransformer, piece: torch.Tensor, start: int, noise: torch.Tensor) -> torch.Tensor:
         """Teacher-force ``piece`` (b, T), b <= batch, at positions [start, start + T) into the first b rows of the
         cache and draw the token after it with ``noise`` (b, V); returns (b,) long (a view of a buffer the next call
         overwrites: copy it out). The rows after b compute on what their buffers held before: finite, never read."""
@@ -548,7 +551,7 @@ class StaticSteps:
         self.last.fill_(piece.shape[1] - 1)
         self.noise[:b].copy_(noise)
         if self.graphs is None:
-            return self._run(width)[:b]
+            return self._run(model, width)[:b]
         graph, out = self.graphs[width]
         graph.replay()
         return out[:b]

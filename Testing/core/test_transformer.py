@@ -314,6 +314,25 @@ def test_static_steps_pad_and_reuse_their_cache_across_scans(monkeypatch):
     assert len(model._static_kept) == 1
 
 
+def test_kept_static_steps_go_with_their_model():
+    """The steps a model keeps (its cache, on CUDA its graphs) are freed with it, without waiting for the cycle
+    collector: training drops each iteration's fold Transformers, and their GPU memory must go with them."""
+    import gc
+    import weakref
+
+    model = make_model()
+    tokens, flagged = flagged_example()
+    model.heal(tokens, flagged, 3, steps="static")
+    kept = weakref.ref(next(iter(model._static_kept.values())))
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None and kept() is None
+    finally:
+        gc.enable()
+
+
 def test_heal_steps_default_and_memory():
     model = make_model()
     assert model.heal_steps() == "eager"  # a CPU model
@@ -340,7 +359,7 @@ def test_graphs_that_cannot_be_captured_fall_back_to_eager_steps(monkeypatch):
     tokens, flagged = flagged_example()
     eager = model.heal(tokens, flagged, 4, generator=torch.Generator().manual_seed(9))
 
-    def fail(self):
+    def fail(self, model):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
     monkeypatch.setattr(transformer_mod.StaticSteps, "_capture", fail)
