@@ -414,7 +414,7 @@ class TokenTransformer(nn.Module):
             kept.clear()  # free the previous set before allocating this one
             try:
                 kept[key] = StaticSteps(self, batch, temperature, graphs=steps == "graphs")
-            except RuntimeError as exc:
+            except (RuntimeError, TypeError, ValueError) as exc:  # CUDA's errors, an older torch's graph API
                 if steps != "graphs":
                     raise
                 warnings.warn(f"healing runs eagerly: CUDA graphs of its model calls failed "
