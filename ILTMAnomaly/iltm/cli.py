@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="KDE bandwidth regulariser (default 5 %% of intensity range)")
     p.add_argument("--density-threshold", type=float, help="tau: voxels with density < tau are anomalous")
     p.add_argument("--seed", type=int, default=0, help="seed of the token resampling")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the resampling's model calls eagerly instead of replaying them from CUDA graphs")
     p.add_argument("--no-png", action="store_true", help="no PNG overlay for 2D inputs")
     p.add_argument("--lesions", action="store_true",
                    help="also write <id>_lesions.csv (per-region PET statistics) per scan and scans.csv (totals)")

@@ -77,6 +77,8 @@ def detection_overrides(cfg: config_mod.Config, args) -> config_mod.DetectionCon
         value = getattr(args, name)
         if value is not None:
             det = replace(det, **{name: value})
+    if getattr(args, "no_cuda_graphs", False):
+        det = replace(det, cuda_graphs=False)
     return config_mod.validate(det, where="iltm detect", prefix="detection.")
 
 

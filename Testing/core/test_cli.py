@@ -69,6 +69,21 @@ def test_detect_outputs_match_input_geometry_and_threshold(run2d, cohort2d, tmp_
     assert (out / f"{stem}_overlay.png").is_file()
 
 
+def test_detect_records_whether_healing_may_use_cuda_graphs(run2d, cohort2d, tmp_path):
+    image = sorted((cohort2d / "images").glob("*.nii.gz"))[0]
+    records = {}
+    for flags in ([], ["--no-cuda-graphs"]):
+        out = tmp_path / f"det{len(flags)}"
+        assert run_cli("detect", "--run", run2d, "--input", image, "--out", out, "--no-png", *flags) == 0
+        records[tuple(flags)] = json.loads((out / "detect.json").read_text())
+    assert records[()]["detection.cuda_graphs"] is True
+    assert records[("--no-cuda-graphs",)]["detection.cuda_graphs"] is False
+    # On a CPU both heal eagerly: the same maps.
+    maps = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{image.name[:-7]}_score.nii.gz")))
+            for d in ("det0", "det1")]
+    assert np.array_equal(*maps)
+
+
 def test_detect_iteration_choice_and_folder_input(run2d, cohort2d, tmp_path):
     out = tmp_path / "det0"
     assert run_cli("detect", "--run", run2d, "--input", cohort2d / "images", "--out", out, "--iteration", "0",
