@@ -565,7 +565,7 @@ def select_iteration(run: RunFolder, cfg: Config, tokens: torch.Tensor, scan_ids
     else:
         first, last = rows[0], rows[-1]
         nll = f"(mean NLL {last['reference_nll']:.4f} against {first['reference_nll']:.4f} at iteration 0)"
-        if best:
+        if best == last["iteration"]:
             reason = f"the last iteration predicted the never-flagged tokens at least as well as iteration 0 {nll}"
         else:
             reason = (f"the last iteration predicted the never-flagged tokens worse than iteration 0 {nll} while "

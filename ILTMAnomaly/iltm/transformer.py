@@ -420,7 +420,6 @@ class TokenTransformer(nn.Module):
                 warnings.warn(f"healing runs eagerly: CUDA graphs of its model calls failed "
                               f"({str(exc).splitlines()[0]})")
                 self._graphs_failed = True
-                kept.clear()
                 return None
         return kept[key]
 
