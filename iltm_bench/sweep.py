@@ -197,6 +197,19 @@ def configs(settings: SweepSettings):
     return tree.core(), tree.baselines
 
 
+# What each family's cohorts are, in a table's words (iltm_bench.families for the real-image ones).
+DATA_TEXT = {"phantom": "Synthetic PET-like", "texture": "Texture photographs (scikit-image) with drawn defects,",
+             "anatomy": "MNI152 template slices made FDG-PET-like,"}
+
+
+def data_text(settings: dict[str, Any]) -> str:
+    """The sweep's data in words, e.g. "Synthetic PET-like 2D data": a sweep folder's settings (``benchmark.json``'s
+    ``settings``; one made before the families names none, and is the phantom)."""
+    family = settings.get("data_family", "phantom")
+    split = " (validation split)" if settings.get("eval_split", "test") == "val" else ""
+    return f"{DATA_TEXT.get(family, family)} {settings.get('dims', '?')}D data{split}"
+
+
 def fraction_text(fraction: float) -> str:
     return f"{float(fraction):g}"
 
@@ -881,7 +894,7 @@ def table1(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     at = {r["method"]: r for r in rows if r["anomalous_fraction"] == top}
     s = settings.get("settings", {})
     lines = [f"# Table 1: training data {100 * top:g} % anomalous", "",
-             f"Synthetic PET-like {s.get('dims', '?')}D data, preset `{s.get('preset', '?')}`, "
+             f"{data_text(s)}, preset `{s.get('preset', '?')}`, "
              f"{s.get('n_train', '?')} training scans per fraction, {s.get('n_test', '?')} held-out test scans "
              f"(half with lesions).", "",
              "| Method | AUROC | AUPRO | best Dice |", "|---|---|---|---|"]
@@ -1057,7 +1070,7 @@ def seeds_table(rows: list[dict[str, Any]], paired: list[dict[str, Any]], seeds:
     at = {(r["method"], r["anomalous_fraction"]): r for r in rows}
     fractions = sorted({r["anomalous_fraction"] for r in rows})
     lines = [f"# Contamination sweep over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
-             f"Synthetic PET-like {settings.get('dims', '?')}D data, preset `{settings.get('preset', '?')}`, "
+             f"{data_text(settings)}, preset `{settings.get('preset', '?')}`, "
              f"{settings.get('n_train', '?')} training scans per fraction and seed, one held-out test set of "
              f"{settings.get('n_test', '?')} scans (test seed {settings.get('test_seed', '?')}). Sweeps: "
              + ", ".join(f"`{f}`" for f in folders) + ".", "",
@@ -1107,7 +1120,8 @@ def write_seed_summary(folders: list[Path], out: Path, reporter: Reporter | None
         writer.writeheader()
         writer.writerows({k: _cell(r[k]) for k in SEED_COLUMNS} for r in rows)
     atomic_write_text(out / SEEDS_TABLE, seeds_table(rows, paired, seeds, folders, settings))
-    title = f"synthetic {settings.get('dims', '?')}D, preset {settings.get('preset', '?')}, seeds {seeds}"
+    title = (f"{settings.get('data_family', 'synthetic')} {settings.get('dims', '?')}D, "
+             f"preset {settings.get('preset', '?')}, seeds {seeds}")
     figure4(rows, out / SEEDS_FIGURE, title, error_bars=f"standard deviation over {len(seeds)} training seeds")
     written = [out / SEEDS_CSV, out / SEEDS_TABLE, out / SEEDS_FIGURE]
     for path in written:

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from iltm_bench.sweep import (FIGURE3, FIGURE4, FIGURE5, ITERATION_COLUMNS, ITERATIONS_CSV, METHOD_NAMES,
-                            SWEEP_COLUMNS, SWEEP_CSV, TABLE1, add_benchmark_parser, cmd_benchmark, make_figures)
+                            SWEEP_COLUMNS, SWEEP_CSV, TABLE1, add_benchmark_parser, cmd_benchmark, data_text,
+                            make_figures, table1)
 from iltm.errors import InputError
 from iltm.progress import Reporter
 
@@ -145,6 +146,15 @@ def test_constant_threshold_run_starts_from_the_decreasing_runs_iteration_0(swee
     for name in ("vqvae.pt", "iteration_000/transformer.pt"):
         assert (runs / "iltm" / name).read_bytes() == (runs / "iltm_constant" / name).read_bytes()
     assert "constant_threshold: true" in (runs / "iltm_constant" / "config.yaml").read_text(encoding="utf-8")
+
+
+def test_table1_names_the_data_family_and_split():
+    rows = [{"method": "intensity", "anomalous_fraction": 1.0, "auroc": 0.9, "aupro": 0.8, "best_dice": 0.5}]
+    phantom = table1(rows, {"settings": {"dims": 2, "preset": "tiny"}})  # a sweep made before the families
+    assert "Synthetic PET-like 2D data, preset `tiny`" in phantom
+    texture = table1(rows, {"settings": {"dims": 2, "preset": "tiny", "data_family": "texture", "eval_split": "val"}})
+    assert "Texture photographs" in texture and "(validation split)" in texture and "PET" not in texture.split("\n")[2]
+    assert data_text({"dims": 2, "data_family": "anatomy"}) == "MNI152 template slices made FDG-PET-like, 2D data"
 
 
 def test_figures_and_table_are_written(sweep):
