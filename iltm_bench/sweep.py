@@ -430,7 +430,9 @@ def seed_constant_run(source, root: Path) -> bool:
     shutil.copytree(source.iteration_dir(0), partial.iteration_dir(0))
     partial.history_path.write_text(json.dumps({
         "version": FORMAT_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
-        "stop_reason": None, "seeded_from": str(source.root)}, indent=2, default=str) + "\n", encoding="utf-8")
+        "stop_reason": None, "seeded_from": str(source.root),
+        **{k: history[k] for k in ("transformer_epochs",) if k in history}}, indent=2, default=str) + "\n",
+        encoding="utf-8")
     partial.root.rename(root)
     return True
 

@@ -7,6 +7,7 @@ interrupted training stage restarts from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import shutil
@@ -514,6 +515,55 @@ def _batched_probabilities(model: TokenTransformer, tokens: torch.Tensor, device
                       for i in range(0, tokens.shape[0], batch)])
 
 
+SHORTER_SCHEDULE_DIR = "shorter_epochs"  # iteration 0's fold fits of the shorter schedule, until one is chosen
+
+
+def held_out_nll(run: RunFolder, tokens: torch.Tensor, folds: int, device: torch.device) -> float:
+    """Mean NLL of every training token under iteration 0's fold Transformer that did not see its scan."""
+    probs, _ = cohort_token_probabilities(run, 0, tokens, folds, device)
+    return float(-torch.log(probs.double().clamp_min(1e-300)).mean())
+
+
+def choose_epochs_stage(run: RunFolder, cfg: Config, tokens: torch.Tensor, history: dict[str, Any],
+                        device: torch.device, reporter: Reporter) -> None:
+    """``transformer.shorter_epochs``: fit iteration 0's fold Transformers for ``epochs`` and for the shorter
+    schedule, keep the one whose held-out NLL of the training tokens is lower, and train the whole run with it.
+
+    The choice goes to ``history.json`` (``transformer_epochs``) and the chosen epochs to ``config.yaml``, before the
+    chosen fold fits replace the others, so that an interrupted run resumes with the choice it made.
+    """
+    folds, short, long = cfg.iltm.cross_fit_folds, cfg.transformer.shorter_for(cfg.data.spatial_dims), \
+        cfg.transformer.epochs
+    side = RunFolder(run.root / SHORTER_SCHEDULE_DIR)
+    if "transformer_epochs" not in history:
+        if not short or not folds:
+            return
+        reporter.log(f"iteration 0: fitting the fold Transformers for {long} and {short} epochs to choose the "
+                     f"schedule (transformer.shorter_epochs)")
+        cross_fit_stage(run, cfg, 0, tokens, None, device, reporter, units=1.0)
+        short_cfg = copy.deepcopy(cfg)
+        short_cfg.transformer.epochs = short
+        cross_fit_stage(side, short_cfg, 0, tokens, None, device, reporter, units=1.0)
+        nll = {long: held_out_nll(run, tokens, folds, device), short: held_out_nll(side, tokens, folds, device)}
+        chosen = short if nll[short] < nll[long] else long
+        history["transformer_epochs"] = {"epochs": chosen, "candidates": [long, short],
+                                         "held_out_nll": {str(e): v for e, v in nll.items()}}
+        cfg.transformer.epochs = chosen
+        reporter.log(f"Transformer epochs: {chosen} (held-out NLL of the training tokens {nll[long]:.4f} after "
+                     f"{long} epochs, {nll[short]:.4f} after {short})")
+        if dist.is_main():
+            cfg.save(run.config_path)  # every later fit (and a resumed run) reads the epochs from here
+            run.write_json(run.history_path, history)
+        dist.barrier()
+    if dist.is_main() and side.root.is_dir():
+        if history["transformer_epochs"]["epochs"] != history["transformer_epochs"]["candidates"][0]:
+            for j in range(folds):
+                if side.fold_transformer_path(0, j).is_file():
+                    side.fold_transformer_path(0, j).replace(run.fold_transformer_path(0, j))
+        shutil.rmtree(side.root)
+    dist.barrier()
+
+
 MIN_RESAMPLING_THRESHOLD = 1e-12  # a quantile of probabilities that underflowed stays a valid t
 
 
@@ -720,6 +770,7 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
         cfg.vqvae.max_steps = cfg.vqvae.max_steps_for(dims)
         cfg.vqvae.min_steps = cfg.vqvae.min_steps_for(dims)
         cfg.vqvae.collapse_retries = cfg.vqvae.retries_for(dims)
+        cfg.transformer.shorter_epochs = cfg.transformer.shorter_for(dims)
         if cfg.data.spatial_size is None:
             cfg.data.spatial_size = model_grid_size(records, cfg)
         if dist.is_main():
@@ -764,6 +815,10 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
                       f"vqvae.collapse_retries=1 (another initialisation when this happens).")
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
+    if 0 not in done:
+        if "transformer_epochs" not in history and cfg.transformer.shorter_for(cfg.data.spatial_dims) and folds:
+            reporter.units_total += 2.0  # both schedules' fold fits; the loop then finds the chosen ones
+        choose_epochs_stage(run, cfg, tokens, history, device, reporter)
     best_mode = cfg.iltm.selection_for(cfg.data.spatial_dims) == "best"
     quantile = cfg.detection.quantile_for(cfg.data.spatial_dims)
     previous_masks: torch.Tensor | None = None

@@ -186,6 +186,62 @@ def test_cross_fitted_run_keeps_fold_transformers_and_uses_the_mask_threshold(co
     assert not list(run.rglob("*_checkpoint.pt"))
 
 
+def _fold_epochs(run, k=0):
+    return [len(torch.load(run / f"iteration_{k:03d}" / "folds" / f"transformer_fold{j}.pt", map_location="cpu",
+                           weights_only=False)["extra"]["losses"]) for j in (0, 1)]
+
+
+def test_a_run_trains_with_the_transformer_schedule_that_predicts_held_out_tokens_better(cohort2d, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "1",
+                   "--set", "iltm.stop_change=0", *FAST, "--set", "transformer.epochs=4",
+                   "--set", "transformer.shorter_epochs={2d: 2, 3d: 3}") == 0
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
+    choice = history["transformer_epochs"]
+    nll = {int(e): v for e, v in choice["held_out_nll"].items()}
+    assert choice["candidates"] == [4, 2] and choice["epochs"] == min(nll, key=nll.get)
+    recorded = config_mod.load(run / "config.yaml").transformer
+    assert (recorded.epochs, recorded.shorter_epochs) == (choice["epochs"], 2)      # the 2D value, and the choice
+    for k in (0, 1):                                                                # every fit of the run uses it
+        assert _fold_epochs(run, k) == [choice["epochs"]] * 2
+    assert not (run / train_mod.SHORTER_SCHEDULE_DIR).exists()
+    # The recorded NLL is the held-out NLL of the kept fold Transformers.
+    tokens = torch.load(run / "tokens.pt", weights_only=False)["tokens"]
+    assert train_mod.held_out_nll(RunFolder(run), tokens, 2, torch.device("cpu")) == pytest.approx(
+        nll[choice["epochs"]], rel=1e-6)
+
+
+@pytest.mark.parametrize("shorter_wins", [True, False])
+def test_the_schedule_with_the_lower_held_out_nll_is_kept(cohort2d, tmp_path, monkeypatch, shorter_wins):
+    def fake_nll(run, tokens, folds, device):
+        shorter = run.root.name == train_mod.SHORTER_SCHEDULE_DIR
+        return 1.0 if shorter == shorter_wins else 2.0
+
+    monkeypatch.setattr(train_mod, "held_out_nll", fake_nll)
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0",
+                   *FAST, "--set", "transformer.epochs=3", "--set", "transformer.shorter_epochs=1") == 0
+    chosen = 1 if shorter_wins else 3
+    assert json.loads((run / "history.json").read_text(encoding="utf-8"))["transformer_epochs"]["epochs"] == chosen
+    assert _fold_epochs(run) == [chosen, chosen]
+    assert config_mod.load(run / "config.yaml").transformer.epochs == chosen
+    # The full-cohort Transformer, fitted after the choice, follows it too.
+    full = torch.load(run / "iteration_000" / "transformer.pt", map_location="cpu", weights_only=False)
+    assert len(full["extra"]["losses"]) == chosen
+
+
+def test_shorter_epochs_are_off_unless_below_epochs_and_without_folds(cohort2d, tmp_path):
+    tiny = config_mod.preset("tiny").transformer
+    assert tiny.shorter_for(2) == 40 and tiny.shorter_for(3) == 0
+    tiny.epochs = 40                                  # --set transformer.epochs=40 (or less) asks for that schedule
+    assert tiny.shorter_for(2) == 0
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", cohort2d, "--out", run, "--preset", "tiny", "--max-iterations", "0", *FAST,
+                   "--set", "transformer.epochs=3", "--set", "transformer.shorter_epochs=1",
+                   "--set", "iltm.cross_fit_folds=0") == 0
+    assert "transformer_epochs" not in json.loads((run / "history.json").read_text(encoding="utf-8"))
+
+
 @pytest.mark.parametrize("setting, message", [("iltm.cross_fit_folds=1", "cross_fit_folds"),
                                               ("iltm.cross_fit_folds=99", "at least 99 training scans"),
                                               ("iltm.mask_density_threshold=-1", "mask_density_threshold"),
