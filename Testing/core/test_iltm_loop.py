@@ -230,6 +230,21 @@ def test_the_schedule_with_the_lower_held_out_nll_is_kept(cohort2d, tmp_path, mo
     assert len(full["extra"]["losses"]) == chosen
 
 
+def test_a_run_stopped_after_choosing_the_shorter_schedule_moves_its_fold_fits_on_resume(tmp_path):
+    cfg = config_mod.preset("tiny")
+    cfg.data.spatial_dims = 2
+    run, side = RunFolder(tmp_path / "run"), RunFolder(tmp_path / "run" / train_mod.SHORTER_SCHEDULE_DIR)
+    for j in (0, 1):                       # both schedules' fold fits on disk, the choice made and recorded
+        for folder, text in ((run, b"80 epochs"), (side, b"40 epochs")):
+            folder.fold_transformer_path(0, j).parent.mkdir(parents=True, exist_ok=True)
+            folder.fold_transformer_path(0, j).write_bytes(text)
+    history = {"iterations": [], "transformer_epochs": {"epochs": 40, "candidates": [80, 40], "held_out_nll": {}}}
+    train_mod.choose_epochs_stage(run, cfg, torch.zeros(4, 6, dtype=torch.long), history, torch.device("cpu"),
+                                  Reporter("none"))
+    assert [run.fold_transformer_path(0, j).read_bytes() for j in (0, 1)] == [b"40 epochs"] * 2
+    assert not side.root.exists()
+
+
 def test_shorter_epochs_are_off_unless_below_epochs_and_without_folds(cohort2d, tmp_path):
     tiny = config_mod.preset("tiny").transformer
     assert tiny.shorter_for(2) == 40 and tiny.shorter_for(3) == 0
