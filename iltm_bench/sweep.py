@@ -210,6 +210,12 @@ def data_text(settings: dict[str, Any]) -> str:
     return f"{DATA_TEXT.get(family, family)} {settings.get('dims', '?')}D data{split}"
 
 
+def figure_title(settings: dict[str, Any]) -> str:
+    """A figure's title from a sweep folder's settings: family, dimensions and preset."""
+    family = settings.get("data_family", "synthetic")
+    return f"{family} {settings.get('dims', '?')}D, preset {settings.get('preset', '?')}"
+
+
 def fraction_text(fraction: float) -> str:
     return f"{float(fraction):g}"
 
@@ -428,11 +434,11 @@ def seed_constant_run(source, root: Path) -> bool:
     for path in ("manifest_path", "vqvae_path", "tokens_path"):
         shutil.copy2(getattr(source, path), getattr(partial, path))
     shutil.copytree(source.iteration_dir(0), partial.iteration_dir(0))
-    partial.history_path.write_text(json.dumps({
-        "version": FORMAT_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
-        "stop_reason": None, "seeded_from": str(source.root),
-        **{k: history[k] for k in ("transformer_epochs",) if k in history}}, indent=2, default=str) + "\n",
-        encoding="utf-8")
+    seeded = {"version": FORMAT_VERSION, "vqvae": history.get("vqvae"), "iterations": first, "finished": False,
+              "stop_reason": None, "seeded_from": str(source.root)}
+    if "transformer_epochs" in history:  # the epochs iteration 0 chose, which config.yaml carries over
+        seeded["transformer_epochs"] = history["transformer_epochs"]
+    partial.history_path.write_text(json.dumps(seeded, indent=2, default=str) + "\n", encoding="utf-8")
     partial.root.rename(root)
     return True
 
@@ -978,7 +984,7 @@ def make_figures(out: str | Path, reporter: Reporter | None = None, cases: int =
         raise InputError(out, f"no {SWEEP_CSV} or {ITERATIONS_CSV} with results to draw")
     settings = json.loads((out / SETTINGS_JSON).read_text(encoding="utf-8")) if (out / SETTINGS_JSON).is_file() else {}
     s = settings.get("settings", {})
-    title = f"{s.get('data_family', 'synthetic')} {s.get('dims', '?')}D, preset {s.get('preset', '?')}"
+    title = figure_title(s)
     written = []
     if rows:
         written.append(figure4(rows, out / FIGURE4, title))
@@ -1122,8 +1128,7 @@ def write_seed_summary(folders: list[Path], out: Path, reporter: Reporter | None
         writer.writeheader()
         writer.writerows({k: _cell(r[k]) for k in SEED_COLUMNS} for r in rows)
     atomic_write_text(out / SEEDS_TABLE, seeds_table(rows, paired, seeds, folders, settings))
-    title = (f"{settings.get('data_family', 'synthetic')} {settings.get('dims', '?')}D, "
-             f"preset {settings.get('preset', '?')}, seeds {seeds}")
+    title = f"{figure_title(settings)}, seeds {seeds}"
     figure4(rows, out / SEEDS_FIGURE, title, error_bars=f"standard deviation over {len(seeds)} training seeds")
     written = [out / SEEDS_CSV, out / SEEDS_TABLE, out / SEEDS_FIGURE]
     for path in written:

@@ -540,6 +540,8 @@ def choose_epochs_stage(run: RunFolder, cfg: Config, tokens: torch.Tensor, histo
             return
         reporter.log(f"iteration 0: fitting the fold Transformers for {long} and {short} epochs to choose the "
                      f"schedule (transformer.shorter_epochs)")
+        if reporter.units_total is not None:
+            reporter.units_total += 2.0  # both schedules' fold fits; the loop then finds the chosen ones
         cross_fit_stage(run, cfg, 0, tokens, None, device, reporter, units=1.0)
         short_cfg = copy.deepcopy(cfg)
         short_cfg.transformer.epochs = short
@@ -816,8 +818,6 @@ def train(out: str | Path, cfg: Config | None = None, data: str | Path | None = 
 
     done = {rec["iteration"]: rec for rec in history["iterations"]}
     if 0 not in done:
-        if "transformer_epochs" not in history and cfg.transformer.shorter_for(cfg.data.spatial_dims) and folds:
-            reporter.units_total += 2.0  # both schedules' fold fits; the loop then finds the chosen ones
         choose_epochs_stage(run, cfg, tokens, history, device, reporter)
     best_mode = cfg.iltm.selection_for(cfg.data.spatial_dims) == "best"
     quantile = cfg.detection.quantile_for(cfg.data.spatial_dims)
